@@ -1,0 +1,52 @@
+# hdlm-kernels: `make test` runs the test suite, `make bench` the benchmarks.
+# Both start from a clean clone: they create .venv (which sees the system site-packages),
+# install torch only when none is importable (the CPU wheel torch==2.13.0; a CUDA torch
+# already on a GPU machine is kept), triton (--no-deps) only when missing, then the package.
+# On an offline GPU machine with torch, triton, pytest and hypothesis preinstalled, nothing
+# that is already present is installed again.
+
+PYTHON       ?= python3
+VENV         ?= .venv
+PY           := $(VENV)/bin/python
+TORCH_CPU    ?= torch==2.13.0
+TRITON_PIN   ?= triton==3.8.0
+PYTEST_ARGS  ?=
+BENCH_ARGS   ?=
+# Sources whose change must rebuild the editable install (the C++/CUDA extension).
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
+
+.PHONY: test bench venv cuda-compile-check clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(VENV)/.deps: | $(VENV)/bin/python
+	@$(PY) -c "import torch" 2>/dev/null \
+	  && echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already present: kept" \
+	  || $(PY) -m pip install -q "$(TORCH_CPU)"
+	@$(PY) -c "import triton" 2>/dev/null \
+	  && echo "triton $$($(PY) -c 'import triton; print(triton.__version__)') already present: kept" \
+	  || $(PY) -m pip install -q --no-deps "$(TRITON_PIN)"
+	@$(PY) scripts/install_missing.py pytest hypothesis pytest-benchmark numpy tqdm setuptools wheel ninja pybind11
+	@touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(BUILD_INPUTS)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@$(PY) -c "import hdlm_kernels as hk; print(hk.info())"
+	@touch $@
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	@$(PY) scripts/install_missing.py matplotlib
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# Compile the CUDA sources against a CUDA build of torch (no GPU needed); see the script.
+cuda-compile-check:
+	bash .ci/cuda_compile_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info hdlm_kernels/_C*.so benchmarks/out

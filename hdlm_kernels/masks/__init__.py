@@ -1,0 +1,8 @@
+"""Attention masks for hyperschedules: one type, ``IntervalMask`` (DESIGN §4), its constructors and
+its converters (dense, FlexAttention ``BlockMask``, kernel tile maps)."""
+
+from .inference import inference
+from .interval_mask import IntervalMask
+from .tiles import MaskTiles, TileBounds
+
+__all__ = ["IntervalMask", "inference", "MaskTiles", "TileBounds"]
