@@ -1,0 +1,28 @@
+"""The benchmark report renderer turns a pytest-benchmark record into a table with ratios."""
+
+from benchmarks import report
+
+
+def record():
+    def bench(name, median, **extra):
+        return {"name": name, "group": "attention", "extra_info": extra,
+                "stats": {"median": median, "min": median * 0.9, "rounds": 5}}
+
+    return {"datetime": "2026-11-23T00:00:00", "machine_info": {"hdlm_kernels": {"device": "CPU", "torch": "2.13"}},
+            "benchmarks": [bench("test_sdpa", 0.004, shape="B=2", dtype="float32", baseline=True),
+                           bench("test_flex", 0.002, shape="B=2", dtype="float32", density=0.31),
+                           bench("test_einsum", 0.008, shape="B=2", dtype="float32")]}
+
+
+def test_markdown_has_one_row_per_benchmark_with_ratios():
+    text = report.markdown(record())
+    assert "## attention" in text and "device: CPU" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert len(rows) == 3
+    assert "| sdpa | B=2 | float32 | 4.000 |" in text and "baseline" in text
+    assert "2.00x faster" in text and "2.00x slower" in text and "density=0.31" in text
+
+
+def test_charts_are_written_when_matplotlib_is_installed(tmp_path):
+    paths = report.charts(record(), tmp_path)
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
