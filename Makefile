@@ -49,4 +49,4 @@ cuda-compile-check:
 	bash .ci/cuda_compile_check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info hdlm_kernels/_C*.so benchmarks/out
+	rm -rf $(VENV) build *.egg-info hdlm_kernels/_C*.so hdlm_kernels/_build_info.json benchmarks/out
