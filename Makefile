@@ -20,7 +20,7 @@ BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 venv: $(VENV)/.installed
 
 $(VENV)/bin/python:
-	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) scripts/make_venv.py $(VENV)
 
 $(VENV)/.deps: | $(VENV)/bin/python
 	@$(PY) -c "import torch" 2>/dev/null \
@@ -29,7 +29,7 @@ $(VENV)/.deps: | $(VENV)/bin/python
 	@$(PY) -c "import triton" 2>/dev/null \
 	  && echo "triton $$($(PY) -c 'import triton; print(triton.__version__)') already present: kept" \
 	  || $(PY) -m pip install -q --no-deps "$(TRITON_PIN)"
-	@$(PY) scripts/install_missing.py pytest hypothesis pytest-benchmark numpy tqdm setuptools wheel ninja pybind11
+	@$(PY) scripts/install_missing.py pytest hypothesis pytest-benchmark numpy setuptools wheel ninja
 	@touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(BUILD_INPUTS)
