@@ -58,19 +58,23 @@ class Hyperschedule:
         self.num_steps = table.shape[0] - 1
         self.length = table.shape[1]
         self.num_levels = int(table[0, 0])
-        now, nxt = table[:-1], table[1:]
-        settled = (now == 0) & (nxt == 0)
-        worthless = (now == self.num_levels) & (nxt == self.num_levels)
+        # τ is non-increasing in t, so (τ_t, τ_{t+1}) = (0, 0) iff τ_t = 0, and = (𝒯, 𝒯) iff τ_{t+1} = 𝒯.
+        settled = table[:-1] == 0
+        worthless = table[1:] == self.num_levels
         num_settled = settled.sum(1)
         num_worthless = worthless.sum(1)
         self.width = int((self.length - num_settled - num_worthless).max())
         self.rate = float(rate) if rate is not None else self.length / self.num_steps
-        # splits[t] = (a, b); valid only where settled/worthless are a prefix/suffix of the row.
         self._splits = torch.stack([num_settled, self.length - num_worthless], dim=1)
-        positions = torch.arange(self.length)
-        prefix_ok = (settled == (positions < num_settled[:, None])).all(1)
-        suffix_ok = (worthless == (positions >= self.length - num_worthless[:, None])).all(1)
-        self._split_ok = prefix_ok & suffix_ok
+        # splits[t] = (a, b) holds where settled/worthless are a prefix/suffix of the row; rows that
+        # are non-decreasing in i (every constructor here) satisfy that without further checks.
+        if bool((table[:, 1:] >= table[:, :-1]).all()):
+            self._split_ok = torch.ones(self.num_steps, dtype=torch.bool)
+        else:
+            positions = torch.arange(self.length)
+            prefix_ok = (settled == (positions < num_settled[:, None])).all(1)
+            suffix_ok = (worthless == (positions >= self.length - num_worthless[:, None])).all(1)
+            self._split_ok = prefix_ok & suffix_ok
 
     # -- per-step queries -------------------------------------------------------------------
     def levels(self, t: int) -> torch.Tensor:
@@ -195,11 +199,14 @@ def slide(length: int, width: int, levels: int | None = None) -> Hyperschedule:
     else:
         num_steps = max(1, width + length - advance)
     # Model call s = t + 1 sees the window starting at s - ω during warm-up and at z·(s - ω) after.
+    # Every row is then a slice of one pattern: settled zeros, the window levels, worthless 𝒯.
     calls = torch.arange(1, num_steps + 2)
     start = torch.where(calls <= width, calls - width, advance * (calls - width))
-    offset = torch.arange(length).unsqueeze(0) - start.unsqueeze(1)
-    inside = window_levels[offset.clamp(0, width - 1)] + 1
-    table = torch.where(offset < 0, 0, torch.where(offset >= width, levels, inside))
+    pad = max(int(start.max()), 0)  # leading zeros, so that every slice start is >= 0
+    pattern = torch.cat([torch.zeros(pad, dtype=torch.long), window_levels + 1,
+                         torch.full((length,), levels, dtype=torch.long)])
+    first = pad - start  # pattern index of position 0 at each call
+    table = pattern[first.unsqueeze(1) + torch.arange(length)]
     table[-1] = 0  # the last call settles every position
     return Hyperschedule(table, kind="slide", rate=float(advance))
 
