@@ -190,7 +190,7 @@ def pack(tokens: torch.Tensor, sched: Hyperschedule, config: str = "aligned", co
     noisy_input = x[rows, token_clamped]
     if shifted:
         noisy_input = torch.where(token_index < 0, bos_id, noisy_input)
-    target_clamped = target_index.clamp(max=d - 1)
+    target_clamped = target_index.clamp(0, d - 1)
     noisy_target = torch.where(has_target, x[rows, target_clamped], IGNORE_INDEX)
     noisy_target_level = torch.where(has_target, table[step, target_clamped], 0)
 
