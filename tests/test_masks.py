@@ -167,6 +167,25 @@ def test_settled_rows_never_change_so_they_can_be_kv_cached(sched, context, conf
             assert first_seen.setdefault(q, row) == row, (t, q)
 
 
+@pytest.mark.parametrize("sched", SCHEDULES + [hk.schedules.slide(16, 4, 2), hk.schedules.block(16, 4, 3)], ids=repr)
+@pytest.mark.parametrize("config", ["aligned", "shifted"])
+@pytest.mark.parametrize("context", ["causal", "block_causal", "full"])
+def test_kv_cacheable_agrees_with_brute_force(sched, config, context):
+    stable = True
+    first_seen = {}
+    for t in range(sched.num_steps):
+        mask = hk.masks.inference(sched, t, config, context, "full")
+        a, _ = sched.split(t)
+        for q in range(a):
+            row = (int(mask.prefix_end[0, q]), int(mask.window_start[0, q]), int(mask.window_end[0, q]))
+            stable &= first_seen.setdefault(q, row) == row
+    assert hk.masks.kv_cacheable(sched, config, context) == stable
+    if context == "causal":
+        assert stable
+    if sched.kind == "slide" and context == "block_causal" and sched.length > sched.width:
+        assert not stable
+
+
 def test_inference_renders_like_the_official_pictures():
     # notes/official-implementation.md Appendix A.1: ALIGNED, τ_Block w=4, 𝒯=4, L=12, official step 6.
     mask = hk.masks.inference(hk.schedules.block(12, 4, 4), 5, "aligned", "block_causal", "full")

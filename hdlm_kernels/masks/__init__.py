@@ -1,8 +1,8 @@
 """Attention masks for hyperschedules: one type, ``IntervalMask`` (DESIGN §4), its constructors and
 its converters (dense, FlexAttention ``BlockMask``, kernel tile maps)."""
 
-from .inference import inference
+from .inference import inference, kv_cacheable
 from .interval_mask import IntervalMask
 from .tiles import MaskTiles, TileBounds
 
-__all__ = ["IntervalMask", "inference", "MaskTiles", "TileBounds"]
+__all__ = ["IntervalMask", "inference", "kv_cacheable", "MaskTiles", "TileBounds"]

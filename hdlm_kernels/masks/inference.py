@@ -28,8 +28,8 @@ import torch
 from ..schedules import Hyperschedule
 from .interval_mask import IntervalMask
 
-__all__ = ["inference", "CONFIGS", "CONTEXTS", "WINDOWS", "check_choice", "context_block_size",
-           "prefix_ends"]
+__all__ = ["inference", "kv_cacheable", "CONFIGS", "CONTEXTS", "WINDOWS", "check_choice",
+           "context_block_size", "prefix_ends"]
 
 CONFIGS = ("aligned", "shifted")
 CONTEXTS = ("causal", "block_causal", "full")
@@ -91,3 +91,28 @@ def inference(sched: Hyperschedule, t: int, config: str = "aligned", context: st
     zeros = torch.zeros_like(cells)
     return IntervalMask(prefix_end[None], torch.where(in_window, a, zeros)[None],
                         torch.where(in_window, window_end, zeros)[None], num_cells)
+
+
+def kv_cacheable(sched: Hyperschedule, config: str = "aligned", context: str = "block_causal") -> bool:
+    """Whether caching the keys and values of settled cells is exact for these inference masks: every
+    settled cell's row must stay the same from the step it settles on (its K/V are computed once).
+
+    True for causal context on any monotone schedule, and for block-causal context when the settled
+    prefix always ends on a block boundary (block schedules); False e.g. for slide with block-causal
+    context, whose prefix grows inside a block, or for full context.
+    """
+    if not isinstance(sched, Hyperschedule):
+        raise TypeError(f"kv_cacheable: sched must be a Hyperschedule, got {type(sched).__name__}")
+    check_choice("config", config, CONFIGS, "kv_cacheable")
+    check_choice("context", context, CONTEXTS, "kv_cacheable")
+    if not sched.is_monotone:
+        return False
+    settled_end = sched.splits[:, 0].unsqueeze(1)                       # [T, 1]: a_t
+    cells = torch.arange(sched.length + (1 if config == "shifted" else 0))
+    ends = prefix_ends(cells.expand(sched.num_steps, -1), settled_end, context, context_block_size(sched))
+    settled = cells < settled_end                                       # [T, cells]
+    big = torch.iinfo(ends.dtype).max
+    highest = torch.where(settled, ends, -1).amax(0)
+    lowest = torch.where(settled, ends, big).amin(0)
+    ever = settled.any(0)
+    return bool((highest[ever] == lowest[ever]).all())
