@@ -14,7 +14,9 @@ from .info import info
 # isort: split
 # Hyperschedules, masks and packing (DESIGN.md §3-4).
 from . import masks, packing, schedules
+from . import attention
+from .kv_cache import KVCache
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "info", "masks", "packing", "sampling", "schedules"]
+__all__ = ["__version__", "KVCache", "attention", "info", "masks", "packing", "sampling", "schedules"]
