@@ -2,8 +2,22 @@
 
 Every sampler draws its randomness from one Philox4x32-10 stream, exposed here as ``uniform53`` so
 that tests can check each backend against the independent NumPy twin ``uniform53_ref``.
+``gumbel_argmax`` samples tokens by FP64 Gumbel-max (stream 0); ``acs_step`` / ``acs_decisions`` are
+the adaptive correction sampler's update (stream 1 decides, stream 0 samples). Each has a ``_ref`` twin.
 """
 
+from .acs import acs_decisions, acs_step, acs_step_ref
+from .gumbel import gumbel_argmax, gumbel_argmax_ref
 from .philox import philox4x32_10, philox4x32_10_ref, uniform53, uniform53_ref
 
-__all__ = ["philox4x32_10", "philox4x32_10_ref", "uniform53", "uniform53_ref"]
+__all__ = [
+    "acs_decisions",
+    "acs_step",
+    "acs_step_ref",
+    "gumbel_argmax",
+    "gumbel_argmax_ref",
+    "philox4x32_10",
+    "philox4x32_10_ref",
+    "uniform53",
+    "uniform53_ref",
+]

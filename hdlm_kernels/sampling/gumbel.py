@@ -1,0 +1,350 @@
+"""Exact categorical sampling by FP64 Gumbel-max (DESIGN.md §6).
+
+``gumbel_argmax`` draws one token per row of a logits matrix [R, V] (bf16, fp16, fp32 or fp64) from
+softmax(logits / temperature), with the noise of stream 0 of the sampling stream (``uniform53``):
+
+    u[r, v] = uniform53(seed, step, stream=0, element=row_ids[r] * V + v)      exact float64
+    g[r, v] = -log(-log(u[r, v]))                                              float64
+    token[r] = argmax_v  float64(logits[r, v]) / temperature + g[r, v]         ties -> lowest v
+
+Why float64 and 53-bit uniforms: a token whose logit is Δ below the top one wins only when its noise
+exceeds the top token's by about Δ. Float32 uniforms lie on a 2^-24 grid, so float32 Gumbel noise stops
+at -log(-log(1 - 2^-24)) ≈ 16.6 and its largest values are coarsely quantized; tokens 10-16 nats below
+the top are under-sampled and those further below are never sampled (Zheng et al. 2024,
+notes/kernel-landscape.md §4.2). The 52-bit uniforms of uniform53, in [2^-53, 1 - 2^-53], carry the
+noise to about 36.7, and float64 arithmetic keeps the score of every token accurate to ~1e-15.
+
+Why chunks: the float64 temporaries (element ids, noise, scores) of all R rows at once would be
+R * V * 8 bytes each (3.3 GB per tensor for 8 x 1024 rows of V = 50258). The reference backend
+processes ``chunk_rows`` rows at a time; each row's draw depends only on (seed, step, row_id) and the
+row's logits, so the result does not depend on the chunking, nor on the other rows in the call.
+
+Bit-identity across backends: Philox, the uniforms, the float64 conversion, division and addition
+are exact or correctly rounded everywhere, but log is not (torch's CPU log and glibc's log already
+differ in the last bit for ~0.1% of the uniforms). A backend whose log differs by an ulp changes a token only when two
+scores lie within ~1e-15 of each other, a chance of order 1e-15 per row; strict identity would need
+the same log implementation in every backend.
+
+``gumbel_argmax_ref`` is the direct twin (the whole [R, V] at once, NumPy Philox) used by the tests.
+The fused kernels (C++, Triton, CUDA) plug in behind ``gumbel_argmax(..., backend=...)``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .. import _extension
+from .philox import SEED_LIMIT, _integer, uniform53, uniform53_ref
+
+GUMBEL_STREAM = 0  # DESIGN.md §6: stream 0 = Gumbel noise, element e = row_id * V + v
+
+BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
+
+# Budget of one float64 (or int64) temporary of the reference backend: chunk_rows * V * 8 bytes.
+# At most two such temporaries are alive at once, so the extra memory stays below 2 * 32 MiB plus
+# O(R) (see _gumbel_argmax_reference). Larger chunks are not faster (measured on [64, 50258] fp32).
+CHUNK_BYTES = 32 * 2**20
+
+LOGITS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_ELEMENT_LIMIT = 2**63  # element ids are int64 (uniform53 accepts ids in [0, 2^63))
+
+
+def gumbel_argmax(
+    logits: torch.Tensor,
+    seed: int,
+    step: int,
+    row_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    exclude=None,
+    backend: str = "auto",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """One token per row, sampled exactly from softmax(logits / temperature) by FP64 Gumbel-max.
+
+    Implements the Gumbel-max rule of DESIGN.md §6 (see the module docstring): noise from stream 0 at
+    element row_ids[r] * V + v, g = -log(-log u) and score = float64(logit) / temperature + g in
+    float64, argmax with ties to the lowest index. The draw of a row depends only on (seed, step,
+    row_ids[r]) and that row's logits, never on the other rows of the call, their order or the
+    chunking. Rows that share a row_id share their noise.
+
+    Args:
+        logits: [R, V] bf16, fp16, fp32 or fp64, any device. Never copied to float64 as a whole.
+            A +inf logit wins outright; a row whose scores are all -inf (every candidate at -inf
+            or excluded) or that holds a NaN raises ValueError.
+        seed: int in [0, 2^64).
+        step: int >= 0, the sampler step (its low 32 bits enter the Philox counter).
+        row_ids: [R] integer tensor (int64 preferred) of absolute row identities >= 0, e.g.
+            b * d + i for position i of sequence b; default arange(R). Needs
+            max(row_ids) * V + V - 1 < 2^63 (element ids are int64).
+        temperature: float >= 0. 0 is greedy: the argmax of the logits, ties to the lowest index,
+            no noise drawn.
+        exclude: token ids removed from the race (e.g. MASK): None, an int, a sequence of ints or
+            an integer tensor, each in [0, V); at least one token must remain.
+        backend: "auto" (the reference for now; later the fused kernels: CUDA/Triton on GPU
+            tensors, C++ on CPU tensors), "reference", "cpp", "triton" or "cuda". A backend that
+            is not available raises RuntimeError; it never falls back to another one.
+        chunk_rows: rows per chunk of the reference backend (its float64 temporaries are
+            chunk_rows * V * 8 bytes each); default max(1, CHUNK_BYTES // (8 * V)). Does not
+            change the result.
+
+    Returns:
+        LongTensor [R] of token ids in [0, V), on logits' device.
+    """
+    logits = _checked_logits(logits)
+    num_rows, vocab = logits.shape
+    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
+    step = _integer("step", step, 0, None, "an int >= 0")
+    row_ids = _checked_row_ids(row_ids, num_rows, vocab, logits.device)
+    temperature = _checked_temperature(temperature)
+    exclude = _checked_exclude(exclude, vocab, logits.device)
+    chunk_rows = _checked_chunk_rows(chunk_rows, vocab)
+    implementation = _implementation(backend, "gumbel_argmax")
+    tokens, best = implementation(logits, None, row_ids, seed, step, temperature, exclude, chunk_rows)
+    _check_winners(best)
+    return tokens
+
+
+def gumbel_argmax_ref(
+    logits: torch.Tensor,
+    seed: int,
+    step: int,
+    row_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    exclude=None,
+) -> torch.Tensor:
+    """Reference twin of ``gumbel_argmax``: DESIGN.md §6 written out directly, for tests.
+
+    Builds the whole [R, V] element-id, noise and score tensors in float64 (memory R * V * 8 bytes
+    each) and draws the noise with the NumPy Philox twin ``uniform53_ref``. Same arguments and result
+    as ``gumbel_argmax``, without its input checks.
+    """
+    num_rows, vocab = logits.shape
+    device = logits.device
+    if row_ids is None:
+        row_ids = torch.arange(num_rows, device=device)
+    row_ids = torch.as_tensor(row_ids, device=device).to(torch.int64)
+    scores = logits.to(torch.float64, copy=True)
+    if temperature != 0:
+        elements = row_ids[:, None] * vocab + torch.arange(vocab, device=device)
+        u = uniform53_ref(seed, step, GUMBEL_STREAM, elements)
+        # A 0-d divisor on logits' device: PyTorch's CUDA division by a CPU scalar multiplies by
+        # the reciprocal, which is not the correctly rounded quotient the contract asks for.
+        divisor = torch.tensor(float(temperature), dtype=torch.float64, device=device)
+        scores = scores / divisor + -torch.log(-torch.log(u))
+    if exclude is not None:
+        excluded = torch.as_tensor(exclude, dtype=torch.int64, device=device).reshape(-1)
+        scores[:, excluded] = -torch.inf
+    return scores.argmax(dim=1)  # the first maximum: ties to the lowest index
+
+
+# ---------------------------------------------------------------- backends
+
+
+def _gumbel_argmax_reference(
+    logits: torch.Tensor,
+    take: torch.Tensor | None,
+    row_ids: torch.Tensor,
+    seed: int,
+    step: int,
+    temperature: float,
+    exclude: torch.Tensor | None,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference backend, in chunks of rows (arguments already checked).
+
+    logits: [K, V]; take: None (sample every row of logits) or LongTensor [n] of logits rows to
+    sample, in output order; row_ids: int64 [n]. Returns (tokens int64 [n], the winning scores
+    float64 [n]), the scores for the caller's NaN / no-candidate checks.
+
+    Per chunk of c rows the extra memory is at most two c x V temporaries of 8 bytes (element ids and
+    noise, then noise and scores), plus, when ``take`` gathers rows, their c x V copy in logits' dtype
+    for the moment it takes to convert it to float64.
+    """
+    device = logits.device
+    vocab = logits.shape[1]
+    num_rows = row_ids.shape[0]
+    tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
+    best = torch.empty(num_rows, dtype=torch.float64, device=device)
+    if num_rows == 0:
+        return tokens, best
+    columns = torch.arange(vocab, dtype=torch.int64, device=device)
+    # A 0-d divisor on logits' device keeps the division correctly rounded on CUDA (see the twin).
+    divisor = torch.tensor(temperature, dtype=torch.float64, device=device)
+    for start in range(0, num_rows, chunk_rows):
+        stop = min(start + chunk_rows, num_rows)
+        if temperature != 0:
+            elements = row_ids[start:stop, None] * vocab + columns
+            noise = _stream_uniforms(seed, step, GUMBEL_STREAM, elements)
+            del elements  # before the scores exist: at most two c x V float64/int64 tensors at once
+            noise.log_().neg_().log_().neg_()  # g = -log(-log u), in place
+        rows = logits[start:stop] if take is None else logits.index_select(0, take[start:stop])
+        # Exact for every input dtype; copy=True so that fp64 logits are never modified in place.
+        scores = rows.to(torch.float64, copy=True)
+        del rows
+        if temperature != 0:
+            if temperature != 1:  # x / 1 == x exactly
+                scores.div_(divisor)
+            scores.add_(noise)
+            del noise
+        if exclude is not None:
+            scores.index_fill_(1, exclude, -torch.inf)
+        # torch.max returns the first index of the maximum: ties go to the lowest token id. A NaN
+        # score is returned as the maximum, which the caller reports.
+        torch.max(scores, dim=1, out=(best[start:stop], tokens[start:stop]))
+        del scores
+    return tokens, best
+
+
+# Backends that exist here. The fused kernels register "cpp", "triton" and "cuda" when they land;
+# every entry takes the arguments of _gumbel_argmax_reference and returns the same pair.
+_IMPLEMENTATIONS: dict[str, Callable] = {"reference": _gumbel_argmax_reference}
+
+
+def _implementation(backend: str, op: str) -> Callable:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if backend == "auto":
+        backend = "reference"  # until the fused kernels land (DESIGN.md §5: they become "auto")
+    if backend not in _IMPLEMENTATIONS:
+        available = ", ".join(map(repr, _IMPLEMENTATIONS))
+        raise RuntimeError(
+            f"{op} with backend={backend!r} is not implemented yet; available backends: {available} "
+            f"(or 'auto')"
+        )
+    return _IMPLEMENTATIONS[backend]
+
+
+def _stream_uniforms(seed: int, step: int, stream: int, elements: torch.Tensor) -> torch.Tensor:
+    """uniform53 on elements' device: the compiled stream when built for that device, else the NumPy
+    twin (copied over). All of them are bit-identical (tests/test_philox.py), so this choice never
+    changes a draw; it only saves the reference sampler from failing where _C lacks CUDA."""
+    if elements.device.type == "cpu" and _extension._C is not None:
+        return uniform53(seed, step, stream, elements, backend="cpp")
+    if elements.device.type == "cuda" and not _extension.cuda_missing_reason():
+        return uniform53(seed, step, stream, elements, backend="cuda")
+    return uniform53_ref(seed, step, stream, elements)
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def _checked_logits(logits) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a floating tensor [R, V]; got {type(logits).__name__}")
+    if logits.dtype not in LOGITS_DTYPES:
+        raise TypeError(
+            f"logits must have dtype bfloat16, float16, float32 or float64; got {logits.dtype}"
+        )
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [R, V]; got shape {tuple(logits.shape)}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits must have V >= 1 tokens; got shape {tuple(logits.shape)}")
+    return logits.detach()  # sampling is not differentiable; keep autograd out of the temporaries
+
+
+def _checked_row_ids(row_ids, num_rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Returns int64 [num_rows] on device; checks ids >= 0 and row_id * V + V - 1 < 2^63."""
+    if row_ids is None:
+        return torch.arange(num_rows, dtype=torch.int64, device=device)
+    if not isinstance(row_ids, torch.Tensor):
+        if isinstance(row_ids, np.ndarray) or (
+            isinstance(row_ids, Sequence) and not isinstance(row_ids, (str, bytes))
+        ):
+            row_ids = torch.as_tensor(np.asarray(row_ids))
+        else:
+            raise TypeError(f"row_ids must be an integer tensor [R]; got {type(row_ids).__name__}")
+    if row_ids.dtype == torch.bool or row_ids.dtype.is_floating_point or row_ids.dtype.is_complex:
+        raise TypeError(f"row_ids must be an integer tensor [R] (int64); got dtype {row_ids.dtype}")
+    if row_ids.dtype == torch.uint64:
+        raise TypeError("row_ids must be an integer tensor [R] (int64); got dtype torch.uint64")
+    if tuple(row_ids.shape) != (num_rows,):
+        raise ValueError(f"row_ids must have shape [R] = [{num_rows}]; got shape {tuple(row_ids.shape)}")
+    row_ids = row_ids.to(device=device, dtype=torch.int64)
+    if num_rows > 0:
+        smallest, largest = (int(v) for v in torch.aminmax(row_ids))
+        if smallest < 0:
+            raise ValueError(f"row_ids must be >= 0; got a minimum of {smallest}")
+        limit = (_ELEMENT_LIMIT - vocab) // vocab  # largest row id with row_id * V + V - 1 < 2^63
+        if largest > limit:
+            raise ValueError(
+                f"row_ids must be <= {limit} for V = {vocab} (element ids row_id * V + v must stay "
+                f"below 2^63); got a maximum of {largest}"
+            )
+    return row_ids
+
+
+def _checked_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(
+            f"temperature must be a float >= 0; got {temperature!r} ({type(temperature).__name__})"
+        )
+    temperature = float(temperature)
+    if not (0.0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite float >= 0; got {temperature}")
+    return temperature
+
+
+def _checked_exclude(exclude, vocab: int, device: torch.device) -> torch.Tensor | None:
+    """Returns the sorted distinct excluded ids (int64 on device), or None when there are none."""
+    if exclude is None:
+        return None
+    if isinstance(exclude, torch.Tensor):
+        if exclude.dtype == torch.bool or exclude.dtype.is_floating_point or exclude.dtype.is_complex:
+            raise TypeError(f"exclude must hold integer token ids; got a tensor of dtype {exclude.dtype}")
+        ids = exclude.detach().reshape(-1).to("cpu", torch.int64)
+    elif isinstance(exclude, numbers.Integral) and not isinstance(exclude, bool):
+        ids = torch.tensor([int(exclude)], dtype=torch.int64)
+    elif isinstance(exclude, (Sequence, np.ndarray)) and not isinstance(exclude, (str, bytes)):
+        values = list(exclude)
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(
+                    f"exclude must hold integer token ids; got {value!r} ({type(value).__name__})"
+                )
+        ids = torch.tensor([int(v) for v in values], dtype=torch.int64).reshape(-1)
+    else:
+        raise TypeError(
+            "exclude must be None, an int, a sequence of ints or an integer tensor; "
+            f"got {type(exclude).__name__}"
+        )
+    if ids.numel() == 0:
+        return None
+    smallest, largest = int(ids.min()), int(ids.max())
+    if smallest < 0 or largest >= vocab:
+        bad = smallest if smallest < 0 else largest
+        raise ValueError(f"exclude must hold token ids in [0, V) = [0, {vocab}); got {bad}")
+    ids = torch.unique(ids)  # sorted, distinct
+    if ids.numel() == vocab:
+        raise ValueError(f"exclude removes all V = {vocab} tokens; at least one token must remain")
+    return ids.to(device)
+
+
+def _checked_chunk_rows(chunk_rows, vocab: int) -> int:
+    if chunk_rows is None:
+        return max(1, CHUNK_BYTES // (8 * vocab))
+    return _integer("chunk_rows", chunk_rows, 1, None, "an int >= 1 or None")
+
+
+def _check_winners(best: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+    """Raises ValueError for rows whose winning score is NaN (NaN logits) or -inf (no candidate).
+
+    best: float64 [n] winning scores; positions: the caller's row number of each (default arange(n)).
+    """
+    if best.numel() == 0:
+        return
+    nan = torch.isnan(best)
+    bad = nan | (best == -torch.inf)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        row = first if positions is None else int(positions[first])
+        count = int(bad.sum())
+        if bool(nan[first]):
+            raise ValueError(f"logits must not hold NaN; row {row} does ({count} bad row(s) in all)")
+        raise ValueError(
+            f"every row of logits needs a token with a logit > -inf outside exclude; row {row} has none "
+            f"({count} bad row(s) in all)"
+        )
