@@ -15,7 +15,7 @@ BENCH_ARGS   ?=
 # Sources whose change must rebuild the editable install (the C++/CUDA extension).
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: test bench venv cuda-compile-check clean
+.PHONY: test bench demo venv cuda-compile-check clean
 
 venv: $(VENV)/.installed
 
@@ -44,9 +44,15 @@ bench: venv
 	@$(PY) scripts/install_missing.py matplotlib
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
+# Train a tiny model on the bundled corpus for a few minutes, then sample with τ_Block + KV cache + ACS.
+DEMO_ARGS ?=
+demo: venv
+	@$(PY) scripts/install_missing.py matplotlib
+	$(PY) -m hdlm_reference.demo $(DEMO_ARGS)
+
 # Compile the CUDA sources against a CUDA build of torch (no GPU needed); see the script.
 cuda-compile-check:
 	bash .ci/cuda_compile_check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info hdlm_kernels/_C*.so hdlm_kernels/_build_info.json benchmarks/out
+	rm -rf $(VENV) build *.egg-info hdlm_kernels/_C*.so hdlm_kernels/_build_info.json benchmarks/out runs/demo
