@@ -344,6 +344,17 @@ class DiT(nn.Module):
         self.output_layer = FinalLayer(config.hidden_size, config.vocab_size)
         self.sigma_map = SigmaEmbedder(config.cond_dim) if config.family == "gamma" else None
 
+    def use_attention_backend(self, backend: str) -> "DiT":
+        """Route every block's attention through ``backend`` (one of ``hk.attention.BACKENDS``), e.g.
+        to compare the reference with a kernel on the same weights; returns the model."""
+        if backend not in hk.attention.BACKENDS:
+            raise ValueError(f"DiT.use_attention_backend: unknown backend {backend!r}; expected one of "
+                             f"{', '.join(map(repr, hk.attention.BACKENDS))}")
+        self.config.attention_backend = backend
+        for block in self.blocks:
+            block.attention_backend = backend
+        return self
+
     def new_kv_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                      device=None) -> hk.KVCache:
         """An empty cache for this model: ``max_len`` defaults to ``config.max_length`` (SHIFTED needs

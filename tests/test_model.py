@@ -344,3 +344,12 @@ def test_forward_input_errors():
             model(ids, pos, mask, sigma, logits_rows=torch.tensor([6]))
         with pytest.raises(ValueError, match=r"bool logits_rows must have shape \[B=2, S=6\]"):
             model(ids, pos, mask, sigma, logits_rows=torch.ones(6, dtype=torch.bool))
+
+
+def test_use_attention_backend_routes_every_block():
+    model = DiT(ModelConfig.preset("tiny"))
+    assert model.use_attention_backend("flex") is model
+    assert model.config.attention_backend == "flex"
+    assert all(block.attention_backend == "flex" for block in model.blocks)
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        model.use_attention_backend("cudnn")
