@@ -3,11 +3,14 @@
 Every sampler draws its randomness from one Philox4x32-10 stream, exposed here as ``uniform53`` so
 that tests can check each backend against the independent NumPy twin ``uniform53_ref``.
 ``gumbel_argmax`` samples tokens by FP64 Gumbel-max (stream 0); ``acs_step`` / ``acs_decisions`` are
-the adaptive correction sampler's update (stream 1 decides, stream 0 samples). Each has a ``_ref`` twin.
+the adaptive correction sampler's update (stream 1 decides, stream 0 samples); ``hybrid_step`` is one
+reverse step of the γ-hybrid process (analytic τ-leaping or Euler, drawn on stream 0). Each has a
+``_ref`` twin.
 """
 
 from .acs import acs_decisions, acs_step, acs_step_ref
 from .gumbel import gumbel_argmax, gumbel_argmax_ref
+from .hybrid import hybrid_step, hybrid_step_ref
 from .philox import philox4x32_10, philox4x32_10_ref, uniform53, uniform53_ref
 
 __all__ = [
@@ -16,6 +19,8 @@ __all__ = [
     "acs_step_ref",
     "gumbel_argmax",
     "gumbel_argmax_ref",
+    "hybrid_step",
+    "hybrid_step_ref",
     "philox4x32_10",
     "philox4x32_10_ref",
     "uniform53",
