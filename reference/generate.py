@@ -39,6 +39,7 @@ is MDLM's ancestral sampler (with MDLM's caching of unchanged states).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -95,8 +96,8 @@ def level_sigma(noise, sched: hk.schedules.Hyperschedule, levels: torch.Tensor) 
 def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: int, *, method: str = "acs",
              kv_cache: bool = False, prompt: torch.Tensor | None = None, temperature: float = 1.0,
              eta: float = 0.01, config: str = "aligned", context: str = "block_causal", window: str = "full",
-             noise=None, bos_id: int | None = None, sampler_backend: str = "reference",
-             device: torch.device | str | None = None) -> GenerationResult:
+             noise=None, bos_id: int | None = None, attention_backend: str | None = None,
+             sampler_backend: str = "reference", device: torch.device | str | None = None) -> GenerationResult:
     """Sample ``batch_size`` sequences of ``sched.length`` tokens (module docstring).
 
     Args:
@@ -114,6 +115,8 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
         config, context, window: as in ``hk.masks.inference``.
         noise: the σ̄ schedule (default ``hdlm_reference.noise.LogLinearNoise()``).
         bos_id: the conditioning token x̂^-1 for ``config="shifted"``.
+        attention_backend: the attention backend of the model's calls (``hk.attention.BACKENDS``);
+            default: the model's own (``model.config.attention_backend``).
         sampler_backend: the ``gumbel_argmax`` backend of the draws.
 
     Returns:
@@ -210,8 +213,9 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
                 if shifted:  # cell c holds position c - 1; cell 0 holds the clean conditioning token
                     held_sigma = torch.cat([torch.zeros(B, 1, dtype=torch.float64), held_sigma], 1)
                 sigma = held_sigma[:, start:end].to(device=device, dtype=torch.float32)
-            logits = model(inputs[:, start:end], positions, mask, sigma=sigma, logits_rows=wanted.to(device),
-                           kv_cache=cache)
+            with _attention_backend(model, attention_backend):
+                logits = model(inputs[:, start:end], positions, mask, sigma=sigma,
+                               logits_rows=wanted.to(device), kv_cache=cache)
             calls, rows_fed = calls + 1, rows_fed + B * (end - start)
             logit_rows += int(wanted.sum())
             chosen_ids = row_ids[:, a:b][change]
@@ -233,3 +237,17 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
             if cache is not None:
                 cache.length.fill_(a)  # cells [0, a) are settled: their keys/values are final
     return GenerationResult(x, calls, rows_fed, logit_rows, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _attention_backend(model, backend: str | None):
+    """Run the enclosed model calls with ``backend`` (None: the model's own), then restore it."""
+    if backend is None:
+        yield
+        return
+    previous = model.config.attention_backend
+    model.use_attention_backend(backend)
+    try:
+        yield
+    finally:
+        model.use_attention_backend(previous)

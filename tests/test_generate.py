@@ -225,3 +225,11 @@ def test_analytic_sampler_with_the_true_score_reproduces_the_data_law(sched):
     assert counts[-1] == 0
     expected = p0[:-1] * result.tokens.numel()
     assert stats.chisquare(counts[:-1].numpy(), expected.numpy()).pvalue > 1e-3
+
+
+def test_flex_attention_backend_generates_the_same_tokens(model):
+    sched = hk.schedules.block(24, 8, 4)
+    reference = generate(model, sched, 2, 9, kv_cache=True, context="causal")
+    flex = generate(model, sched, 2, 9, kv_cache=True, context="causal", attention_backend="flex")
+    assert torch.equal(flex.tokens, reference.tokens)
+    assert model.config.attention_backend == "reference"  # restored after the call
