@@ -1,9 +1,13 @@
-"""The packed training objective: tokens -> interval packing -> forward noise -> model -> Eq. 10 loss.
+"""Training objectives, the ``loss_fn(model, batch, step)`` the trainer calls (paper App. B.2-B.3, §3.2).
 
-``PackedObjective`` is the ``loss_fn(model, batch, step)`` the trainer calls (paper App. B.3 packing,
-§3.2 processes, App. B.2 losses). Its randomness (interval steps and the forward noise) is drawn from a
-generator seeded by ``(seed, step, rank)``, so a resumed run draws exactly what an uninterrupted one
-would have.
+* ``PackedObjective``: tokens -> interval packing -> forward noise -> model -> Eq. 10 loss; every
+  position is trained in one pass over ``2d`` cells (App. B.3).
+* ``StepObjective``: the official style: one hyperschedule step per batch, the sequence noised at
+  ``τ_t``; the settled prefix and the active window are fed (worthless positions never are), Eq. 10
+  with Eq. 11 weights on the settled CE.
+
+Their randomness (steps, intervals, forward noise) comes from a generator seeded by
+``(seed, step, rank)``, so a resumed run draws exactly what an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import hdlm_kernels as hk
 from . import losses as L
 from . import noise as N
 
-__all__ = ["ObjectiveConfig", "PackedObjective"]
+__all__ = ["ObjectiveConfig", "PackedObjective", "StepObjective"]
 
 
 @dataclass(frozen=True)
@@ -65,16 +69,8 @@ class ObjectiveConfig:
         return asdict(self)
 
 
-class PackedObjective:
-    """``loss_fn(model, batch, step) -> (loss, metrics)`` for interval-packed training.
-
-    Args:
-        objective: the :class:`ObjectiveConfig`.
-        vocab_size: ids including MASK (the model's ``vocab_size``).
-        seq_len: the sequence length ``d`` of the batches.
-        seed: base seed of the packing and noise draws.
-        noise: σ̄ schedule (default ``LogLinearNoise()``).
-    """
+class _SeededObjective:
+    """Shared set-up: the schedule, the process, the σ̄ schedule and the per-step generator."""
 
     def __init__(self, objective: ObjectiveConfig, vocab_size: int, seq_len: int, seed: int = 0, noise=None):
         self.objective = objective
@@ -88,6 +84,18 @@ class PackedObjective:
 
         rank = int(os.environ.get("RANK", "0"))
         return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1009 + rank)
+
+
+class PackedObjective(_SeededObjective):
+    """``loss_fn(model, batch, step) -> (loss, metrics)`` for interval-packed training.
+
+    Args:
+        objective: the :class:`ObjectiveConfig`.
+        vocab_size: ids including MASK (the model's ``vocab_size``).
+        seq_len: the sequence length ``d`` of the batches.
+        seed: base seed of the packing and noise draws.
+        noise: σ̄ schedule (default ``LogLinearNoise()``).
+    """
 
     def __call__(self, model, batch: torch.Tensor, step: int):
         o = self.objective
@@ -105,6 +113,35 @@ class PackedObjective:
         loss, metrics = L.packed_loss(self.process, logits, packed_on_device, noised_on_device, beta1=o.beta1,
                                       beta2=o.beta2, lam=o.lam)
         metrics.pop("loss", None)  # the trainer records the loss itself
+        return loss, metrics
+
+
+class StepObjective(_SeededObjective):
+    """``loss_fn(model, batch, step) -> (loss, metrics)`` for per-step training (official style): one
+    step ``t`` drawn uniformly for the whole batch, Eq. 10 with Eq. 11 block weights (ω = the schedule
+    width) on the settled CE. Same arguments as :class:`PackedObjective`."""
+
+    def __call__(self, model, batch: torch.Tensor, step: int):
+        o = self.objective
+        generator = self._generator(step)
+        t = int(torch.randint(self.sched.num_steps, (1,), generator=generator))
+        levels, settled, active = L.step_roles(self.sched, t)
+        noised = L.noise_step(self.process, self.noise, batch.cpu(), levels, generator,
+                              num_levels=self.sched.num_levels, config=o.config, bos_id=o.bos_id)
+        mask = hk.masks.inference(self.sched, t, o.config, o.attention_context, o.window)
+        fed = mask.key_length  # settled prefix + window (SHIFTED: + the conditioning cell)
+        device = batch.device
+        B = batch.shape[0]
+        positions = torch.arange(fed, device=device).expand(B, -1)
+        sigma = noised.sigma_bar[:, :fed].to(device) if o.family == "gamma" else None
+        fed_logits = model(noised.input_ids[:, :fed].to(device), positions, mask.to(device), sigma=sigma)
+        # Worthless rows are never fed; they carry no loss, so zeros stand in for their logits.
+        logits = fed_logits.new_zeros(B, noised.input_ids.shape[1], fed_logits.shape[-1])
+        logits[:, :fed] = fed_logits
+        loss, metrics = L.step_loss(self.process, logits, _to(noised, device), settled.to(device),
+                                    active.to(device), beta1=o.beta1, beta2=o.beta2, lam=o.lam,
+                                    block_width=self.sched.width)
+        metrics.pop("loss", None)
         return loss, metrics
 
 

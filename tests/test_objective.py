@@ -5,7 +5,7 @@ import torch
 
 from hdlm_reference import cli
 from hdlm_reference.model import DiT, ModelConfig
-from hdlm_reference.objective import ObjectiveConfig, PackedObjective
+from hdlm_reference.objective import ObjectiveConfig, PackedObjective, StepObjective
 
 
 @pytest.mark.parametrize("family", ["epsilon", "gamma"])
@@ -27,6 +27,33 @@ def test_packed_objective_trains_every_parameter_and_is_keyed_by_step(family, co
         other, _ = objective(model, batch, 6)
     assert again.item() == loss.detach().item()  # the draws are a function of (seed, step)
     assert other.item() != loss.detach().item()
+
+
+@pytest.mark.parametrize("family", ["epsilon", "gamma"])
+@pytest.mark.parametrize("config", ["aligned", "shifted"])
+def test_step_objective_feeds_settled_and_active_cells_only(family, config):
+    torch.manual_seed(0)
+    model = DiT(ModelConfig.preset("tiny", family=family))
+    objective = StepObjective(ObjectiveConfig(family=family, schedule="block", width=8, config=config, bos_id=0),
+                              model.config.vocab_size, 32, seed=3)
+    batch = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
+    fed_lengths = []
+    original_forward = model.forward
+
+    def recording_forward(input_ids, *args, **kwargs):
+        fed_lengths.append(input_ids.shape[1])
+        return original_forward(input_ids, *args, **kwargs)
+
+    model.forward = recording_forward
+    losses = set()
+    for step in range(6):
+        loss, metrics = objective(model, batch, step)
+        assert torch.isfinite(loss) and "loss" not in metrics
+        losses.add(round(loss.item(), 6))
+    loss.backward()
+    assert model.output_layer.linear.weight.grad.abs().sum() > 0
+    assert len(losses) > 1  # different steps draw different hyperschedule steps
+    assert min(fed_lengths) < 32  # worthless positions are not fed
 
 
 def test_objective_config_rejects_unknown_names():
