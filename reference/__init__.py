@@ -10,7 +10,7 @@ plugs in; hdlm_kernels never imports it. See reference/README.md.
 
 import hdlm_kernels  # noqa: F401 - the kernels package (and torch) first
 
-from . import losses, noise
+from . import evaluate, losses, noise
 from .generate import GenerationResult, generate
 from .model import DiT, ModelConfig
 from .objective import ObjectiveConfig, PackedObjective
@@ -18,4 +18,4 @@ from .tokenizer import ByteTokenizer
 from .trainer import TrainConfig, train
 
 __all__ = ["ByteTokenizer", "DiT", "GenerationResult", "ModelConfig", "ObjectiveConfig", "PackedObjective",
-           "TrainConfig", "generate", "losses", "noise", "train"]
+           "TrainConfig", "evaluate", "generate", "losses", "noise", "train"]

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                      help="no progress bar")
     diffusion = train.add_argument_group("diffusion (what is trained; saved with the run for `hdlm sample`)")
+    diffusion.add_argument("--objective", choices=["packed", "step"], default="packed",
+                           help="interval-packed training (App. B.3, default) or one hyperschedule step per "
+                           "batch (the official code's style)")
     diffusion.add_argument("--family", choices=["epsilon", "gamma"], default="epsilon",
                            help="ε-hybrid (HDCE, no σ conditioning) or γ-hybrid (DWDSE, adaLN on σ̄)")
     diffusion.add_argument("--schedule", choices=["block", "slide"], default="block", help="hyperschedule")
@@ -174,6 +177,37 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("sources", nargs="+", metavar="PATH", help="text files or directories of *.txt")
     prepare.add_argument("--out", required=True, help="the .bin file to write")
     prepare.set_defaults(handler=_run_prepare_bin)
+
+    evaluate = commands.add_parser(
+        "eval", help="perplexity upper bound (and sample entropy) of a trained run",
+        description="Monte-Carlo upper bound on the validation NLL/perplexity of the newest checkpoint of a "
+        "run (EMA weights), with the run's hyperschedule, attention layout and family bound (paper App. C.1, "
+        "Alg. 1; only the terms of active positions, Remarks 1). See hdlm_reference.evaluate.")
+    evaluate.add_argument("--run", required=True, help="the --out directory of `hdlm train`")
+    evaluate.add_argument("--data", nargs="+", metavar="PATH",
+                          help="one .bin token file, or text files / directories of *.txt; default: the "
+                          "bundled corpus (the default data of `hdlm train`)")
+    evaluate.add_argument("--val-fraction", type=float, default=0.05,
+                          help="evaluate the last share of the data, the validation split `hdlm train` holds "
+                          "out (default 0.05, its default)")
+    evaluate.add_argument("--all-data", action="store_true",
+                          help="evaluate all of --data (a held-out file) instead of its tail")
+    evaluate.add_argument("--num-batches", type=int, help="at most this many batches (default: every chunk)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    evaluate.add_argument("--mc-samples", type=int, default=32,
+                          help="Monte-Carlo draws per sequence, M of Alg. 1 (default 32; the paper uses "
+                          "1000)")
+    evaluate.add_argument("--time", choices=["continuous", "discrete"], default="continuous",
+                          help="continuous-time bound (default), or the exact bound of the T-step original "
+                          "sampler (epsilon family only)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--samples", type=int, default=0, metavar="N",
+                          help="also generate N samples (ACS for epsilon runs, the analytic sampler for "
+                          "gamma runs) and report their unigram entropy")
+    evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    evaluate.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    evaluate.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    evaluate.set_defaults(handler=_run_eval)
     return parser
 
 
@@ -204,7 +238,8 @@ def build_training(args: argparse.Namespace) -> TrainingSetup:
         raise CliError(str(error)) from None
     torch.manual_seed(config.seed)
     model = model_module.DiT(model_config)
-    loss_fn = objective_module.PackedObjective(objective, model_config.vocab_size, config.seq_len, seed=config.seed)
+    objective_class = objective_module.PackedObjective if args.objective == "packed" else objective_module.StepObjective
+    loss_fn = objective_class(objective, model_config.vocab_size, config.seq_len, seed=config.seed)
     out = Path(config.out_dir)
     if _is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -354,6 +389,83 @@ def _run_prepare_bin(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         raise CliError(str(error)) from None
     print(f"wrote {count} tokens to {args.out}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    import hdlm_kernels as hk
+
+    from .data import TokenDataset, bundled_corpus_path, load_tokens, split_train_val
+    from .evaluate import bound_options, perplexity_bound, token_batches, unigram_entropy
+    from .generate import generate
+    from .tokenizer import ByteTokenizer
+
+    for name in ("batch_size", "mc_samples"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_batches is not None and args.num_batches < 1:
+        raise CliError(f"--num-batches must be >= 1, got {args.num_batches}")
+    if args.samples < 0:
+        raise CliError(f"--samples must be >= 0, got {args.samples}")
+    if not args.all_data and not 0.0 < args.val_fraction < 1.0:
+        raise CliError(f"--val-fraction must lie in (0, 1), got {args.val_fraction} (use --all-data for the "
+                       "whole data)")
+    model, objective, train_config, step = load_run(args.run, use_ema=not args.no_ema)
+    if args.time == "discrete" and objective.family != "epsilon":
+        raise CliError("--time discrete is defined for epsilon-family runs only (the γ DWDSE bound is "
+                       "continuous-time)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise CliError(f"--device: {error}") from None
+    model = model.to(device)
+    seq_len = int(train_config["seq_len"])
+    num_tokens = model.config.vocab_size - 1
+    sources = args.data or [bundled_corpus_path()]
+    try:
+        tokens = load_tokens(sources, ByteTokenizer())
+        split = tokens if args.all_data else split_train_val(tokens, args.val_fraction)[1]
+        if len(split) and int(np.max(split)) >= num_tokens:
+            raise ValueError(f"the data holds token id {int(np.max(split))}, but the model knows ids "
+                             f"[0, {num_tokens}) (MASK = {num_tokens})")
+        dataset = TokenDataset(np.asarray(split), seq_len)
+        batches = token_batches(dataset, args.batch_size, args.num_batches)
+    except (FileNotFoundError, ValueError) as error:
+        raise CliError(str(error)) from None
+    sched = objective.schedule_for(seq_len)
+    options = bound_options(objective)
+    result = perplexity_bound(model, batches, sched, num_samples=args.mc_samples, seed=args.seed,
+                              progress=args.progress, time=args.time, **options)
+    entropy = None
+    if args.samples:
+        use_cache = hk.masks.kv_cacheable(sched, objective.config, objective.attention_context)
+        method = "acs" if objective.family == "epsilon" else "analytic"
+        samples = generate(model, sched, args.samples, args.seed, method=method, kv_cache=use_cache,
+                           config=objective.config, context=objective.attention_context,
+                           window=objective.window, bos_id=objective.bos_id, device=device)
+        entropy = unigram_entropy(samples.tokens.cpu(), exclude=model.config.mask_id)
+
+    where = "all of" if args.all_data else f"last {args.val_fraction:g} of"
+    data_name = ", ".join(str(s) for s in sources)
+    print(f"run {args.run}, checkpoint step {step} ({'raw' if args.no_ema else 'EMA'} weights)")
+    print(f"{objective.family} family, {objective.config}, context {objective.attention_context}, {sched!r}")
+    print(f"data: {where} {data_name}: {result.num_sequences} sequences of {seq_len} tokens")
+    rows = [("NLL upper bound (nats/token)", f"{result.nll:.4f} ± {result.mc_stderr:.4f} (MC s.e.)"),
+            ("perplexity upper bound", f"{result.perplexity:.4f}"),
+            ("bits per token", f"{result.bits_per_token:.4f}"),
+            ("prior term (nats/token)", f"{result.prior:.4f}"),
+            ("MC draws per sequence", f"{result.num_samples} ({result.time} time)")]
+    if entropy is not None:
+        rows.append((f"unigram entropy of {args.samples} samples (nats)",
+                     f"{entropy.mean:.4f} ± {entropy.std:.4f}"))
+    width = max(len(name) for name, _ in rows)
+    print(f"{'metric':<{width}}  value")
+    print(f"{'-' * width}  {'-' * max(len(value) for _, value in rows)}")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
     return 0
 
 

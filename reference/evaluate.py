@@ -17,11 +17,16 @@ ELBO of the factorized CTMC is a sum over positions of each position's own terms
 level moves (``Δ_t^i > 0``), i.e. while it is active. That is Remarks 1's "NLL only over the
 τ_t^active tokens": settled and worthless positions have zero rate and contribute nothing, and every
 position contributes its whole NLL bound during the steps where it is active, so dividing the sum by
-``d`` gives a per-token NLL directly comparable to an AR model's (τ_Quench gives exactly the AR
-chain rule, see below).
+``d`` (Alg. 1's ``N_total = B·d``) gives a bound on ``-log p_θ(y)/d``, directly comparable to an AR
+model's per-token NLL (τ_Quench gives exactly the AR chain rule, see below). Interpretation: Remarks 1
+does not say how the active-only losses are normalized; dividing each step's loss by its number of
+active tokens instead would bound the likelihood of nothing unless every step had the same number of
+active positions (τ_Slide's warm-up and tail steps do not), so each position's terms are summed and the
+total divided by ``d``.
 
 ε family (MDLM framework; HDCE-consistent). The bound of the model as an absorbing-diffusion generator
-(the "original" sampler, ``η = 0``) whose masking probability at level ``ℓ`` is ``p = ℓ/𝒯``::
+(the "original" sampler, ``η = 0``; ACS with ``η > 0`` has no tractable likelihood) whose masking
+probability at level ``ℓ`` is ``p = ℓ/𝒯``::
 
     -log p_θ(y) <= ∫_0^T Σ_i (Δ_t^i / ℓ_i(s)) · E_{x~q_s}[ 1{x^i = MASK} · -log p_θ(y^i | x) ] ds
 
@@ -54,20 +59,41 @@ trainer's ``LogLinearNoise`` unless ``noise`` says otherwise; settled positions 
 is finite at ``u = 1`` (``σ̄(1) = -log eps``), so the forward process leaves a fraction
 ``A = e^{-(1-γ)σ̄(1)}`` of the tokens unmasked and an all-MASK prior would make the bound infinite; the
 prior term uses ``p_base`` = the state at ``σ̄(1)`` of a uniformly random real token (``MASK`` w.p.
-``1-A``, each real token w.p. ``A/N``), the y-independent prior of that form closest to the data. It is
+``1-A``, each real token w.p. ``A/N``; the average of ``q(·|y, σ̄(1))`` over a uniform ``y``). It is
 ``≈ A·log N`` nats per token (about 0.005 for γ = 0.01, eps = 1e-3, N = 256), reported separately as
-``prior`` and included in the bound. ``time="discrete"`` is not defined for this family (the DWDSE is a
-continuous-time bound).
+``prior`` and included in the bound. The repository's γ sampler starts from all MASK (the σ̄ → ∞
+limit), for which the bound with a finite ``σ̄(1)`` would be infinite: the reported bound is that of
+the same sampler started from ``p_base``, whose initial state differs in ``A·d`` tokens on average.
+``time="discrete"`` is not defined for this family (the DWDSE is a continuous-time bound).
 
-Monte Carlo (Alg. 1). Per sequence, ``M = num_samples`` draws ``s_m = T·(m + U_m)/M``, ``m < M``
-(stratified sampling of the time; each stratum gets one draw, so the estimate is unbiased and its
-variance is at most that of i.i.d. draws; ``M`` a multiple of ``T`` visits every step equally often,
-which makes the τ_Quench discrete bound exact). One ``s_m`` is shared by the sequences of a batch (one
-forward pass, as the official code uses one time per batch), with independent noise per sequence.
-Each draw contributes ``T·Σ_i w_i(s_m)·loss_i`` (``T`` = the inverse density of ``s``); the estimate of
-a sequence is their mean plus the prior; Alg. 1 then sums over sequences, divides by the token count
-and exponentiates. The model input at step ``t`` is exactly what the samplers feed: cells ``[0, b)``
-(``[0, b]`` SHIFTED) of ``hk.masks.inference(sched, t, ...)`` — worthless positions are never fed.
+Monte Carlo (Alg. 1) and variance reduction. Per sequence, ``M = num_samples`` draws of the generation
+time, each contributing ``T·J·Σ_i w_i(s)·loss_i`` (``T`` = the inverse density of ``s``; ``J`` below),
+averaged, plus the prior; Alg. 1 then sums over sequences, divides by the token count and exponentiates.
+
+1. Stratified time: sequence ``j`` draws ``g_{j,m} = T·(π_j(m) + U_{j,m})/M``, ``m < M``, with
+   ``U ~ U(0, 1)`` and ``π_j`` a random permutation: every stratum ``[Tk/M, T(k+1)/M)`` gets exactly one
+   draw per sequence, so the estimate is unbiased with at most the variance of i.i.d. draws, and ``M``
+   a multiple of ``T`` visits every step equally often (which makes the τ_Quench discrete bound exact,
+   not just unbiased). The permutations put the sequences of one forward pass at different times, so
+   their errors are independent and the data-set estimate improves with the number of sequences too
+   (a time shared by the batch, as the official code does, would correlate them).
+2. Optional arcsine warp inside each step (``time_warp=True``, continuous time): with ``t = ⌊g⌋``,
+   ``v = g - t``, the fraction is ``f = (1 - cos πv)/2`` with Jacobian ``J = (π/2)·sin πv =
+   π·sqrt(f(1-f))`` (``J = 1`` without the warp), an importance-sampling change of variable that puts
+   more draws near both ends of a step. The weights diverge there — ``1/ℓ`` as a position reaches level
+   0 (ε; and the γ rates at small σ̄), ``σ̄'`` as it leaves level 𝒯 (γ) — on rare events (a masked,
+   substituted or still unmasked token), so under a uniform ``f`` the per-draw variance grows without
+   bound with the resolution of the draws (logarithmically for the ``1/ℓ`` weight); the warp's density
+   ``∝ 1/sqrt(f(1-f))`` makes it finite (for the γ family when γ < 1/2) and the estimate's distribution
+   less skewed. It is off by default: at the draw counts used in practice (M ≈ 24-32 per sequence) it
+   raised the RMS error by 3-35% in our measurements (exact Markov-chain denoisers of both families on
+   τ_Flat, τ_Block and τ_Quench, and a uniform model), the tail it removes costing less than the
+   density it takes from the middle of the steps.
+
+Draw ``m`` of a batch is one forward pass in which row ``j`` is fed exactly what the samplers feed at
+its own step ``t_j``: cells ``[0, b_j)`` (``[0, b_j]`` SHIFTED) under
+``hk.masks.inference(sched, t_j, ...)``, padded to the longest row with cells no row attends to;
+worthless positions are never attended. Logits are computed for the active rows only.
 
 Departures from the official evaluation (notes §6.1, §9.25), on purpose: the official code always
 evaluates ALIGNED with no attention mask and no hyperschedule, computes the ε-style masked CE bound for
@@ -85,6 +111,7 @@ from typing import NamedTuple
 import torch
 
 import hdlm_kernels as hk
+from hdlm_kernels.masks import IntervalMask
 from hdlm_kernels.masks.inference import CONFIGS, CONTEXTS, WINDOWS, check_choice
 from hdlm_kernels.schedules import Hyperschedule
 
@@ -108,7 +135,7 @@ class SequenceBound(NamedTuple):
     """Per-sequence output of :func:`nll_bound` (all float64, nats per *sequence*).
 
     total: ``[B]`` the NLL upper bound (MC mean over the draws + prior).
-    draws: ``[B, M]`` the diffusion term of every draw (``T·Σ_i w_i·loss_i``), without the prior.
+    draws: ``[B, M]`` the diffusion term of every draw (``T·J·Σ_i w_i·loss_i``), without the prior.
     prior: ``[B]`` the prior term (0 for the ε family).
     """
 
@@ -118,8 +145,8 @@ class SequenceBound(NamedTuple):
 
     @property
     def mc_variance(self) -> torch.Tensor:
-        """``[B]`` variance of ``total`` from the draws (``var(draws)/M``, i.i.d. formula: conservative
-        for stratified draws); zeros when ``M = 1``."""
+        """``[B]`` Monte-Carlo variance of each ``total`` (``var(draws)/M``, the i.i.d. formula, which
+        overestimates it for stratified draws); zeros when ``M = 1``."""
         M = self.draws.shape[1]
         if M < 2:
             return torch.zeros_like(self.total)
@@ -194,7 +221,8 @@ def prior_nll(process, sigma_bar_max: float) -> float:
     Exactly 0 for ``σ̄_max = inf`` on an absorbing-type process (``A = 0``).
     """
     if not isinstance(process, N._SEDDProcess):
-        raise TypeError(f"prior_nll: process must be Absorb, Uniform or GammaHybrid, got {type(process).__name__}")
+        raise TypeError("prior_nll: process must be Absorb, Uniform or GammaHybrid, got "
+                        f"{type(process).__name__}")
     sigma = torch.tensor(float(sigma_bar_max), dtype=torch.float64)
     if not sigma >= 0:
         raise ValueError(f"prior_nll: sigma_bar_max must be >= 0, got {sigma_bar_max}")
@@ -208,10 +236,29 @@ def prior_nll(process, sigma_bar_max: float) -> float:
     return float(kl.clamp_min(0.0))
 
 
+def _step_mask(cache: dict, sched: Hyperschedule, t: int, config: str, context: str,
+               window: str) -> IntervalMask:
+    if t not in cache:
+        cache[t] = hk.masks.inference(sched, t, config, context, window)
+    return cache[t]
+
+
+def _row_masks(step_masks: list[IntervalMask], num_cells: int) -> IntervalMask:
+    """One ``[B, num_cells]`` mask from per-sequence inference masks ``[1, K_j]`` (``K_j <= num_cells``): the
+    extra cells of a shorter sequence are padding that attends to nothing, and no row of it reaches them."""
+    def padded(value):
+        return torch.nn.functional.pad(value, (0, num_cells - value.shape[1]))
+
+    return IntervalMask(torch.cat([padded(m.prefix_end) for m in step_masks]),
+                        torch.cat([padded(m.window_start) for m in step_masks]),
+                        torch.cat([padded(m.window_end) for m in step_masks]), num_cells)
+
+
 def nll_bound(model, tokens: torch.Tensor, sched: Hyperschedule, *, num_samples: int = 16, seed: int = 0,
               generator: torch.Generator | None = None, family: str | None = None, gamma: float | None = None,
               config: str = "aligned", context: str = "block_causal", window: str = "full",
-              bos_id: int | None = None, time: str = "continuous", noise=None) -> SequenceBound:
+              bos_id: int | None = None, time: str = "continuous", time_warp: bool = False,
+              noise=None) -> SequenceBound:
     """Monte-Carlo upper bound on ``-log p_θ(y)`` of each sequence of ``tokens`` (module docstring).
 
     Args:
@@ -219,7 +266,8 @@ def nll_bound(model, tokens: torch.Tensor, sched: Hyperschedule, *, num_samples:
             sigma=None, logits_rows=None)`` and a ``config`` with ``vocab_size`` (MASK = the last id) and,
             unless given here, ``family`` and ``gamma``. Run in eval mode under ``no_grad`` (its mode is
             restored afterwards).
-        tokens: int ``[B, d]`` clean sequences, ids in ``[0, vocab_size - 1)`` (no MASK), ``d = sched.length``.
+        tokens: int ``[B, d]`` clean sequences, ids in ``[0, vocab_size - 1)`` (no MASK),
+            ``d = sched.length``.
         sched: the hyperschedule the model generates with (``hk.schedules.flat(d, 𝒯)`` for standard
             diffusion: the bound does not depend on its 𝒯 in continuous time); must be monotone.
         num_samples: ``M``, Monte-Carlo draws per sequence.
@@ -233,6 +281,9 @@ def nll_bound(model, tokens: torch.Tensor, sched: Hyperschedule, *, num_samples:
         time: ``"continuous"`` (default; the bound of the sampler in the limit of fine steps along the
             hyperschedule's level path) or ``"discrete"`` (ε family only: the exact bound of the
             ``T``-step original sampler).
+        time_warp: draw the time inside each step through the arcsine change of variable (module
+            docstring: finite variance, less skew, but a larger error at small M); ``False`` (default)
+            draws it uniformly. Both are unbiased.
         noise: σ̄ schedule of the γ family (default ``LogLinearNoise()``, the trainer's); unused for ε.
 
     Returns:
@@ -247,8 +298,9 @@ def nll_bound(model, tokens: torch.Tensor, sched: Hyperschedule, *, num_samples:
     if not isinstance(sched, Hyperschedule):
         raise TypeError(f"{context_name}: sched must be a Hyperschedule, got {type(sched).__name__}")
     if not sched.is_monotone:
-        raise ValueError(f"{context_name}: the {sched.kind} schedule is not monotone left to right, so its steps "
-                         "have no inference mask (hk.masks.inference needs contiguous settled/active ranges)")
+        raise ValueError(f"{context_name}: the {sched.kind} schedule is not monotone left to right, so its "
+                         "steps have no inference mask (hk.masks.inference needs contiguous settled/active "
+                         "ranges)")
     model_config = getattr(model, "config", None)
     V = getattr(model_config, "vocab_size", None)
     if isinstance(V, bool) or not isinstance(V, int) or V < 2:
@@ -256,13 +308,16 @@ def nll_bound(model, tokens: torch.Tensor, sched: Hyperschedule, *, num_samples:
     family = family if family is not None else getattr(model_config, "family", "epsilon")
     check_choice("family", family, ("epsilon", "gamma"), context_name)
     if family == "gamma" and time == "discrete":
-        raise ValueError(f"{context_name}: time='discrete' is defined for the epsilon family only (the γ family's "
-                         "DWDSE is a continuous-time bound), got family='gamma'")
+        raise ValueError(f"{context_name}: time='discrete' is defined for the epsilon family only (the γ "
+                         "family's DWDSE is a continuous-time bound), got family='gamma'")
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
             or tokens.dtype == torch.bool:
-        raise ValueError(f"{context_name}: tokens must be an integer tensor [B, d], got "
-                         f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
+        given = f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}"
+        raise ValueError(f"{context_name}: tokens must be an integer tensor [B, d], got {given}")
     B, d = tokens.shape
+    if B == 0:
+        raise ValueError(f"{context_name}: tokens must hold at least one sequence, got shape "
+                         f"{tuple(tokens.shape)}")
     if d != sched.length:
         raise ValueError(f"{context_name}: tokens have length d={d} but sched.length={sched.length}")
     mask_id = V - 1
@@ -271,11 +326,13 @@ def nll_bound(model, tokens: torch.Tensor, sched: Hyperschedule, *, num_samples:
                          f"excluded), got values in [{int(tokens.min())}, {int(tokens.max())}]")
     shifted = config == "shifted"
     if shifted and (isinstance(bos_id, bool) or not isinstance(bos_id, int) or not 0 <= bos_id < V):
-        raise ValueError(f"{context_name}: config='shifted' needs bos_id, a token id in [0, {V - 1}], got {bos_id!r}")
+        raise ValueError(f"{context_name}: config='shifted' needs bos_id, a token id in [0, {V - 1}], "
+                         f"got {bos_id!r}")
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
     elif generator.device.type != "cpu":
-        raise ValueError(f"{context_name}: generator must be a CPU torch.Generator, got one on {generator.device}")
+        raise ValueError(f"{context_name}: generator must be a CPU torch.Generator, got one on "
+                         f"{generator.device}")
 
     process = None
     prior = torch.zeros(B, dtype=torch.float64)
@@ -290,62 +347,76 @@ def nll_bound(model, tokens: torch.Tensor, sched: Hyperschedule, *, num_samples:
 
     device = _model_device(model)
     y = tokens.detach().to("cpu", torch.long)
-    table = sched.table
-    T, levels_top = sched.num_steps, sched.num_levels
-    M = num_samples
-    offsets = torch.rand(M, generator=generator, dtype=torch.float64)
-    times = T * (torch.arange(M, dtype=torch.float64) + offsets) / M
+    table, splits = sched.table, sched.splits
+    T, levels_top, M = sched.num_steps, sched.num_levels, num_samples
+    # stratified times, strata visited in a random order per sequence (module docstring)
+    order = torch.rand(B, M, generator=generator).argsort(1)
+    offsets = torch.rand(B, M, generator=generator, dtype=torch.float64)
+    times = T * (order.to(torch.float64) + offsets) / M
+    masks: dict[int, IntervalMask] = {}
     draws = torch.zeros(B, M, dtype=torch.float64)
+    batch_rows = torch.arange(B)
 
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for m in range(M):
-                s = float(times[m])
-                t = min(int(math.floor(s)), T - 1)
-                fraction = s - t if time == "continuous" else 0.0
-                a, b = sched.split(t)
-                now = table[t, :b].to(torch.float64)
-                drop = now - table[t + 1, :b].to(torch.float64)               # Δ_t^i >= 0
-                level = now - fraction * drop                                  # ℓ_i(s)
-                moving = drop > 0                                              # only in [a, b)
+                s = times[:, m]
+                t = s.floor().long().clamp(max=T - 1)                          # [B]
+                jacobian = torch.ones(B, dtype=torch.float64)
+                fraction = torch.zeros(B, dtype=torch.float64)
+                if time == "continuous":
+                    fraction = s - t
+                    if time_warp:  # arcsine change of variable inside the step
+                        jacobian = 0.5 * math.pi * torch.sin(math.pi * fraction)
+                        fraction = 0.5 * (1.0 - torch.cos(math.pi * fraction))
+                a, b = splits[t, 0], splits[t, 1]                              # [B] each
+                width = int(b.max())                                           # positions fed
+                now = table[t, :width].to(torch.float64)                       # [B, width]
+                drop = now - table[t + 1, :width].to(torch.float64)            # Δ_t^i >= 0
+                level = now - fraction[:, None] * drop                         # ℓ_i(s)
+                moving = drop > 0                                              # only inside [a, b)
                 if family == "epsilon":
-                    p_mask = level / levels_top
                     weight = torch.where(moving, drop / torch.where(moving, level, 1.0), 0.0)
-                    masked = torch.rand(B, b, generator=generator, dtype=torch.float64) < p_mask
-                    x = torch.where(masked, mask_id, y[:, :b])
+                    uniform = torch.rand(B, width, generator=generator, dtype=torch.float64)
+                    masked = uniform < level / levels_top
+                    x = torch.where(masked, mask_id, y[:, :width])
                     sigma_cells = None
                 else:
-                    u = level / levels_top
-                    sigma64, dsigma64 = noise(u)
+                    sigma64, dsigma64 = noise(level / levels_top)
                     # stored in float32 as the trainer does, and sampled from the stored value
                     sigma = torch.where(level == 0, 0.0, sigma64).to(torch.float32)
                     weight = torch.where(moving, drop / levels_top * dsigma64, 0.0)
-                    x = process.sample(y[:, :b], sigma.expand(B, b), generator)
-                    sigma_cells = torch.cat([torch.zeros(1), sigma]) if shifted else sigma
+                    x = process.sample(y[:, :width], sigma, generator)
+                    sigma_cells = torch.cat([torch.zeros(B, 1), sigma], 1) if shifted else sigma
                 inputs = torch.cat([torch.full((B, 1), bos_id, dtype=torch.long), x], 1) if shifted else x
-                num_cells = b + 1 if shifted else b
-                mask = hk.masks.inference(sched, t, config, context, window)
-                positions = torch.arange(num_cells).unsqueeze(0)
-                rows = torch.arange(a, b)  # cell a + j predicts position a + j in both configs
-                logits = model(inputs.to(device), positions.to(device), mask.to(device),
-                               sigma=None if sigma_cells is None else sigma_cells.unsqueeze(0).to(device),
+                num_cells = width + 1 if shifted else width
+                step_masks = [_step_mask(masks, sched, int(step), config, context, window) for step in t]
+                mask = _row_masks(step_masks, num_cells)
+                cells = torch.arange(num_cells)
+                # cell a + j predicts position a + j in both configs; rows past a sequence's own cells
+                # (padding) and its settled rows get no logits
+                rows = (cells >= a[:, None]) & (cells < b[:, None])
+                logits = model(inputs.to(device), cells.unsqueeze(0).to(device), mask.to(device),
+                               sigma=None if sigma_cells is None else sigma_cells.to(device),
                                logits_rows=rows.to(device))
-                logits = logits.to("cpu", torch.float64)                      # [B, b - a, V]
-                target = y[:, a:b]
-                w = weight[a:b]
+                logits = logits.to("cpu", torch.float64)                       # [R, V], rows row-major
+                row_of = batch_rows[:, None].expand(B, num_cells)[rows]
+                target = y[:, :width][rows[:, :width]]
+                w = weight[rows[:, :width]]
                 if family == "epsilon":
-                    log_probs = logits[..., :mask_id].log_softmax(-1)
+                    log_probs = logits[:, :mask_id].log_softmax(-1)
                     nll = -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-                    term = torch.where(masked[:, a:b] & (w > 0), w * nll, 0.0)
+                    term = torch.where(masked[rows[:, :width]] & (w > 0), w * nll, 0.0)
                 else:
-                    x_rows = x[:, a:b]
-                    sigma_rows = sigma[a:b].to(torch.float64).expand(B, b - a)
+                    x_rows = x[rows[:, :width]]
+                    sigma_rows = sigma[rows[:, :width]].to(torch.float64)
                     log_score = L.gamma_log_score(logits, sigma_rows, x_rows)
                     se = L.score_entropy(process, log_score, x_rows, target, sigma_rows)
                     term = torch.where(w > 0, w * se, 0.0)
-                draws[:, m] = T * term.sum(-1)
+                draws[:, m].index_add_(0, row_of, term)
+                draws[:, m] *= T * jacobian
     finally:
         model.train(was_training)
     return SequenceBound(draws.mean(1) + prior, draws, prior)
@@ -361,7 +432,7 @@ def perplexity_bound(model, batches: Iterable[torch.Tensor], sched: Hyperschedul
             ``(seed, k)``, so a batch's estimate does not depend on the batches before it.
         progress: show a tqdm bar over the batches.
         options: passed to :func:`nll_bound` (``family``, ``gamma``, ``config``, ``context``, ``window``,
-            ``bos_id``, ``time``, ``noise``; see :func:`bound_options`).
+            ``bos_id``, ``time``, ``time_warp``, ``noise``; see :func:`bound_options`).
 
     Returns:
         :class:`BoundResult`: ``nll = Σ_seq bound / (num_sequences·d)``, ``perplexity = exp(nll)``.
@@ -374,19 +445,19 @@ def perplexity_bound(model, batches: Iterable[torch.Tensor], sched: Hyperschedul
         from tqdm import tqdm
 
         iterator = tqdm(batches, desc="nll bound", unit="batch")
-    totals, variances, priors = [], [], []
+    totals, priors, variance = [], [], 0.0
     for index, batch in enumerate(iterator):
         generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2 ** 63))
         result = nll_bound(model, batch, sched, num_samples=num_samples, generator=generator, **options)
         totals.append(result.total)
-        variances.append(result.mc_variance)
+        variance += float(result.mc_variance.sum())
         priors.append(result.prior)
     if not totals:
         raise ValueError("perplexity_bound: batches is empty")
     total = torch.cat(totals)
     n_tokens = total.numel() * sched.length
     nll = float(total.sum()) / n_tokens
-    return BoundResult(nll=nll, perplexity=math.exp(nll), mc_stderr=math.sqrt(float(torch.cat(variances).sum())) / n_tokens,
+    return BoundResult(nll=nll, perplexity=math.exp(nll), mc_stderr=math.sqrt(variance) / n_tokens,
                        prior=float(torch.cat(priors).sum()) / n_tokens, num_sequences=total.numel(),
                        num_tokens=n_tokens, num_samples=num_samples, time=options.get("time", "continuous"),
                        per_sequence=total)
@@ -438,17 +509,20 @@ def unigram_entropy(samples, exclude: Sequence[int] | int | None = None) -> Entr
         samples: int tensor ``[S, L]`` or a sequence of 1-D int sequences (lengths may differ).
         exclude: ids left out of the histogram (e.g. MASK). A sample with no token left has entropy 0.
     """
-    rows = list(samples) if not isinstance(samples, torch.Tensor) else list(samples.reshape(samples.shape[0], -1)
-                                                                             if samples.dim() > 1 else [samples])
+    if isinstance(samples, torch.Tensor):
+        rows = [samples] if samples.dim() == 1 else list(samples.reshape(samples.shape[0], -1))
+    else:
+        rows = list(samples)
     if not rows:
         raise ValueError("unigram_entropy: samples is empty")
-    excluded = torch.as_tensor([] if exclude is None else ([exclude] if isinstance(exclude, int) else list(exclude)),
-                               dtype=torch.long)
+    excluded = [] if exclude is None else ([exclude] if isinstance(exclude, int) else list(exclude))
+    excluded = torch.as_tensor(excluded, dtype=torch.long)
     values = []
     for row in rows:
-        ids = torch.as_tensor(row).reshape(-1).long()
-        if ids.dtype.is_floating_point:
-            raise TypeError("unigram_entropy: samples must hold integer token ids")
+        ids = torch.as_tensor(row).reshape(-1)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"unigram_entropy: samples must hold integer token ids, got {ids.dtype}")
+        ids = ids.long()
         if excluded.numel():
             ids = ids[~torch.isin(ids, excluded)]
         if ids.numel() == 0:
@@ -467,7 +541,8 @@ def unigram_entropy(samples, exclude: Sequence[int] | int | None = None) -> Entr
 # ---------------------------------------------------------------------------------------------
 
 class JudgeUnavailableError(RuntimeError):
-    """The judge model cannot be loaded here (``transformers`` missing, or the model not available offline)."""
+    """The judge model cannot be loaded here (``transformers`` missing, or the model not available
+    offline)."""
 
 
 @dataclass(frozen=True)
@@ -481,7 +556,7 @@ class GenerativePerplexity:
     per_sample_nll: torch.Tensor
 
 
-def _hf_judge(name: str, device, batch_size: int, max_length: int | None) -> Callable[[list[str]], list[torch.Tensor]]:
+def _hf_judge(name: str, device, max_length: int | None) -> Callable[[list[str]], list[torch.Tensor]]:
     """A judge from a Hugging Face causal LM, loaded offline (``local_files_only``)."""
     try:
         import transformers  # noqa: F401  (optional dependency, imported only here)
@@ -493,12 +568,13 @@ def _hf_judge(name: str, device, batch_size: int, max_length: int | None) -> Cal
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
         lm = AutoModelForCausalLM.from_pretrained(name, local_files_only=True).to(device).eval()
-    except (OSError, ValueError) as error:
+    except Exception as error:  # what transformers / huggingface_hub raise for a model not available offline
         raise JudgeUnavailableError(
-            f"generative_perplexity: cannot load the judge model {name!r} offline ({error}); download it into the "
-            "Hugging Face cache first (no network access is attempted) or pass a local directory or a callable "
-            "judge") from error
-    limit = max_length or getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", 1024)
+            f"generative_perplexity: cannot load the judge model {name!r} offline ({error}); download it "
+            "into the Hugging Face cache first (no network access is attempted) or pass a local directory "
+            "or a callable judge") from error
+    limit = (max_length or getattr(lm.config, "n_positions", None)
+             or getattr(lm.config, "max_position_embeddings", 1024))
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
     def judge(texts: list[str]) -> list[torch.Tensor]:
@@ -557,18 +633,20 @@ def generative_perplexity(samples, judge: str | Callable[[list[str]], list[torch
             texts.append(decode(sample))
     if isinstance(judge, str):
         judge_fn = _hf_judge(judge, torch.device(device) if device is not None else torch.device("cpu"),
-                             batch_size, max_length)
+                             max_length)
     elif callable(judge):
         judge_fn = judge
     else:
-        raise TypeError(f"generative_perplexity: judge must be a model name or a callable, got {type(judge).__name__}")
+        raise TypeError("generative_perplexity: judge must be a model name or a callable, got "
+                        f"{type(judge).__name__}")
     per_sample = []
     total, count = 0.0, 0
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         nlls = judge_fn(chunk)
         if len(nlls) != len(chunk):
-            raise ValueError(f"generative_perplexity: the judge returned {len(nlls)} results for {len(chunk)} texts")
+            raise ValueError(f"generative_perplexity: the judge returned {len(nlls)} results for "
+                             f"{len(chunk)} texts")
         for values in nlls:
             values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
             total += float(values.sum())
