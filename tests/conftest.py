@@ -11,3 +11,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip_without_gpu)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tests of tiny tensors: their ops are so small that OpenMP hand-offs cost
+    more than the work, and on a loaded 2-core machine oversubscribed threads slow them 10-100x.
+    Restored afterwards for the other tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,6 +20,8 @@ from hdlm_reference import noise as N
 from hdlm_reference.model import DiT, ModelConfig
 from hdlm_reference.objective import ObjectiveConfig, PackedObjective
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 INIT = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
 TRANS = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.6, 0.2], [0.3, 0.3, 0.4]], dtype=torch.float64)
 D = 6
@@ -98,16 +100,6 @@ class MarkovOracle(torch.nn.Module):
         if logits_rows is None:
             return logits
         return logits[logits_rows] if logits_rows.dtype == torch.bool else logits[:, logits_rows]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: one intra-op thread is fastest, and it keeps these tests quick on a loaded 2-core machine
-    # (OpenMP threads oversubscribed by a concurrent process slow small ops down by an order of magnitude).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

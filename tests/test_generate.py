@@ -107,15 +107,6 @@ def test_bad_arguments_raise(model):
 # ---------------------------------------------------------------- γ family (SEDD framework)
 
 
-@pytest.fixture
-def single_thread():
-    # Tiny float64 matrices: on a loaded 2-core machine thread hand-offs cost ~100x the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_gamma_model(gamma):
     torch.manual_seed(1)
     m = DiT(ModelConfig.preset("tiny", family="gamma", gamma=gamma)).double().eval()

@@ -15,14 +15,7 @@ from scipy import stats
 import hdlm_kernels as hk
 from hdlm_kernels.sampling.hybrid import hybrid_probs, hybrid_probs_ref
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny tensors: on a loaded 2-core machine thread hand-offs cost far more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def generator_matrix(vocab, mask_id, gamma):

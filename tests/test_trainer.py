@@ -17,6 +17,8 @@ from hdlm_reference.data import TokenDataset, bundled_corpus_path, load_tokens, 
 from hdlm_reference.tokenizer import ByteTokenizer
 from hdlm_reference.trainer import ExponentialMovingAverage, TrainConfig, lr_multiplier, train
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TOKENIZER = ByteTokenizer()
 SEQ_LEN = 32
 TIMING_FIELDS = ("tokens_per_s", "elapsed_s", "time")
@@ -52,16 +54,6 @@ def make_loss_fn(mask_prob: float):
         return loss, {"accuracy": accuracy, "step_parity": float(step % 2)}
 
     return loss_fn
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the toy model's ops are tiny: with several OpenMP threads on a busy 2-core machine they spend their
-    # time in thread synchronization (100x slower); restored afterwards for the other test modules
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
