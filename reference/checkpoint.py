@@ -20,11 +20,12 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic_file import atomic_write
 
 __all__ = [
     "capture_rng_state",
@@ -59,17 +60,8 @@ def save_checkpoint(state: dict, directory: str | os.PathLike, step: int, keep_l
     final = checkpoint_path(directory, step)
     for stale in directory.glob(_TEMP_PREFIX + "*"):
         stale.unlink(missing_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=directory, prefix=f"{_TEMP_PREFIX}{step:09d}.", suffix=".pt")
-    try:
-        with os.fdopen(descriptor, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_name, final)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(directory)
+    with atomic_write(final, temp_prefix=f"{_TEMP_PREFIX}{step:09d}.", suffix=".pt") as f:
+        torch.save(state, f)
     if keep_last is not None:
         prune_checkpoints(directory, keep_last)
     return final
@@ -153,15 +145,3 @@ def _as_python_random_state(state):
     version, internal, gauss_next = state
     return version, tuple(internal), gauss_next
 
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows, where directories cannot be opened; the rename is durable there anyway
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

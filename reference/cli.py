@@ -243,8 +243,11 @@ def build_training(args: argparse.Namespace) -> TrainingSetup:
     out = Path(config.out_dir)
     if _is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        (out / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
-        (out / OBJECTIVE_FILE).write_text(json.dumps(objective.to_dict(), indent=2))
+        from .atomic_file import atomic_write
+
+        for name, value in ((MODEL_CONFIG_FILE, dataclasses.asdict(model_config)), (OBJECTIVE_FILE, objective.to_dict())):
+            with atomic_write(out / name) as f:
+                f.write(json.dumps(value, indent=2).encode("utf-8"))
     return TrainingSetup(model=model, loss_fn=loss_fn, train_data=train_data, val_data=val_data, config=config,
                          vocab_size=vocab_size, preset=preset)
 

@@ -26,13 +26,14 @@ third-party text), about 29 KB, so that training and tests run without downloads
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+
+from .atomic_file import atomic_write
 
 __all__ = [
     "BIN_DTYPE",
@@ -118,24 +119,14 @@ def prepare_bin(text_files: str | os.PathLike | Iterable[str | os.PathLike], out
     """
     _check_fits_uint16(tokenizer.vocab_size)
     files = _text_files(text_files)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     total = 0
-    try:
-        with os.fdopen(descriptor, "wb") as f:
-            for path in files:
-                # one file at a time: the whole corpus never has to sit in memory
-                stream = concatenate_documents([tokenizer.encode(path.read_text(encoding="utf-8"))],
-                                               tokenizer.eos_id, tokenizer.vocab_size)
-                f.write(stream.astype(BIN_DTYPE).tobytes())
-                total += stream.size
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_name, out_path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(out_path) as f:
+        for path in files:
+            # one file at a time: the whole corpus never has to sit in memory
+            stream = concatenate_documents([tokenizer.encode(path.read_text(encoding="utf-8"))],
+                                           tokenizer.eos_id, tokenizer.vocab_size)
+            f.write(stream.astype(BIN_DTYPE).tobytes())
+            total += stream.size
     return total
 
 

@@ -70,6 +70,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import (capture_rng_state, checkpoint_path, latest_checkpoint, load_checkpoint,
                          restore_rng_state, save_checkpoint)
+from .atomic_file import atomic_write
 from .data import RandomWindowSampler, TokenDataset
 
 __all__ = [
@@ -727,9 +728,8 @@ def _as_dataset(data, seq_len: int, name: str) -> TokenDataset:
 
 
 def _write_json_atomically(path: Path, value) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    with atomic_write(path) as f:
+        f.write((json.dumps(value, indent=2) + "\n").encode("utf-8"))
 
 
 def _normalize(value):
