@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .. import _extension
-from .philox import SEED_LIMIT, _integer, uniform53, uniform53_ref
+from .philox import SEED_LIMIT, _integer, _integer_tensor, uniform53, uniform53_ref
 
 GUMBEL_STREAM = 0  # DESIGN.md §6: stream 0 = Gumbel noise, element e = row_id * V + v
 
@@ -250,15 +250,7 @@ def _checked_row_ids(row_ids, num_rows: int, vocab: int, device: torch.device) -
     """Returns int64 [num_rows] on device; checks ids >= 0 and row_id * V + V - 1 < 2^63."""
     if row_ids is None:
         return torch.arange(num_rows, dtype=torch.int64, device=device)
-    if not isinstance(row_ids, torch.Tensor):
-        if isinstance(row_ids, np.ndarray) or (
-            isinstance(row_ids, Sequence) and not isinstance(row_ids, (str, bytes))
-        ):
-            row_ids = torch.as_tensor(np.asarray(row_ids))
-        else:
-            raise TypeError(f"row_ids must be an integer tensor [R]; got {type(row_ids).__name__}")
-    if row_ids.dtype == torch.bool or row_ids.dtype.is_floating_point or row_ids.dtype.is_complex:
-        raise TypeError(f"row_ids must be an integer tensor [R] (int64); got dtype {row_ids.dtype}")
+    row_ids = _integer_tensor("row_ids", row_ids, "an integer tensor [R] (int64)")
     if row_ids.dtype == torch.uint64:
         raise TypeError("row_ids must be an integer tensor [R] (int64); got dtype torch.uint64")
     if tuple(row_ids.shape) != (num_rows,):

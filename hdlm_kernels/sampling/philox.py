@@ -165,15 +165,7 @@ def _validated(seed, step, stream, index) -> tuple[int, int, int, torch.Tensor]:
     seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
     step = _integer("step", step, 0, None, "an int >= 0")
     stream = _integer("stream", stream, 0, STREAM_LIMIT, "an int in [0, 2^32)")
-    if not isinstance(index, torch.Tensor):
-        if isinstance(index, np.ndarray) or (
-            isinstance(index, Sequence) and not isinstance(index, (str, bytes))
-        ):
-            index = torch.as_tensor(np.asarray(index))
-        else:
-            raise TypeError(f"index must be an integer tensor of element ids; got {type(index).__name__}")
-    if index.dtype == torch.bool or index.dtype.is_floating_point or index.dtype.is_complex:
-        raise TypeError(f"index must be an integer tensor of element ids; got dtype {index.dtype}")
+    index = _integer_tensor("index", index, "an integer tensor of element ids")
     if index.dtype == torch.uint64 and index.numel() > 0 and bool((index.to(torch.int64) < 0).any()):
         raise ValueError("index must hold element ids in [0, 2^63); got values >= 2^63")
     index = index.to(torch.int64)
@@ -182,6 +174,19 @@ def _validated(seed, step, stream, index) -> tuple[int, int, int, torch.Tensor]:
         if smallest < 0:
             raise ValueError(f"index must hold element ids >= 0; got a minimum of {smallest}")
     return seed, step & 0xFFFFFFFF, stream, index
+
+
+def _integer_tensor(name: str, value, expected: str) -> torch.Tensor:
+    """``value`` as a tensor of an integer dtype: tensors pass through, arrays and sequences are
+    converted; anything else, or a bool/floating/complex dtype, raises a TypeError naming ``name``."""
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, np.ndarray) or (isinstance(value, Sequence) and not isinstance(value, (str, bytes))):
+            value = torch.as_tensor(np.asarray(value))
+        else:
+            raise TypeError(f"{name} must be {expected}; got {type(value).__name__}")
+    if value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex:
+        raise TypeError(f"{name} must be {expected}; got dtype {value.dtype}")
+    return value
 
 
 def _integer(name: str, value, low: int, high: int | None, expected: str) -> int:
