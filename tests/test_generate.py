@@ -36,15 +36,21 @@ CASES = [(hk.schedules.block(32, 8, 4), "block_causal"), (hk.schedules.block(30,
 @pytest.mark.parametrize("with_prompt", [False, True])
 def test_cached_generation_equals_uncached(model, sched, context, config, with_prompt):
     prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3)) if with_prompt else None
-    kwargs = dict(method="acs", eta=0.2, context=context, config=config, bos_id=BOS, prompt=prompt)
-    uncached = generate(model, sched, 3, 1234, kv_cache=False, **kwargs)
-    cached = generate(model, sched, 3, 1234, kv_cache=True, **kwargs)
+    assert_cached_equals_uncached(model, sched, 1234, method="acs", eta=0.2, context=context, config=config,
+                                  bos_id=BOS, prompt=prompt)
+
+
+def assert_cached_equals_uncached(model, sched, seed, prompt=None, **kwargs):
+    """Same tokens and model calls with and without the KV cache, fewer rows fed with it, no MASK left,
+    prompt kept; batch of 3."""
+    uncached = generate(model, sched, 3, seed, kv_cache=False, prompt=prompt, **kwargs)
+    cached = generate(model, sched, 3, seed, kv_cache=True, prompt=prompt, **kwargs)
     assert torch.equal(cached.tokens, uncached.tokens)
     assert cached.model_calls == uncached.model_calls
     assert cached.rows_fed < uncached.rows_fed and cached.logit_rows == uncached.logit_rows
     assert not (cached.tokens == model.config.mask_id).any()
     if prompt is not None:
-        assert torch.equal(cached.tokens[:, :5], prompt.expand(3, -1))
+        assert torch.equal(cached.tokens[:, :prompt.shape[1]], prompt.expand(3, -1))
 
 
 def test_original_sampler_unmasks_every_position_exactly_once(model):
@@ -134,15 +140,8 @@ def test_gamma_cached_generation_equals_uncached(gamma_model, sched, context, co
     prompt = None
     if with_prompt:
         prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
-    kwargs = dict(method=method, context=context, config=config, bos_id=BOS, prompt=prompt)
-    uncached = generate(gamma_model, sched, 3, 99, kv_cache=False, **kwargs)
-    cached = generate(gamma_model, sched, 3, 99, kv_cache=True, **kwargs)
-    assert torch.equal(cached.tokens, uncached.tokens)
-    assert cached.model_calls == uncached.model_calls
-    assert cached.rows_fed < uncached.rows_fed and cached.logit_rows == uncached.logit_rows
-    assert not (cached.tokens == gamma_model.config.mask_id).any()
-    if prompt is not None:
-        assert torch.equal(cached.tokens[:, :5], prompt.expand(3, -1))
+    assert_cached_equals_uncached(gamma_model, sched, 99, method=method, context=context, config=config,
+                                  bos_id=BOS, prompt=prompt)
 
 
 @pytest.mark.usefixtures("single_thread")
