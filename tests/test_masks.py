@@ -56,6 +56,11 @@ def assert_block_mask_equals_create_block_mask(mask, block_m, block_n):
                  "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
         assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
     assert ours.seq_lengths == (mask.num_rows, mask.key_length)
+    # The transposed lists the dK/dV kernels walk are FlexAttention's too.
+    tiles = mask.tiles(block_m, block_n)
+    for mine, flex in (("q_count", "q_num_blocks"), ("q_index", "q_indices"),
+                       ("full_q_count", "full_q_num_blocks"), ("full_q_index", "full_q_indices")):
+        assert torch.equal(getattr(tiles, mine), getattr(theirs, flex)[:, 0]), mine
 
 
 def assert_tiles_consistent_with_dense(mask, block_m, block_n):
@@ -78,8 +83,10 @@ def assert_tiles_consistent_with_dense(mask, block_m, block_n):
                 assert tile.any() and not (complete and tile.all())
             else:
                 assert not tile.any()
-            touching = set(tiles.q_index[b, kt, :tiles.q_count[b, kt]].tolist())
-            assert (qt in touching) == bool(tile.any())
+            partial_q = set(tiles.q_index[b, kt, :tiles.q_count[b, kt]].tolist())
+            full_q = set(tiles.full_q_index[b, kt, :tiles.full_q_count[b, kt]].tolist())
+            assert (qt in partial_q) == (kt in partial)
+            assert (qt in full_q) == (kt in full)
     # the bounds enclose every row of their tile
     bounds = tiles.bounds
     for b, q in itertools.product(range(mask.batch), range(Q)):

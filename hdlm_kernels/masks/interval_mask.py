@@ -50,6 +50,7 @@ class IntervalMask:
         self.window_start = window_start.to(torch.int32).contiguous()
         self.window_end = window_end.to(torch.int32).contiguous()
         self.key_length = key_length
+        self._tiles = {}  # (block_m, block_n) -> MaskTiles; see tiles()
         if self.prefix_end.numel():
             self._check_bounds()
 
@@ -154,10 +155,16 @@ class IntervalMask:
         return mask_mod
 
     def tiles(self, block_m: int = 128, block_n: int = 128):
-        """The tile map for kernels and FlexAttention (see :class:`hdlm_kernels.masks.MaskTiles`)."""
+        """The tile map for kernels and FlexAttention (see :class:`hdlm_kernels.masks.MaskTiles`).
+
+        Computed once per tile shape and kept: a model calls attention with one mask in every layer,
+        forward and backward. (Masks are values: do not modify their tensors in place.)"""
         from .tiles import MaskTiles
 
-        return MaskTiles.from_mask(self, block_m, block_n)
+        key = (block_m, block_n)
+        if key not in self._tiles:
+            self._tiles[key] = MaskTiles.from_mask(self, block_m, block_n)
+        return self._tiles[key]
 
     def to_block_mask(self, block_size: int | tuple[int, int] = 128):
         """FlexAttention ``BlockMask`` built from the intervals in O(tiles); equal (indices and

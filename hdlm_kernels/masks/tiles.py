@@ -27,6 +27,8 @@ def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Count and list of the set entries of the last dimension, set ones first in ascending order.
     counts = dense.sum(-1, dtype=torch.int32)
     indices = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    # Kernels read each list as a contiguous row (argsort keeps the layout of a transposed input).
+    indices = indices.contiguous()
     return counts, indices
 
 
@@ -55,8 +57,9 @@ class MaskTiles:
     Forward / dQ pass (per query tile, the key tiles to visit):
         ``kv_count``, ``kv_index``: partial tiles (need the element mask);
         ``full_kv_count``, ``full_kv_index``: full tiles (no element mask).
-    dK / dV pass (per key tile, the query tiles that touch it; the transposed map):
-        ``q_count``, ``q_index``: ``[B or 1, num_kv_tiles, ...]``, partial and full together.
+    dK / dV pass (per key tile, the query tiles that touch it; the transposed map,
+    ``[B or 1, num_kv_tiles, ...]``):
+        ``q_count``, ``q_index``: partial tiles; ``full_q_count``, ``full_q_index``: full tiles.
     ``bounds``: the per-query-tile interval ranges (:class:`TileBounds`).
     """
 
@@ -70,6 +73,8 @@ class MaskTiles:
     full_kv_index: torch.Tensor
     q_count: torch.Tensor
     q_index: torch.Tensor
+    full_q_count: torch.Tensor
+    full_q_index: torch.Tensor
     bounds: TileBounds
 
     @staticmethod
@@ -80,9 +85,11 @@ class MaskTiles:
         touched, full = _tile_occupancy(mask, block_m, block_n)
         kv_count, kv_index = _ordered(touched & ~full)
         full_kv_count, full_kv_index = _ordered(full)
-        q_count, q_index = _ordered(touched.transpose(-1, -2))
+        q_count, q_index = _ordered((touched & ~full).transpose(-1, -2))
+        full_q_count, full_q_index = _ordered(full.transpose(-1, -2))
         return MaskTiles(block_m, block_n, mask.num_rows, mask.key_length, kv_count, kv_index,
-                         full_kv_count, full_kv_index, q_count, q_index, _tile_bounds(mask, block_m))
+                         full_kv_count, full_kv_index, q_count, q_index, full_q_count, full_q_index,
+                         _tile_bounds(mask, block_m))
 
     @property
     def num_q_tiles(self) -> int:
