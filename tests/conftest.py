@@ -1,7 +1,15 @@
-"""Shared pytest configuration: tests marked `cuda` are skipped on machines without a CUDA GPU."""
+"""Shared pytest configuration: tests marked `cuda` are skipped on machines without a CUDA GPU, and
+without one the Triton kernels run in the Triton interpreter."""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Must precede the import of any @triton.jit kernel (they are built for the interpreter or the GPU
+    # when their module is imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,7 +9,9 @@ Backends:
     ``"flex"``: FlexAttention with ``mask.to_block_mask()`` (tiles outside the intervals skipped).
         Compiled on CUDA; eager on the CPU, where it is inference-only (PyTorch has no CPU backward
         for FlexAttention) and evaluates the mask element by element (a semantics check, not fast).
-    ``"auto"``: the fastest available backend for the tensors' device (reference for now).
+    ``"triton"``: the block-sparse flash-attention kernels of :mod:`.triton_attention` (forward and
+        backward); CUDA tensors, or CPU tensors under the Triton interpreter (float32/float16).
+    ``"auto"``: ``"triton"`` for CUDA tensors when triton is importable, ``"reference"`` otherwise.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import warnings
 import torch
 
 from ..masks.interval_mask import IntervalMask
-from .reference import attention_ref, check_attention_inputs
+from .reference import attention_lse_ref, attention_ref, check_attention_inputs
 
-__all__ = ["attention", "attention_ref", "BACKENDS"]
+__all__ = ["attention", "attention_ref", "attention_lse_ref", "BACKENDS"]
 
-BACKENDS = ("auto", "reference", "flex")
+BACKENDS = ("auto", "reference", "flex", "triton")
 """Backend names ``attention`` accepts."""
 
-_PLANNED_BACKENDS = ("triton", "cuda")  # named in DESIGN §5, not implemented yet
+_PLANNED_BACKENDS = ("cuda",)  # named in DESIGN §5; CUDA kernels exist for decoding only (issue 5)
 
 _compiled_flex_attention = None
 
@@ -68,8 +70,27 @@ def _attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Int
     return out.transpose(1, 2).contiguous()
 
 
+def _triton_module():
+    """The Triton kernels, imported on first use (so ``TRITON_INTERPRET`` may be set until then)."""
+    try:
+        from . import triton_attention
+    except ImportError as error:
+        raise RuntimeError(f"attention: backend='triton' needs triton, which is not importable ({error}); "
+                           "pip install triton, or use backend='reference'") from error
+    return triton_attention
+
+
+def _triton_importable() -> bool:
+    try:
+        _triton_module()
+    except RuntimeError:
+        return False
+    return True
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: IntervalMask,
-              scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+              scale: float | None = None, backend: str = "auto", *, deterministic: bool = True
+              ) -> torch.Tensor:
     """Softmax attention where query row ``i`` sees the keys of ``mask`` row ``i`` (DESIGN §4-5).
 
     Args:
@@ -80,6 +101,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: IntervalM
         scale: softmax scale, ``1/sqrt(D)`` when None.
         backend: one of :data:`BACKENDS` (see the module docstring). A requested backend that is not
             available raises; there is no silent fallback.
+        deterministic: for ``"triton"``, whether the backward is bit-reproducible (dQ in its own pass)
+            rather than accumulated with atomics; the other backends are deterministic anyway.
 
     Returns:
         ``[B, Q, H, Dv]`` in the input dtype; rows whose mask row is empty are zeros.
@@ -92,9 +115,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: IntervalM
                          f"{', '.join(map(repr, BACKENDS))}")
     scale = check_attention_inputs(q, k, v, mask, scale, context="attention")
     if backend == "auto":
-        # The Triton kernels (issue 4) will take CUDA tensors here; until then every device gets the
-        # reference, which is exact and supports autograd everywhere.
-        backend = "reference"
+        # On the CPU the Triton kernels only run in the interpreter, which is far slower than SDPA.
+        backend = "triton" if q.device.type == "cuda" and _triton_importable() else "reference"
+    if backend == "triton":
+        return _triton_module().attention_triton(q, k, v, mask, scale, deterministic)
     if backend == "flex":
         return _attention_flex(q, k, v, mask, scale)
     return attention_ref(q, k, v, mask, scale)

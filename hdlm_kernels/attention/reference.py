@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..masks.interval_mask import IntervalMask
 
-__all__ = ["attention_ref", "check_attention_inputs"]
+__all__ = ["attention_ref", "attention_lse_ref", "check_attention_inputs"]
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: IntervalMask,
@@ -85,3 +85,17 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Inter
                                          attn_mask=allowed[:, None], scale=scale)
     out = torch.where(has_key[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out.transpose(1, 2).contiguous()
+
+
+def attention_lse_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: IntervalMask,
+                      scale: float | None = None) -> torch.Tensor:
+    """Float32 ``[B, H, Q]`` natural-log log-sum-exp of each row's scaled scores over its keys
+    (``-inf`` for rows without keys): the second output of the Triton forward, computed densely in
+    float32. ``v`` is unused (kept so the signature matches the kernel's)."""
+    scale = check_attention_inputs(q, k, v, mask, scale, context="attention_lse_ref")
+    B, Q, H, _ = q.shape
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    scores = scores.masked_fill(~mask.to_dense()[:, None], float("-inf"))
+    if k.shape[1] == 0:
+        return scores.new_full((B, H, Q), float("-inf"))
+    return torch.logsumexp(scores, dim=-1)

@@ -1,0 +1,503 @@
+"""Triton attention over an ``IntervalMask``, forward and backward (DESIGN §7, paper App. B.3).
+
+Flash-attention-2 style kernels that walk a FlexAttention-format tile map
+(:class:`hdlm_kernels.masks.MaskTiles`) instead of the dense key range:
+
+* forward: one program per (query tile, batch·head); online softmax in base 2 over the *full* key tiles
+  (no element mask) and then the *partial* ones (element mask from the rows' two intervals); writes the
+  output and the natural-log log-sum-exp ``[B, H, Q]`` (``-inf`` for rows without keys, whose output is 0);
+* backward, dK/dV: one program per (key tile, batch·head) over the query tiles of the transposed map;
+* backward, dQ: one program per (query tile, batch·head) over the same key tiles as the forward
+  (deterministic: no atomics), or, with ``deterministic=False``, accumulated by the dK/dV programs with
+  float32 atomics (one matmul fewer per tile pair; the summation order then varies run to run).
+
+The reference twin is :func:`hdlm_kernels.attention.reference.attention_ref` (and
+:func:`~hdlm_kernels.attention.reference.attention_lse_ref` for the log-sum-exp).
+
+On the CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before this
+module is imported), in float32 and float16: the interpreter computes bfloat16 dot products wrongly, so
+bfloat16 there is refused rather than answered wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..masks.interval_mask import IntervalMask
+
+__all__ = ["attention_triton", "attention_forward_triton", "interpreted", "check_triton_inputs"]
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attends(keys, prefix_end, window_start, window_end):
+    # DESIGN §4: key k is visible to a row iff k < prefix_end or window_start <= k < window_end.
+    return (keys < prefix_end) | ((keys >= window_start) & (keys < window_end))
+
+
+@triton.jit
+def _forward_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix_end, window_start, window_end,
+                  qk_scale, num_keys, head_dim, head_dim_v, stride_ks, stride_vs,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    key_ok = offs_n < num_keys
+    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
+                mask=key_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        # Keys past num_keys are never attended: every interval end is <= num_keys.
+        allowed = _attends(offs_n[None, :], prefix_end[:, None], window_start[:, None], window_end[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no key yet keeps m = -inf; shifting by 0 instead keeps exp2 free of NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :],
+                mask=key_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attention_forward_kernel(
+        Q, K, V, O, LSE, PREFIX_END, WINDOW_START, WINDOW_END,
+        FULL_COUNT, FULL_INDEX, PARTIAL_COUNT, PARTIAL_INDEX,
+        sm_scale,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+        stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
+        num_heads, num_rows, num_keys, head_dim, head_dim_v,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    tile_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < num_rows
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    mask_rows = b * stride_mask_b + offs_m
+    prefix_end = tl.load(PREFIX_END + mask_rows, mask=row_ok, other=0)
+    window_start = tl.load(WINDOW_START + mask_rows, mask=row_ok, other=0)
+    window_end = tl.load(WINDOW_END + mask_rows, mask=row_ok, other=0)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634  # base-2 softmax: exp(x) = exp2(x · log2 e)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    full_index = FULL_INDEX + b * stride_index_b + tile_m * stride_index_t
+    for j in range(tl.load(FULL_COUNT + b * stride_count_b + tile_m)):
+        start_n = tl.load(full_index + j) * BLOCK_N
+        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix_end, window_start,
+                                      window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_ks,
+                                      stride_vs, BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_PRECISION)
+    partial_index = PARTIAL_INDEX + b * stride_index_b + tile_m * stride_index_t
+    for j in range(tl.load(PARTIAL_COUNT + b * stride_count_b + tile_m)):
+        start_n = tl.load(partial_index + j) * BLOCK_N
+        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix_end, window_start,
+                                      window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_ks,
+                                      stride_vs, BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_PRECISION)
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # rows without keys: acc = 0, so out = 0
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(LSE + bh * num_rows + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _backward_kv_tile(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, mask_rows_base,
+                      PREFIX_END, WINDOW_START, WINDOW_END, start_m, offs_n,
+                      qk_scale, sm_scale, num_rows, head_dim, head_dim_v, stride_qs, stride_dos, stride_dqs,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Scores are held transposed, [BLOCK_N, BLOCK_M], so dV += Pᵀ dO and dK += dSᵀ Q need no transpose.
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < num_rows
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    # lse = -inf marks a row without keys; +inf makes all its probabilities exp2(-inf) = 0.
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if MASKED:
+        prefix_end = tl.load(PREFIX_END + mask_rows_base + offs_m, mask=row_ok, other=0)
+        window_start = tl.load(WINDOW_START + mask_rows_base + offs_m, mask=row_ok, other=0)
+        window_end = tl.load(WINDOW_END + mask_rows_base + offs_m, mask=row_ok, other=0)
+        allowed = _attends(offs_n[:, None], prefix_end[None, :], window_start[None, :], window_end[None, :])
+        p_t = tl.where(allowed, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+        tl.atomic_add(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], dq,
+                      mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
+    return dk, dv
+
+
+@triton.jit
+def _attention_backward_kv_kernel(
+        Q, K, V, DO, DQ, DK, DV, LSE, DELTA, PREFIX_END, WINDOW_START, WINDOW_END,
+        FULL_COUNT, FULL_INDEX, PARTIAL_COUNT, PARTIAL_INDEX,
+        sm_scale,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+        stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh,
+        stride_dvb, stride_dvs, stride_dvh,
+        stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
+        num_heads, num_rows, num_keys, head_dim, head_dim_v,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    tile_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    key_ok = offs_n < num_keys
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                mask=key_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_dv[None, :],
+                mask=key_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    lse_base = LSE + bh * num_rows
+    delta_base = DELTA + bh * num_rows
+    mask_rows_base = b * stride_mask_b
+    qk_scale = sm_scale * 1.4426950408889634
+
+    full_index = FULL_INDEX + b * stride_index_b + tile_n * stride_index_t
+    for j in range(tl.load(FULL_COUNT + b * stride_count_b + tile_n)):
+        start_m = tl.load(full_index + j) * BLOCK_M
+        dk, dv = _backward_kv_tile(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, mask_rows_base,
+                                   PREFIX_END, WINDOW_START, WINDOW_END, start_m, offs_n, qk_scale, sm_scale,
+                                   num_rows, head_dim, head_dim_v, stride_qs, stride_dos, stride_dqs,
+                                   BLOCK_M, BLOCK_D, BLOCK_DV, False, ATOMIC_DQ, DOT_PRECISION)
+    partial_index = PARTIAL_INDEX + b * stride_index_b + tile_n * stride_index_t
+    for j in range(tl.load(PARTIAL_COUNT + b * stride_count_b + tile_n)):
+        start_m = tl.load(partial_index + j) * BLOCK_M
+        dk, dv = _backward_kv_tile(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, mask_rows_base,
+                                   PREFIX_END, WINDOW_START, WINDOW_END, start_m, offs_n, qk_scale, sm_scale,
+                                   num_rows, head_dim, head_dim_v, stride_qs, stride_dos, stride_dqs,
+                                   BLOCK_M, BLOCK_D, BLOCK_DV, True, ATOMIC_DQ, DOT_PRECISION)
+
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d[None, :] < head_dim))
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+
+
+@triton.jit
+def _backward_q_tile(dq, q, do, lse, delta, k_base, v_base, start_n, prefix_end, window_start, window_end,
+                     qk_scale, num_keys, head_dim, head_dim_v, stride_ks, stride_vs,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    key_ok = offs_n < num_keys
+    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
+                mask=key_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :],
+                mask=key_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        allowed = _attends(offs_n[None, :], prefix_end[:, None], window_start[:, None], window_end[:, None])
+        p = tl.where(allowed, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attention_backward_q_kernel(
+        Q, K, V, DO, DQ, LSE, DELTA, PREFIX_END, WINDOW_START, WINDOW_END,
+        FULL_COUNT, FULL_INDEX, PARTIAL_COUNT, PARTIAL_INDEX,
+        sm_scale,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+        stride_dqb, stride_dqs, stride_dqh,
+        stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
+        num_heads, num_rows, num_keys, head_dim, head_dim_v,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    tile_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < num_rows
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    lse = tl.load(LSE + bh * num_rows + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * num_rows + offs_m, mask=row_ok, other=0.0)
+    mask_rows = b * stride_mask_b + offs_m
+    prefix_end = tl.load(PREFIX_END + mask_rows, mask=row_ok, other=0)
+    window_start = tl.load(WINDOW_START + mask_rows, mask=row_ok, other=0)
+    window_end = tl.load(WINDOW_END + mask_rows, mask=row_ok, other=0)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_index = FULL_INDEX + b * stride_index_b + tile_m * stride_index_t
+    for j in range(tl.load(FULL_COUNT + b * stride_count_b + tile_m)):
+        start_n = tl.load(full_index + j) * BLOCK_N
+        dq = _backward_q_tile(dq, q, do, lse, delta, k_base, v_base, start_n, prefix_end, window_start,
+                              window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_ks, stride_vs,
+                              BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_PRECISION)
+    partial_index = PARTIAL_INDEX + b * stride_index_b + tile_m * stride_index_t
+    for j in range(tl.load(PARTIAL_COUNT + b * stride_count_b + tile_m)):
+        start_n = tl.load(partial_index + j) * BLOCK_N
+        dq = _backward_q_tile(dq, q, do, lse, delta, k_base, v_base, start_n, prefix_end, window_start,
+                              window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_ks, stride_vs,
+                              BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_PRECISION)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
+
+
+# --------------------------------------------------------------------------------------------------
+# launch configuration
+# --------------------------------------------------------------------------------------------------
+
+def interpreted() -> bool:
+    """Whether the kernels of this module were built for the Triton interpreter (CPU tensors)."""
+    return type(_attention_forward_kernel).__name__ == "InterpretedFunction"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile shapes and launch parameters of one pass. The tile map is built for ``(block_m, block_n)``,
+    so these are fixed per problem rather than autotuned."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _launch_configs(head_dim: int, device: torch.device) -> tuple[LaunchConfig, LaunchConfig]:
+    """(forward, backward) configurations; the backward's dK/dV and dQ passes share one tile map."""
+    if device.type != "cuda":
+        # Interpreter: per-program overhead dominates, and tests want several tiles per problem.
+        return LaunchConfig(32, 32), LaunchConfig(32, 32)
+    if head_dim <= 64:
+        return LaunchConfig(128, 64, num_warps=4, num_stages=3), LaunchConfig(64, 64, num_warps=4, num_stages=2)
+    return LaunchConfig(128, 64, num_warps=8, num_stages=2), LaunchConfig(64, 64, num_warps=8, num_stages=1)
+
+
+def _block_dim(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))  # tl.dot needs every dimension >= 16
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs must not be rounded to tf32 by the tensor cores: the contract is fp32 accuracy.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_triton_inputs(q: torch.Tensor, context: str = "attention") -> None:
+    """Raise a clear error when these tensors cannot run on the Triton backend here."""
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{context}: backend='triton' takes float16, bfloat16 or float32 tensors, got {q.dtype}")
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        raise ValueError(f"{context}: backend='triton' supports head dims up to {_MAX_HEAD_DIM}, got "
+                         f"{q.shape[-1]}")
+    if q.device.type == "cuda":
+        if interpreted():
+            raise RuntimeError(f"{context}: the Triton kernels were built for the interpreter "
+                               "(TRITON_INTERPRET=1), which runs CPU tensors only, but the tensors are on "
+                               f"{q.device}; unset TRITON_INTERPRET to run them on the GPU")
+        return
+    if q.device.type != "cpu" or not interpreted():
+        raise RuntimeError(f"{context}: backend='triton' runs on CUDA tensors, or on CPU tensors under the "
+                           f"Triton interpreter (set TRITON_INTERPRET=1 before importing hdlm_kernels); "
+                           f"the tensors are on {q.device}")
+    if q.dtype == torch.bfloat16:
+        raise TypeError(f"{context}: backend='triton' under the Triton interpreter cannot take bfloat16 (the "
+                        "interpreter computes bfloat16 dot products wrongly); use float16 or float32 on the "
+                        "CPU, or bfloat16 on a GPU")
+
+
+def _strides_bsh(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _head_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # The kernels index [B, S, H] by stride and the head dim as contiguous.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _map_strides(mask: IntervalMask, tiles) -> tuple[int, int, int, int]:
+    # A shared [1, Q] mask (and its tile map) is read by every batch entry: batch stride 0.
+    shared = mask.batch == 1
+    return (0 if shared else mask.prefix_end.stride(0),
+            0 if shared else tiles.kv_count.stride(0),
+            0 if shared else tiles.kv_index.stride(0),
+            tiles.kv_index.stride(1))
+
+
+# --------------------------------------------------------------------------------------------------
+# forward / backward drivers
+# --------------------------------------------------------------------------------------------------
+
+def _forward(q, k, v, mask: IntervalMask, scale: float):
+    B, Q, H, D = q.shape
+    K, Dv = k.shape[1], v.shape[3]
+    out = torch.empty(B, Q, H, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)
+    if Q == 0:
+        return out, lse
+    if K == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    config, _ = _launch_configs(D, q.device)
+    tiles = mask.tiles(config.block_m, config.block_n)
+    stride_mask_b, stride_count_b, stride_index_b, stride_index_t = _map_strides(mask, tiles)
+    grid = (tiles.num_q_tiles, B * H)
+    _attention_forward_kernel[grid](
+        q, k, v, out, lse, mask.prefix_end, mask.window_start, mask.window_end,
+        tiles.full_kv_count, tiles.full_kv_index, tiles.kv_count, tiles.kv_index,
+        scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(out),
+        stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
+        H, Q, K, D, Dv,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(Dv),
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, mask: IntervalMask, scale: float, deterministic: bool):
+    B, Q, H, D = q.shape
+    K, Dv = k.shape[1], v.shape[3]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if Q == 0 or K == 0:
+        return dq, dk, dv
+    dout = _head_contiguous(dout)
+    # Δ_i = Σ_d O_id dO_id = Σ_j P_ij dP_ij: the softmax-backward row term, [B, H, Q] like the lse.
+    delta = (out.float() * dout.float()).sum(-1).transpose(1, 2).contiguous()
+    _, config = _launch_configs(D, q.device)
+    tiles = mask.tiles(config.block_m, config.block_n)
+    stride_mask_b, stride_count_b, stride_index_b, stride_index_t = _map_strides(mask, tiles)
+    shared = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_dim(D),
+                  BLOCK_DV=_block_dim(Dv), DOT_PRECISION=_dot_precision(q.dtype),
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    # Atomics accumulate dQ in float32 whatever the input dtype.
+    dq_accumulator = dq if deterministic else torch.zeros(B, Q, H, D, dtype=torch.float32, device=q.device)
+    map_stride_t = tiles.q_index.stride(1)
+    _attention_backward_kv_kernel[(tiles.num_kv_tiles, B * H)](
+        q, k, v, dout, dq_accumulator, dk, dv, lse, delta, mask.prefix_end, mask.window_start, mask.window_end,
+        tiles.full_q_count, tiles.full_q_index, tiles.q_count, tiles.q_index,
+        scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(dout),
+        *_strides_bsh(dq_accumulator), *_strides_bsh(dk), *_strides_bsh(dv),
+        stride_mask_b, 0 if mask.batch == 1 else tiles.q_count.stride(0),
+        0 if mask.batch == 1 else tiles.q_index.stride(0), map_stride_t,
+        H, Q, K, D, Dv, ATOMIC_DQ=not deterministic, **shared)
+    if not deterministic:
+        return dq_accumulator.to(q.dtype), dk, dv
+    _attention_backward_q_kernel[(tiles.num_q_tiles, B * H)](
+        q, k, v, dout, dq, lse, delta, mask.prefix_end, mask.window_start, mask.window_end,
+        tiles.full_kv_count, tiles.full_kv_index, tiles.kv_count, tiles.kv_index,
+        scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(dout), *_strides_bsh(dq),
+        stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
+        H, Q, K, D, Dv, **shared)
+    return dq, dk, dv
+
+
+class _IntervalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale, deterministic):
+        q, k, v = _head_contiguous(q), _head_contiguous(k), _head_contiguous(v)
+        out, lse = _forward(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask, ctx.scale, ctx.deterministic = mask, scale, deterministic
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        # The lse output is for merging partial attentions and for inspection; it is not differentiated.
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(dout, q, k, v, out, lse, ctx.mask, ctx.scale, ctx.deterministic)
+        return dq, dk, dv, None, None, None
+
+
+def attention_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: IntervalMask,
+                             scale: float | None = None, deterministic: bool = True
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and log-sum-exp; differentiable in q, k, v through the output.
+
+    Args: as :func:`attention_triton`.
+
+    Returns:
+        ``out`` ``[B, Q, H, Dv]`` in the input dtype (zeros for rows without keys) and ``lse``
+        ``[B, H, Q]`` float32, the natural-log log-sum-exp of each row's scaled scores (``-inf`` for
+        rows without keys), with which partial attentions over disjoint key sets merge exactly.
+    """
+    from .reference import check_attention_inputs
+
+    scale = check_attention_inputs(q, k, v, mask, scale, context="attention_forward_triton")
+    check_triton_inputs(q, context="attention_forward_triton")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"attention_forward_triton: deterministic must be a bool, got {deterministic!r}")
+    out, lse = _IntervalAttention.apply(q, k, v, mask, scale, deterministic)
+    return out, lse
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: IntervalMask,
+                     scale: float | None = None, deterministic: bool = True) -> torch.Tensor:
+    """Softmax attention over ``mask`` with the Triton kernels (twin of ``attention_ref``).
+
+    Args:
+        q: ``[B, Q, H, D]``; k: ``[B, K, H, D]``; v: ``[B, K, H, Dv]``; float16, bfloat16 or float32
+            (bfloat16 only on a GPU), D and Dv up to 256.
+        mask: ``IntervalMask`` with ``[1 or B, Q]`` rows and ``key_length == K``.
+        scale: softmax scale, ``1/sqrt(D)`` when None.
+        deterministic: True (default) computes dQ in its own pass, bit-reproducible run to run;
+            False accumulates dQ with float32 atomics inside the dK/dV pass.
+
+    Returns:
+        ``[B, Q, H, Dv]`` in the input dtype; differentiable in q, k and v.
+    """
+    return attention_forward_triton(q, k, v, mask, scale, deterministic)[0]
+
