@@ -1,6 +1,7 @@
 """Render pytest-benchmark JSON records as a markdown table (one section per benchmark group, with
-the ratio of each median to the group's baseline) and, when matplotlib is installed, a bar chart per
-group. Usable on its own: ``python -m benchmarks.report RECORD.json [--out DIR]``."""
+the ratio of each median to the group's baseline and, where a suite records ``extra_info["tflops"]``,
+a TFLOP/s column) and, when matplotlib is installed, a bar chart per group. Usable on its own:
+``python -m benchmarks.report RECORD.json [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ def _ms(seconds: float) -> str:
 def _ratio(baseline: float, value: float) -> str:
     speedup = baseline / value
     return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+
+
+def _rate(tflops) -> str:
+    if not isinstance(tflops, (int, float)):
+        return str(tflops)
+    return f"{tflops:.3f}" if tflops < 10 else f"{tflops:.1f}"
 
 
 def _label(bench: dict) -> str:
@@ -43,17 +50,21 @@ def markdown(record: dict) -> str:
              f"CUDA {env.get('cuda')} · CPU threads {env.get('cpu_threads', '?')}", ""]
     for group, benches in groups(record).items():
         baseline = next((b for b in benches if b.get("extra_info", {}).get("baseline")), None)
-        lines += [f"## {group}", "", "| benchmark | shape | dtype | median ms | min ms | rounds | vs baseline | notes |",
-                  "|---|---|---|---:|---:|---:|---:|---|"]
+        # Suites that know their FLOPs record the achieved rate as extra_info["tflops"]: own column.
+        rates = any("tflops" in b.get("extra_info", {}) for b in benches)
+        lines += [f"## {group}", "", "| benchmark | shape | dtype | median ms | min ms | rounds | "
+                  + ("TFLOP/s | " if rates else "") + "vs baseline | notes |",
+                  "|---|---|---|---:|---:|---:|" + ("---:|" if rates else "") + "---:|---|"]
         for b in benches:
             info = dict(b.get("extra_info", {}))
             shape, dtype = info.pop("shape", ""), info.pop("dtype", "")
             is_baseline = info.pop("baseline", False)
+            rate = info.pop("tflops", "")
             stats = b["stats"]
             ratio = "baseline" if is_baseline else _ratio(baseline["stats"]["median"], stats["median"]) if baseline else ""
             notes = ", ".join(f"{k}={v}" for k, v in info.items())
             lines.append(f"| {_label(b)} | {shape} | {dtype} | {_ms(stats['median'])} | {_ms(stats['min'])} | "
-                         f"{stats['rounds']} | {ratio} | {notes} |")
+                         f"{stats['rounds']} | " + (f"{_rate(rate)} | " if rates else "") + f"{ratio} | {notes} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -26,3 +26,13 @@ def test_markdown_has_one_row_per_benchmark_with_ratios():
 def test_charts_are_written_when_matplotlib_is_installed(tmp_path):
     paths = report.charts(record(), tmp_path)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+def test_groups_with_recorded_rates_get_a_tflops_column():
+    rated = record()
+    for bench, rate in zip(rated["benchmarks"], (12.5, 25.0, 0.0625)):
+        bench["extra_info"]["tflops"] = rate
+    text = report.markdown(rated)
+    assert "| TFLOP/s |" in text
+    assert "| 4.000 | 3.600 | 5 | 12.5 | baseline |" in text and "| 0.062 |" in text
+    assert "TFLOP/s" not in report.markdown(record())  # no rates recorded: no column
