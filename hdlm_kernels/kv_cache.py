@@ -85,19 +85,21 @@ class KVCache:
         return layer
 
     def _starts(self, start, context: str) -> torch.Tensor:
-        if start is None:
-            return self.length
-        if isinstance(start, int) and not isinstance(start, bool):
-            if start < 0:
-                raise ValueError(f"{context}: start must be >= 0, got {start}")
-            return torch.full((self.batch,), start, dtype=torch.long, device=self.device)
-        if (not isinstance(start, torch.Tensor) or start.dtype.is_floating_point or start.dtype == torch.bool
-                or start.shape != (self.batch,)):
-            raise ValueError(f"{context}: start must be None, an int or an integer tensor of shape "
-                             f"[batch={self.batch}], got {start!r}")
-        if bool((start < 0).any()):
-            raise ValueError(f"{context}: start must be >= 0, got {start.tolist()}")
-        return start.to(device=self.device, dtype=torch.long)
+        return self.length if start is None else self._per_sequence(start, "start", context)
+
+    def _per_sequence(self, value, name: str, context: str) -> torch.Tensor:
+        """An int shared by the batch or an integer tensor ``[batch]``, >= 0, as a LongTensor."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError(f"{context}: {name} must be >= 0, got {value}")
+            return torch.full((self.batch,), value, dtype=torch.long, device=self.device)
+        if (not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool
+                or value.shape != (self.batch,)):
+            raise ValueError(f"{context}: {name} must be None, an int or an integer tensor of shape "
+                             f"[batch={self.batch}], got {value!r}")
+        if bool((value < 0).any()):
+            raise ValueError(f"{context}: {name} must be >= 0, got {value.tolist()}")
+        return value.to(device=self.device, dtype=torch.long)
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, start=None) -> None:
         """Store ``k_new``, ``v_new`` (``[batch, n, heads, head_dim]``, the cache's dtype and device) at
@@ -174,6 +176,16 @@ class KVCache:
             raise ValueError(f"{context}: advancing lengths {self.length.tolist()} by {step.tolist()} passes "
                              f"max_len={self.max_len}")
         self.length.copy_(new_length)
+
+    def truncate(self, length) -> None:
+        """Forget cells past ``length`` (an int, or a LongTensor ``[batch]``): e.g. to roll back to a
+        shorter prompt, or re-generate a suffix. Lengths only shrink; raises if one would grow."""
+        context = "KVCache.truncate"
+        target = self._per_sequence(length, "length", context)
+        if bool((target > self.length).any()):
+            raise ValueError(f"{context}: length must not exceed the current lengths {self.length.tolist()}, "
+                             f"got {target.tolist()} (use advance to grow)")
+        self.length.copy_(target)
 
     def reset(self) -> None:
         """Forget every cell (``length = 0``); the storage is kept and later overwritten."""

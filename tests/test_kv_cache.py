@@ -130,3 +130,18 @@ def test_write_and_read_argument_errors():
         cache.read(0, 9)
     with pytest.raises(IndexError, match="layer must be an int"):
         cache.read(-1, 2)
+
+
+def test_truncate_shrinks_lengths_only():
+    cache = hk.KVCache(1, 3, 10, 1, 2)
+    cache.advance(torch.tensor([4, 7, 2]))
+    cache.truncate(torch.tensor([1, 7, 0]))
+    assert cache.length.tolist() == [1, 7, 0]
+    cache.truncate(0)
+    assert cache.length.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="must not exceed the current lengths"):
+        cache.truncate(1)
+    with pytest.raises(ValueError, match="length must be >= 0"):
+        cache.truncate(-1)
+    with pytest.raises(ValueError, match=r"length must be None, an int or an integer tensor of shape \[batch=3\]"):
+        cache.truncate(torch.tensor([1.0, 0.0, 0.0]))
