@@ -1,4 +1,5 @@
-"""Attention over hyperschedule masks (DESIGN §5, §7): one entry point, pluggable backends.
+"""Attention over hyperschedule masks (DESIGN §5, §7): one entry point, pluggable backends
+(:func:`attention`), and its KV-cached inference form (:func:`decode`, in :mod:`.decode`).
 
 ``attention(q, k, v, mask, scale=None, backend="auto")`` takes the flash-attn layout ``[B, S, H, D]``
 and an :class:`~hdlm_kernels.masks.IntervalMask`; every backend computes the same function as
@@ -21,9 +22,11 @@ import warnings
 import torch
 
 from ..masks.interval_mask import IntervalMask
+from .decode import DECODE_BACKENDS, decode, decode_ref
 from .reference import attention_lse_ref, attention_ref, check_attention_inputs
 
-__all__ = ["attention", "attention_ref", "attention_lse_ref", "BACKENDS"]
+__all__ = ["attention", "attention_ref", "attention_lse_ref", "BACKENDS", "decode", "decode_ref",
+           "DECODE_BACKENDS"]
 
 BACKENDS = ("auto", "reference", "flex", "triton")
 """Backend names ``attention`` accepts."""

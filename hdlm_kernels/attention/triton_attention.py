@@ -29,7 +29,8 @@ import triton.language as tl
 
 from ..masks.interval_mask import IntervalMask
 
-__all__ = ["attention_triton", "attention_forward_triton", "interpreted", "check_triton_inputs"]
+__all__ = ["attention_triton", "attention_forward_triton", "attention_split_kv_triton", "split_count",
+           "interpreted", "check_triton_inputs"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -79,13 +80,16 @@ def _attention_forward_kernel(
         FULL_COUNT, FULL_INDEX, PARTIAL_COUNT, PARTIAL_INDEX,
         sm_scale,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_o_split,
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
         num_heads, num_rows, num_keys, head_dim, head_dim_v,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # With NUM_SPLITS > 1 (split-KV, flash-decoding) program `split` takes every NUM_SPLITS-th tile of
+    # each list and writes a partial (out, lse) pair that the caller merges.
     tile_m = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = bh // num_heads
     h = bh % num_heads
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -108,13 +112,13 @@ def _attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     full_index = FULL_INDEX + b * stride_index_b + tile_m * stride_index_t
-    for j in range(tl.load(FULL_COUNT + b * stride_count_b + tile_m)):
+    for j in range(split, tl.load(FULL_COUNT + b * stride_count_b + tile_m), NUM_SPLITS):
         start_n = tl.load(full_index + j) * BLOCK_N
         acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix_end, window_start,
                                       window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_ks,
                                       stride_vs, BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_PRECISION)
     partial_index = PARTIAL_INDEX + b * stride_index_b + tile_m * stride_index_t
-    for j in range(tl.load(PARTIAL_COUNT + b * stride_count_b + tile_m)):
+    for j in range(split, tl.load(PARTIAL_COUNT + b * stride_count_b + tile_m), NUM_SPLITS):
         start_n = tl.load(partial_index + j) * BLOCK_N
         acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix_end, window_start,
                                       window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_ks,
@@ -122,11 +126,11 @@ def _attention_forward_kernel(
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # rows without keys: acc = 0, so out = 0
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_dv[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    tl.store(O + split * stride_o_split + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
+             + offs_dv[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
     lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
-    tl.store(LSE + bh * num_rows + offs_m, lse, mask=row_ok)
+    tl.store(LSE + (split * tl.num_programs(1) + bh) * num_rows + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -384,11 +388,14 @@ def _map_strides(mask: IntervalMask, tiles) -> tuple[int, int, int, int]:
 # forward / backward drivers
 # --------------------------------------------------------------------------------------------------
 
-def _forward(q, k, v, mask: IntervalMask, scale: float):
+def _forward(q, k, v, mask: IntervalMask, scale: float, num_splits: int = 1):
     B, Q, H, D = q.shape
     K, Dv = k.shape[1], v.shape[3]
-    out = torch.empty(B, Q, H, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)
+    split = num_splits > 1
+    # Split-KV partials are kept in float32 until the merge.
+    out = torch.empty((num_splits,) * split + (B, Q, H, Dv), dtype=torch.float32 if split else q.dtype,
+                      device=q.device)
+    lse = torch.empty((num_splits,) * split + (B, H, Q), dtype=torch.float32, device=q.device)
     if Q == 0:
         return out, lse
     if K == 0:
@@ -396,15 +403,69 @@ def _forward(q, k, v, mask: IntervalMask, scale: float):
     config, _ = _launch_configs(D, q.device)
     tiles = mask.tiles(config.block_m, config.block_n)
     stride_mask_b, stride_count_b, stride_index_b, stride_index_t = _map_strides(mask, tiles)
-    grid = (tiles.num_q_tiles, B * H)
+    grid = (tiles.num_q_tiles, B * H, num_splits)
     _attention_forward_kernel[grid](
         q, k, v, out, lse, mask.prefix_end, mask.window_start, mask.window_end,
         tiles.full_kv_count, tiles.full_kv_index, tiles.kv_count, tiles.kv_index,
-        scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(out),
+        scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(out[0] if split else out),
+        out.stride(0) if split else 0,
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
         H, Q, K, D, Dv,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(Dv),
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+        NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps,
+        num_stages=config.num_stages)
+    return out, lse
+
+
+def _merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
+    """Combine split-KV partials ``out [S, B, Q, H, Dv]``, ``lse [S, B, H, Q]`` over disjoint key
+    sets: ``lse = logsumexp_s lse_s`` and ``out = Σ_s exp(lse_s - lse) out_s``."""
+    total = torch.logsumexp(lse, dim=0)
+    # A split (or a whole row) without keys has lse -inf; its weight is 0, never NaN.
+    weight = torch.where(torch.isneginf(lse), 0.0, torch.exp(lse - total.where(~torch.isneginf(total), 0.0)))
+    merged = (weight.permute(0, 1, 3, 2).unsqueeze(-1) * out).sum(0)
+    return merged.to(dtype), total
+
+
+def split_count(q: torch.Tensor, mask: IntervalMask, key_length: int) -> int:
+    """Number of key splits for a forward-only call: enough (batch·head·query-tile) programs to fill
+    the GPU's SMs about twice, at most one split per key tile and at most 16 (flash-decoding)."""
+    if q.device.type != "cuda":
+        return 1
+    config, _ = _launch_configs(q.shape[-1], q.device)
+    programs = triton.cdiv(q.shape[1], config.block_m) * q.shape[0] * q.shape[2]
+    multiprocessors = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if programs >= multiprocessors:
+        return 1
+    return max(1, min(triton.cdiv(2 * multiprocessors, programs), triton.cdiv(key_length, config.block_n), 16))
+
+
+def attention_split_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: IntervalMask,
+                              scale: float | None = None, num_splits: int | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward-only attention with the key tiles split over ``num_splits`` programs per query tile
+    (flash-decoding), for calls with few query rows such as KV-cached decoding.
+
+    Args: as :func:`attention_forward_triton`; ``num_splits`` None chooses :func:`split_count`.
+
+    Returns:
+        ``(out, lse)`` as :func:`attention_forward_triton`; not differentiable.
+    """
+    from .reference import check_attention_inputs
+
+    scale = check_attention_inputs(q, k, v, mask, scale, context="attention_split_kv_triton")
+    check_triton_inputs(q, context="attention_split_kv_triton")
+    if num_splits is None:
+        num_splits = split_count(q, mask, k.shape[1])
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"attention_split_kv_triton: num_splits must be an int >= 1, got {num_splits!r}")
+    q, k, v = _head_contiguous(q), _head_contiguous(k), _head_contiguous(v)
+    with torch.no_grad():
+        out, lse = _forward(q, k, v, mask, scale, num_splits)
+        if num_splits > 1 and q.shape[1] and k.shape[1]:
+            return _merge_splits(out, lse, q.dtype)
+        if num_splits > 1:  # nothing to merge: no rows or no keys
+            return out[0].to(q.dtype), lse[0]
     return out, lse
 
 
