@@ -94,7 +94,8 @@ def level_sigma(noise, sched: hk.schedules.Hyperschedule, levels: torch.Tensor) 
 
 
 def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: int, *, method: str = "acs",
-             kv_cache: bool = False, prompt: torch.Tensor | None = None, temperature: float = 1.0,
+             kv_cache: bool = False, prompt: torch.Tensor | None = None,
+             prompt_lengths: torch.Tensor | None = None, temperature: float = 1.0,
              eta: float = 0.01, config: str = "aligned", context: str = "block_causal", window: str = "full",
              noise=None, bos_id: int | None = None, attention_backend: str | None = None,
              sampler_backend: str = "reference", device: torch.device | str | None = None) -> GenerationResult:
@@ -112,10 +113,14 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
         kv_cache: cache the keys/values of settled cells; raises if that is not exact for
             ``(sched, config, context)`` (see ``hk.masks.kv_cacheable``).
         prompt: LongTensor [B or 1, P]: positions ``[0, P)`` are frozen to these tokens.
+        prompt_lengths: LongTensor [B], prompts of different lengths: sequence ``b`` keeps only
+            ``prompt[b, :prompt_lengths[b]]`` (each in ``[0, P]``); the rest of the row is padding and
+            its positions are generated.
         config, context, window: as in ``hk.masks.inference``.
         noise: the σ̄ schedule (default ``hdlm_reference.noise.LogLinearNoise()``).
         bos_id: the conditioning token x̂^-1 for ``config="shifted"``.
-        attention_backend: the attention backend of the model's calls (``hk.attention.BACKENDS``);
+        attention_backend: the attention backend of the model's calls (``hk.attention.DECODE_BACKENDS``;
+            ``"cuda"`` needs ``kv_cache=True``);
             default: the model's own (``model.config.attention_backend``).
         sampler_backend: the ``gumbel_argmax`` backend of the draws.
 
@@ -163,14 +168,27 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
 
     x = torch.full((B, d), mask_id, dtype=torch.long, device=device)
     frozen = torch.zeros(B, d, dtype=torch.bool, device=device)
+    if prompt_lengths is not None and prompt is None:
+        raise ValueError("generate: prompt_lengths needs a prompt")
     if prompt is not None:
         if prompt.dim() != 2 or prompt.shape[0] not in (1, B) or not 0 < prompt.shape[1] <= d:
             raise ValueError(f"generate: prompt must have shape [1 or {B}, P] with 0 < P <= {d}, "
                              f"got {tuple(prompt.shape)}")
         if int(prompt.min()) < 0 or int(prompt.max()) >= mask_id:
             raise ValueError(f"generate: prompt ids must be in [0, {mask_id}) (MASK excluded)")
-        x[:, :prompt.shape[1]] = prompt.to(device)
-        frozen[:, :prompt.shape[1]] = True
+        P = prompt.shape[1]
+        keep = torch.ones(B, P, dtype=torch.bool)
+        if prompt_lengths is not None:
+            if (not isinstance(prompt_lengths, torch.Tensor) or prompt_lengths.dtype.is_floating_point
+                    or prompt_lengths.dtype == torch.bool or prompt_lengths.shape != (B,)):
+                raise ValueError(f"generate: prompt_lengths must be an integer tensor of shape [{B}], got "
+                                 f"{prompt_lengths!r}")
+            if int(prompt_lengths.min()) < 0 or int(prompt_lengths.max()) > P:
+                raise ValueError(f"generate: prompt_lengths must lie in [0, P={P}], got {prompt_lengths.tolist()}")
+            keep = torch.arange(P) < prompt_lengths.cpu()[:, None]
+        keep = keep.to(device)
+        x[:, :P] = torch.where(keep, prompt.to(device).expand(B, -1), mask_id)
+        frozen[:, :P] = keep
     row_ids = (torch.arange(B, device=device)[:, None] * d + torch.arange(d, device=device)).cpu()
 
     cells = d + 1 if shifted else d

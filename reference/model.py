@@ -58,7 +58,8 @@ class ModelConfig:
         family: ``"epsilon"`` or ``"gamma"`` (see the module docstring).
         gamma: the γ of the hybrid process, used by the weighted token embedding (γ family only).
         dropout: dropout probability on both residual branches in training mode.
-        attention_backend: backend name passed to :func:`hdlm_kernels.attention.attention`.
+        attention_backend: backend name passed to :func:`hdlm_kernels.attention.attention` and, for
+            KV-cached calls, :func:`hdlm_kernels.attention.decode` (``"cuda"`` exists for decoding only).
         rotary_base: rotary frequency base.
     """
 
@@ -94,9 +95,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: dropout must be in [0, 1), got {self.dropout}")
         if not self.gamma >= 0.0:
             raise ValueError(f"ModelConfig: gamma must be >= 0, got {self.gamma}")
-        if self.attention_backend not in hk.attention.BACKENDS:
+        if self.attention_backend not in hk.attention.DECODE_BACKENDS:
             raise ValueError(f"ModelConfig: unknown attention_backend {self.attention_backend!r}; "
-                             f"expected one of {', '.join(map(repr, hk.attention.BACKENDS))}")
+                             f"expected one of {', '.join(map(repr, hk.attention.DECODE_BACKENDS))}")
 
     @property
     def head_dim(self) -> int:
@@ -262,9 +263,12 @@ class DiTBlock(nn.Module):
         q, k, v = self.attn_qkv(a).view(B, S, 3, self.num_heads, -1).unbind(2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
-            kv_cache.write(layer, k, v)
-            k, v = kv_cache.read(layer, mask.key_length)
-        o = hk.attention.attention(q, k, v, mask, backend=self.attention_backend)
+            # One call writes the rows' keys/values at cells [length, length + S) and attends over the
+            # cached prefix plus the rows (DESIGN §7); the caller advances the length.
+            o = hk.attention.decode(q, kv_cache.k[layer], kv_cache.v[layer], kv_cache.length, k, v, mask,
+                                    backend=self.attention_backend)
+        else:
+            o = hk.attention.attention(q, k, v, mask, backend=self.attention_backend)
         o = self.dropout(self.attn_out(o.reshape(B, S, -1)))
         h = h + (gate1 * o if modulated else o)
         m = self.norm2(h)
@@ -345,11 +349,12 @@ class DiT(nn.Module):
         self.sigma_map = SigmaEmbedder(config.cond_dim) if config.family == "gamma" else None
 
     def use_attention_backend(self, backend: str) -> "DiT":
-        """Route every block's attention through ``backend`` (one of ``hk.attention.BACKENDS``), e.g.
-        to compare the reference with a kernel on the same weights; returns the model."""
-        if backend not in hk.attention.BACKENDS:
+        """Route every block's attention through ``backend`` (one of ``hk.attention.DECODE_BACKENDS``;
+        ``"cuda"`` serves KV-cached calls only), e.g. to compare the reference with a kernel on the same
+        weights; returns the model."""
+        if backend not in hk.attention.DECODE_BACKENDS:
             raise ValueError(f"DiT.use_attention_backend: unknown backend {backend!r}; expected one of "
-                             f"{', '.join(map(repr, hk.attention.BACKENDS))}")
+                             f"{', '.join(map(repr, hk.attention.DECODE_BACKENDS))}")
         self.config.attention_backend = backend
         for block in self.blocks:
             block.attention_backend = backend

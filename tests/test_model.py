@@ -265,15 +265,16 @@ def test_kv_cached_forward_errors():
     with torch.no_grad():
         with pytest.raises(ValueError, match=r"position_ids must be the cells the new rows are written to"):
             model(ids, positions + 1, causal_mask(6), kv_cache=cache)
-        with pytest.raises(ValueError, match="the mask has key_length 5, but the keys have length 6"):
-            model(ids, positions, IntervalMask(torch.ones(1, 6, dtype=torch.int32),
+        with pytest.raises(ValueError, match="the mask has key_length 7, but the keys have length 6"):
+            model(ids, positions, IntervalMask(torch.full((1, 6), 7, dtype=torch.int32),
                                                torch.zeros(1, 6, dtype=torch.int32),
-                                               torch.zeros(1, 6, dtype=torch.int32), 5), kv_cache=cache)
+                                               torch.zeros(1, 6, dtype=torch.int32), 7), kv_cache=cache)
         with pytest.raises(ValueError, match=r"\(num_layers, batch, heads, head_dim\) = \(2, 2, 4, 16\)"):
             model(ids, positions, causal_mask(6), kv_cache=hk.KVCache(2, 1, 8, 4, 16, torch.float64))
-        with pytest.raises(TypeError, match="k_new has dtype torch.float64 but the cache stores"):
+        with pytest.raises(TypeError, match=r"k_cache must have q's dtype and device \(torch.float64, cpu\), "
+                                            "got torch.float32"):
             model(ids, positions, causal_mask(6), kv_cache=model.new_kv_cache(2, 8, dtype=torch.float32))
-        with pytest.raises(ValueError, match="beyond max_len=4"):
+        with pytest.raises(ValueError, match="the mask has key_length 6, more than the cache's max_len 4"):
             model(ids, positions, causal_mask(6), kv_cache=model.new_kv_cache(2, 4))
     with pytest.raises(RuntimeError, match="inference-only.*torch.no_grad"):
         model(ids, positions, causal_mask(6), kv_cache=cache)
