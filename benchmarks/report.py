@@ -1,7 +1,7 @@
 """Render pytest-benchmark JSON records as a markdown table (one section per benchmark group, with
-the ratio of each median to the group's baseline and, where a suite records ``extra_info["tflops"]``,
-a TFLOP/s column) and, when matplotlib is installed, a bar chart per group. Usable on its own:
-``python -m benchmarks.report RECORD.json [--out DIR]``."""
+the ratio of each median to the group's baseline and, where a suite records ``extra_info["tflops"]``
+or ``extra_info["gbps"]``, a TFLOP/s or GB/s column) and, when matplotlib is installed, a bar chart
+per group. Usable on its own: ``python -m benchmarks.report RECORD.json [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 
 def _ms(seconds: float) -> str:
     value = seconds * 1e3
+    if value < 0.1:  # microsecond-scale calls (decode): three significant digits rather than whole µs
+        return f"{value:#.3g}"
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
@@ -21,10 +23,15 @@ def _ratio(baseline: float, value: float) -> str:
     return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
 
-def _rate(tflops) -> str:
-    if not isinstance(tflops, (int, float)):
-        return str(tflops)
-    return f"{tflops:.3f}" if tflops < 10 else f"{tflops:.1f}"
+def _rate(value) -> str:
+    if not isinstance(value, (int, float)):
+        return str(value)
+    if 0 < value < 0.01:  # CPU-scale rates: two significant digits rather than 0.000
+        return f"{value:.2g}"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+RATES = (("tflops", "TFLOP/s"), ("gbps", "GB/s"))  # extra_info key, column title
 
 
 def _label(bench: dict) -> str:
@@ -50,21 +57,24 @@ def markdown(record: dict) -> str:
              f"CUDA {env.get('cuda')} · CPU threads {env.get('cpu_threads', '?')}", ""]
     for group, benches in groups(record).items():
         baseline = next((b for b in benches if b.get("extra_info", {}).get("baseline")), None)
-        # Suites that know their FLOPs record the achieved rate as extra_info["tflops"]: own column.
-        rates = any("tflops" in b.get("extra_info", {}) for b in benches)
+        # Suites that know their FLOPs (bytes) record the achieved rate as extra_info["tflops"]
+        # (extra_info["gbps"]): one column each, in groups where some record has it.
+        rates = [(key, title) for key, title in RATES
+                 if any(key in b.get("extra_info", {}) for b in benches)]
         lines += [f"## {group}", "", "| benchmark | shape | dtype | median ms | min ms | rounds | "
-                  + ("TFLOP/s | " if rates else "") + "vs baseline | notes |",
-                  "|---|---|---|---:|---:|---:|" + ("---:|" if rates else "") + "---:|---|"]
+                  + "".join(f"{title} | " for _, title in rates) + "vs baseline | notes |",
+                  "|---|---|---|---:|---:|---:|" + "---:|" * len(rates) + "---:|---|"]
         for b in benches:
             info = dict(b.get("extra_info", {}))
             shape, dtype = info.pop("shape", ""), info.pop("dtype", "")
             is_baseline = info.pop("baseline", False)
-            rate = info.pop("tflops", "")
+            values = {key: info.pop(key, "") for key, _ in RATES}  # shown in their columns, not the notes
             stats = b["stats"]
             ratio = "baseline" if is_baseline else _ratio(baseline["stats"]["median"], stats["median"]) if baseline else ""
             notes = ", ".join(f"{k}={v}" for k, v in info.items())
             lines.append(f"| {_label(b)} | {shape} | {dtype} | {_ms(stats['median'])} | {_ms(stats['min'])} | "
-                         f"{stats['rounds']} | " + (f"{_rate(rate)} | " if rates else "") + f"{ratio} | {notes} |")
+                         f"{stats['rounds']} | " + "".join(f"{_rate(values[key])} | " for key, _ in rates)
+                         + f"{ratio} | {notes} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -36,3 +36,14 @@ def test_groups_with_recorded_rates_get_a_tflops_column():
     assert "| TFLOP/s |" in text
     assert "| 4.000 | 3.600 | 5 | 12.5 | baseline |" in text and "| 0.062 |" in text
     assert "TFLOP/s" not in report.markdown(record())  # no rates recorded: no column
+
+
+def test_bandwidth_column_and_microsecond_medians():
+    rated = record()
+    for bench, gbps in zip(rated["benchmarks"], (2500.0, 0.004, 310.0)):
+        bench["extra_info"]["gbps"] = gbps
+        bench["stats"]["median"] /= 1000  # 4 µs, 2 µs, 8 µs
+    text = report.markdown(rated)
+    assert "| GB/s |" in text and "| TFLOP/s |" not in text
+    assert "| 0.00400 |" in text  # 4 µs in ms, three significant digits
+    assert "| 2500.0 |" in text and "| 0.004 |" in text and "gbps=" not in text
