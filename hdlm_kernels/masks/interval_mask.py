@@ -50,7 +50,7 @@ class IntervalMask:
         self.window_start = window_start.to(torch.int32).contiguous()
         self.window_end = window_end.to(torch.int32).contiguous()
         self.key_length = key_length
-        self._tiles = {}  # (block_m, block_n) -> MaskTiles; see tiles()
+        self._tiles = {}  # (block_m, block_n) -> MaskTiles, and the BlockMasks; see tiles()
         if self.prefix_end.numel():
             self._check_bounds()
 
@@ -170,7 +170,10 @@ class IntervalMask:
         """FlexAttention ``BlockMask`` built from the intervals in O(tiles); equal (indices and
         counts) to ``create_block_mask(self.mask_mod, ...)``, which evaluates every element."""
         block_m, block_n = (block_size, block_size) if isinstance(block_size, int) else block_size
-        return self.tiles(block_m, block_n).to_block_mask(self.mask_mod)
+        key = ("block_mask", block_m, block_n)
+        if key not in self._tiles:  # kept like the tile map: every layer's call reuses it
+            self._tiles[key] = self.tiles(block_m, block_n).to_block_mask(self.mask_mod)
+        return self._tiles[key]
 
     # -- statistics and pictures ------------------------------------------------------------------
     def num_pairs(self) -> torch.Tensor:
