@@ -14,6 +14,7 @@ import hdlm_kernels as hk
 from hdlm_kernels import _extension
 from hdlm_kernels.sampling import gumbel as gumbel_module
 from hdlm_kernels.sampling import gumbel_argmax, gumbel_argmax_ref, uniform53_ref
+from hdlm_kernels.sampling.log64 import gumbel_noise_numpy
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # The largest Gumbel noise float32 uniforms can give: u = 1 - 2^-24 (notes/kernel-landscape.md §4.2).
@@ -27,9 +28,9 @@ def random_logits(rows, vocab, dtype, seed=0, scale=3.0):
 
 
 def gumbel_noise_ref(seed, step, row_id, vocab):
-    """The noise of one row, straight from the NumPy stream: g = -log(-log u), float64 [V]."""
+    """The noise of one row, straight from the NumPy stream: g = -log64(-log64 u), float64 [V]."""
     u = uniform53_ref(seed, step, 0, row_id * vocab + torch.arange(vocab))
-    return -torch.log(-torch.log(u))
+    return torch.from_numpy(gumbel_noise_numpy(u.numpy()))
 
 
 # ---------------------------------------------------------------- bit-exact against the reference

@@ -4,7 +4,7 @@
 softmax(logits / temperature), with the noise of stream 0 of the sampling stream (``uniform53``):
 
     u[r, v] = uniform53(seed, step, stream=0, element=row_ids[r] * V + v)      exact float64
-    g[r, v] = -log(-log(u[r, v]))                                              float64
+    g[r, v] = -log64(-log64(u[r, v]))                                          float64
     token[r] = argmax_v  float64(logits[r, v]) / temperature + g[r, v]         ties -> lowest v
 
 Why float64 and 53-bit uniforms: a token whose logit is Δ below the top one wins only when its noise
@@ -20,10 +20,10 @@ processes ``chunk_rows`` rows at a time; each row's draw depends only on (seed, 
 row's logits, so the result does not depend on the chunking, nor on the other rows in the call.
 
 Bit-identity across backends: Philox, the uniforms, the float64 conversion, division and addition
-are exact or correctly rounded everywhere, but log is not (torch's CPU log and glibc's log already
-differ in the last bit for ~0.1% of the uniforms). A backend whose log differs by an ulp changes a token only when two
-scores lie within ~1e-15 of each other, a chance of order 1e-15 per row; strict identity would need
-the same log implementation in every backend.
+are exact or correctly rounded everywhere, but library logs are not (torch's CPU log and glibc's log
+already differ in the last bit for ~0.1% of the uniforms). So the noise uses ``log64``
+(:mod:`.log64`), a logarithm spelled out in correctly rounded operations that every backend
+reproduces bit for bit.
 
 ``gumbel_argmax_ref`` is the direct twin (the whole [R, V] at once, NumPy Philox) used by the tests.
 The fused kernels (C++, Triton, CUDA) plug in behind ``gumbel_argmax(..., backend=...)``.
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .. import _extension
+from .log64 import gumbel_noise
 from .philox import SEED_LIMIT, _integer, _integer_tensor, uniform53, uniform53_ref
 
 GUMBEL_STREAM = 0  # DESIGN.md §6: stream 0 = Gumbel noise, element e = row_id * V + v
@@ -45,9 +46,9 @@ GUMBEL_STREAM = 0  # DESIGN.md §6: stream 0 = Gumbel noise, element e = row_id 
 BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
 
 # Budget of one float64 (or int64) temporary of the reference backend: chunk_rows * V * 8 bytes.
-# At most two such temporaries are alive at once, so the extra memory stays below 2 * 32 MiB plus
-# O(R) (see _gumbel_argmax_reference). Larger chunks are not faster (measured on [64, 50258] fp32).
-CHUNK_BYTES = 32 * 2**20
+# log64 keeps up to about six such temporaries alive at once, so the extra memory stays below
+# ~6 * 8 MiB plus O(R) (see _gumbel_argmax_reference).
+CHUNK_BYTES = 8 * 2**20
 
 LOGITS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _ELEMENT_LIMIT = 2**63  # element ids are int64 (uniform53 accepts ids in [0, 2^63))
@@ -134,7 +135,7 @@ def gumbel_argmax_ref(
         # A 0-d divisor on logits' device: PyTorch's CUDA division by a CPU scalar multiplies by
         # the reciprocal, which is not the correctly rounded quotient the contract asks for.
         divisor = torch.tensor(float(temperature), dtype=torch.float64, device=device)
-        scores = scores / divisor + -torch.log(-torch.log(u))
+        scores = scores / divisor + gumbel_noise(u)
     if exclude is not None:
         excluded = torch.as_tensor(exclude, dtype=torch.int64, device=device).reshape(-1)
         scores[:, excluded] = -torch.inf
@@ -160,9 +161,9 @@ def _gumbel_argmax_reference(
     sample, in output order; row_ids: int64 [n]. Returns (tokens int64 [n], the winning scores
     float64 [n]), the scores for the caller's NaN / no-candidate checks.
 
-    Per chunk of c rows the extra memory is at most two c x V temporaries of 8 bytes (element ids and
-    noise, then noise and scores), plus, when ``take`` gathers rows, their c x V copy in logits' dtype
-    for the moment it takes to convert it to float64.
+    Per chunk of c rows the extra memory is a few c x V temporaries of 8 bytes (element ids, the
+    uniforms and log64's intermediates, then noise and scores), plus, when ``take`` gathers rows,
+    their c x V copy in logits' dtype for the moment it takes to convert it to float64.
     """
     device = logits.device
     vocab = logits.shape[1]
@@ -178,9 +179,8 @@ def _gumbel_argmax_reference(
         stop = min(start + chunk_rows, num_rows)
         if temperature != 0:
             elements = row_ids[start:stop, None] * vocab + columns
-            noise = _stream_uniforms(seed, step, GUMBEL_STREAM, elements)
-            del elements  # before the scores exist: at most two c x V float64/int64 tensors at once
-            noise.log_().neg_().log_().neg_()  # g = -log(-log u), in place
+            noise = gumbel_noise(_stream_uniforms(seed, step, GUMBEL_STREAM, elements))
+            del elements
         rows = logits[start:stop] if take is None else logits.index_select(0, take[start:stop])
         # Exact for every input dtype; copy=True so that fp64 logits are never modified in place.
         scores = rows.to(torch.float64, copy=True)
