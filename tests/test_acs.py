@@ -249,3 +249,28 @@ def test_empty_rows():
 
 def test_hk_namespace_exports():
     assert hk.sampling.acs_step is acs_step and hk.sampling.acs_decisions is acs_decisions
+
+
+def test_two_phase_plan_and_apply_equal_one_acs_step():
+    g = torch.Generator().manual_seed(5)
+    R, V, mask_id = 64, 40, 39
+    x = torch.randint(0, V, (R,), generator=g)
+    x[::3] = mask_id
+    frozen = torch.zeros(R, dtype=torch.bool)
+    frozen[:4] = True
+    p = torch.rand(R, generator=g, dtype=torch.float64)
+    row_ids = torch.arange(R) * 7 + 3
+    logits = torch.randn(R, V, generator=g)
+    expected = hk.sampling.acs_step(x, logits, p, 0.3, mask_id, 11, 2, row_ids, frozen)
+    rows = hk.sampling.acs_plan(x, p, 0.3, mask_id, 11, 2, row_ids, frozen)
+    assert rows.dtype == torch.int64 and not frozen[rows].any()
+    assert torch.equal(rows, acs_decisions(x, p, 0.3, mask_id, 11, 2, row_ids, frozen).nonzero().squeeze(1))
+    assert set((expected != x).nonzero().squeeze(1).tolist()) <= set(rows.tolist())
+    y = x.clone()
+    changed = hk.sampling.acs_apply(y, logits[rows], rows, mask_id, 11, 2, row_ids)
+    assert torch.equal(y, expected)
+    assert changed == int((expected != x).sum())
+    with pytest.raises(ValueError, match="logits_rows must hold distinct rows"):
+        hk.sampling.acs_apply(y, logits[:2], torch.tensor([1, 1]), mask_id, 11, 2, row_ids)
+    with pytest.raises(TypeError, match="x must be an int64 tensor"):
+        hk.sampling.acs_apply(y.int(), logits[rows], rows, mask_id, 11, 2, row_ids)

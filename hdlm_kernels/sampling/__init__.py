@@ -8,13 +8,15 @@ reverse step of the γ-hybrid process (analytic τ-leaping or Euler, drawn on st
 ``_ref`` twin.
 """
 
-from .acs import acs_decisions, acs_step, acs_step_ref
+from .acs import acs_apply, acs_decisions, acs_plan, acs_step, acs_step_ref
 from .gumbel import gumbel_argmax, gumbel_argmax_ref
 from .hybrid import hybrid_step, hybrid_step_ref
 from .philox import philox4x32_10, philox4x32_10_ref, uniform53, uniform53_ref
 
 __all__ = [
+    "acs_apply",
     "acs_decisions",
+    "acs_plan",
     "acs_step",
     "acs_step_ref",
     "gumbel_argmax",

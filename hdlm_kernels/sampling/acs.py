@@ -17,12 +17,14 @@ official ``full_diff`` ACS does the same with two separate FP64 draws (notes/off
 is never sampled.
 
 The decisions do not depend on the logits, so a generation loop computes logits only for the rows
-that change (notes/kernel-landscape.md §4.4)::
+that change (notes/kernel-landscape.md §4.4), in two phases::
 
-    change = acs_decisions(x, p, eta, mask_id, seed, step, row_ids)        # bool [R]
-    rows = change.nonzero().squeeze(1)                                     # int64 [K]
+    rows = acs_plan(x, p, eta, mask_id, seed, step, row_ids, frozen)       # int64 [K], before logits
     logits = lm_head(hidden[rows])                                         # [K, V]
-    x = acs_step(x, logits, p, eta, mask_id, seed, step, row_ids, logits_rows=rows)
+    changed = acs_apply(x, logits, rows, mask_id, seed, step, row_ids)     # x[rows] updated in place
+
+or in one call with every row's logits (``acs_step``, which returns a new tensor), or from a bool
+mask (``acs_decisions``) with ``acs_step(..., logits_rows=rows)``.
 
 ``acs_step_ref`` is the direct twin used by the tests.
 """
@@ -89,6 +91,72 @@ def acs_decisions(
     row_ids = _checked_row_ids(row_ids, x.shape[0], 1, x.device)
     frozen = _checked_frozen(frozen, x.shape[0], x.device)
     return _decisions(x, p_transfer, eta, mask_id, seed, step, row_ids, frozen)
+
+
+def acs_plan(
+    x: torch.Tensor,
+    p_transfer,
+    eta: float,
+    mask_id: int,
+    seed: int,
+    step: int,
+    row_ids: torch.Tensor | None = None,
+    frozen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Phase 1 of a two-phase ACS step: the rows (int64 ``[K]``, ascending positions in x) that this
+    step resamples, before any logits exist. Arguments as ``acs_decisions``."""
+    return acs_decisions(x, p_transfer, eta, mask_id, seed, step, row_ids, frozen).nonzero().squeeze(1)
+
+
+def acs_apply(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    mask_id: int,
+    seed: int,
+    step: int,
+    row_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> int:
+    """Phase 2 of a two-phase ACS step: draw the tokens of ``rows`` (from ``acs_plan``) and write them
+    into ``x`` in place.
+
+    Args:
+        x: int64 tensor [R], updated in place at ``rows``.
+        logits: [K, V], row k being the logits of row ``rows[k]`` of x.
+        rows: int64 [K], distinct positions in x (``acs_plan``'s result).
+        mask_id, seed, step, row_ids, temperature, backend: as ``acs_step`` (row_ids indexes all of x).
+
+    Returns:
+        The number of rows whose token differs from before (a resampled row may draw its own token).
+    """
+    x = _checked_tokens(x)
+    if x.dtype != torch.int64:
+        raise TypeError(f"x must be an int64 tensor [R] (updated in place); got dtype {x.dtype}")
+    num_rows = x.shape[0]
+    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
+    step = _integer("step", step, 0, None, "an int >= 0")
+    mask_id = _checked_mask_id(mask_id)
+    logits = _checked_logits(logits)
+    if logits.device != x.device:
+        raise ValueError(f"logits must be on x's device {x.device}; got a tensor on {logits.device}")
+    vocab = logits.shape[1]
+    if not 0 <= mask_id < vocab:
+        raise ValueError(f"mask_id must be a token id in [0, V) = [0, {vocab}) of logits; got {mask_id}")
+    row_ids = _checked_row_ids(row_ids, num_rows, vocab, x.device)
+    temperature = _checked_temperature(temperature)
+    _logits_row_lookup(rows, logits.shape[0], num_rows, x.device)  # shape, range and distinctness
+    rows = rows.to(device=x.device, dtype=torch.int64)
+    implementation = _implementation(backend, "acs_apply")
+    if rows.numel() == 0:
+        return 0
+    tokens, best = implementation(logits, None, row_ids[rows], seed, step, temperature,
+                                  _checked_exclude(mask_id, vocab, x.device), _checked_chunk_rows(None, vocab))
+    _check_winners(best, positions=rows)
+    changed = int((x[rows] != tokens).sum())
+    x[rows] = tokens
+    return changed
 
 
 def acs_step(
