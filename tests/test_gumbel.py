@@ -69,7 +69,7 @@ def test_matches_reference_on_a_paper_sized_vocabulary():
 def test_a_row_depends_only_on_seed_step_and_row_id(rows, vocab, chunk_rows, temperature, data):
     seed = data.draw(st.integers(0, 2**64 - 1))
     step = data.draw(st.integers(0, 2**40))
-    row_ids = torch.tensor(data.draw(st.lists(st.integers(0, 10**9), min_size=rows, max_size=rows)))
+    row_ids = torch.tensor(data.draw(st.lists(st.integers(0, 10**9), min_size=rows, max_size=rows, unique=True)))
     logits = random_logits(rows, vocab, torch.float32, seed=rows * 100 + vocab, scale=1.0)
     whole = gumbel_argmax(logits, seed, step, row_ids, temperature, chunk_rows=chunk_rows)
     assert torch.equal(whole, gumbel_argmax_ref(logits, seed, step, row_ids, temperature))
@@ -370,3 +370,12 @@ def test_cuda_tail_mass_where_fp32_noise_visibly_undersamples():
 
 def test_hk_namespace_exports():
     assert hk.sampling.gumbel_argmax is gumbel_argmax and hk.sampling.gumbel_argmax_ref is gumbel_argmax_ref
+
+
+def test_repeated_row_ids_and_huge_vocabularies_are_refused():
+    logits = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match="row_ids must be distinct.*; 7 appears 2 times"):
+        gumbel_argmax(logits, 1, 0, row_ids=torch.tensor([7, 2, 7]))
+    huge = torch.zeros(1, 2**31, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match="V < 2\\^31 tokens; got V = 2147483648"):
+        gumbel_argmax(huge, 1, 0)

@@ -243,11 +243,16 @@ def _checked_logits(logits) -> torch.Tensor:
         raise ValueError(f"logits must have shape [R, V]; got shape {tuple(logits.shape)}")
     if logits.shape[1] == 0:
         raise ValueError(f"logits must have V >= 1 tokens; got shape {tuple(logits.shape)}")
+    if logits.shape[1] >= 2**31:  # the kernels index a row's tokens with int32
+        raise ValueError(f"logits must have V < 2^31 tokens; got V = {logits.shape[1]}")
     return logits.detach()  # sampling is not differentiable; keep autograd out of the temporaries
 
 
 def _checked_row_ids(row_ids, num_rows: int, vocab: int, device: torch.device) -> torch.Tensor:
-    """Returns int64 [num_rows] on device; checks ids >= 0 and row_id * V + V - 1 < 2^63."""
+    """Returns int64 [num_rows] on device; checks ids >= 0, distinct, and row_id * V + V - 1 < 2^63.
+
+    Distinct because a row's randomness is keyed by its id: two rows with one id would draw the same
+    noise, which is never what a caller sampling independent positions wants."""
     if row_ids is None:
         return torch.arange(num_rows, dtype=torch.int64, device=device)
     row_ids = _integer_tensor("row_ids", row_ids, "an integer tensor [R] (int64)")
@@ -266,6 +271,12 @@ def _checked_row_ids(row_ids, num_rows: int, vocab: int, device: torch.device) -
                 f"row_ids must be <= {limit} for V = {vocab} (element ids row_id * V + v must stay "
                 f"below 2^63); got a maximum of {largest}"
             )
+        distinct = torch.unique(row_ids)
+        if distinct.numel() != num_rows:
+            counts = torch.bincount(torch.searchsorted(distinct, row_ids))
+            repeated = int(distinct[counts > 1][0])
+            raise ValueError(f"row_ids must be distinct (a row's noise is keyed by its id); {repeated} "
+                             f"appears {int(counts.max())} times")
     return row_ids
 
 
