@@ -308,7 +308,7 @@ def test_chi_square_uniformity_of_high_and_low_bits():
         (
             {"backend": "gpu"},
             ValueError,
-            r"backend must be one of 'auto', 'cpp', 'cuda', 'reference'; got 'gpu'",
+            r"backend must be one of 'auto', 'cpp', 'cuda', 'reference', 'triton'; got 'gpu'",
         ),
         ({"backend": "cuda"}, ValueError, r"index must be on cuda for backend='cuda'; got a tensor on cpu"),
     ],

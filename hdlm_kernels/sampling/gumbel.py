@@ -31,6 +31,7 @@ The fused kernels (C++, Triton, CUDA) plug in behind ``gumbel_argmax(..., backen
 
 from __future__ import annotations
 
+import importlib.util
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -199,9 +200,39 @@ def _gumbel_argmax_reference(
     return tokens, best
 
 
-# Backends that exist here. The fused kernels register "cpp", "triton" and "cuda" when they land;
-# every entry takes the arguments of _gumbel_argmax_reference and returns the same pair.
+def _gumbel_argmax_triton(
+    logits: torch.Tensor,
+    take: torch.Tensor | None,
+    row_ids: torch.Tensor,
+    seed: int,
+    step: int,
+    temperature: float,
+    exclude: torch.Tensor | None,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton backend (:mod:`.triton_sampling`): one program per row, bit-identical to the reference.
+
+    Runs CUDA tensors, or CPU tensors when the kernels were built for the Triton interpreter
+    (TRITON_INTERPRET=1 set before the first backend="triton" call); otherwise raises RuntimeError.
+    The module is imported on first use, so that importing hdlm_kernels does not import triton.
+    """
+    try:
+        from . import triton_sampling
+    except ImportError as error:  # triton is installed (see below) but does not import
+        raise RuntimeError(
+            f"gumbel_argmax with backend='triton' needs triton, which is not importable ({error})"
+        ) from error
+    return triton_sampling.gumbel_argmax_triton(
+        logits, take, row_ids, seed, step, temperature, exclude, chunk_rows
+    )
+
+
+# Backends that exist here. The fused kernels register "cpp" and "cuda" when they land; every entry
+# takes the arguments of _gumbel_argmax_reference and returns the same pair. "triton" is registered
+# when triton is installed (its kernels are built lazily, on the first call).
 _IMPLEMENTATIONS: dict[str, Callable] = {"reference": _gumbel_argmax_reference}
+if importlib.util.find_spec("triton") is not None:
+    _IMPLEMENTATIONS["triton"] = _gumbel_argmax_triton
 
 
 def _implementation(backend: str, op: str) -> Callable:

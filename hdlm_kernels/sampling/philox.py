@@ -1,6 +1,7 @@
 """The sampling random stream of DESIGN.md §6: Philox4x32-10 and its float64 uniforms.
 
-``uniform53`` runs on the compiled backends (C++ on CPU tensors, CUDA on GPU tensors).
+``uniform53`` runs on the compiled backends (C++ on CPU tensors, CUDA on GPU tensors) and on the Triton
+kernels of :mod:`.triton_sampling` (``backend="triton"``).
 ``philox4x32_10_ref`` and ``uniform53_ref`` are their reference twins, written independently in
 NumPy uint64 arithmetic so that tests can check the kernels against them bit for bit.
 """
@@ -22,7 +23,7 @@ _PHILOX_W0 = np.uint64(0x9E3779B9)
 _PHILOX_W1 = np.uint64(0xBB67AE85)
 _PHILOX_ROUNDS = 10
 
-BACKENDS = ("auto", "cpp", "cuda", "reference")
+BACKENDS = ("auto", "cpp", "cuda", "reference", "triton")
 SEED_LIMIT = 2**64
 STREAM_LIMIT = 2**32
 _WORD_LIMIT = 2**32
@@ -105,8 +106,10 @@ def uniform53(seed: int, step: int, stream: int, index: torch.Tensor, backend: s
         stream: int in [0, 2^32); 0 Gumbel noise, 1 per-row decisions, 2 token substitution.
         index: integer tensor of element ids >= 0, any shape (int32 and smaller are widened to int64).
         backend: "auto" (CUDA for CUDA tensors; C++ for CPU tensors, or the reference when the
-            extension is not built), "cpp", "cuda" or "reference". A requested backend that is
-            unavailable raises RuntimeError; it never falls back to another one.
+            extension is not built), "cpp", "cuda", "reference" or "triton" (CUDA tensors, or CPU
+            tensors under the Triton interpreter: TRITON_INTERPRET=1 set before its first use). A
+            requested backend that is unavailable raises RuntimeError; it never falls back to another
+            one.
 
     Returns:
         float64 tensor with index's shape, on index's device.
@@ -115,6 +118,8 @@ def uniform53(seed: int, step: int, stream: int, index: torch.Tensor, backend: s
     backend = _resolved_backend(backend, index)
     if backend == "reference":
         return _uniform53_numpy(seed, step, stream, index)
+    if backend == "triton":
+        return _triton_sampling("uniform53").uniform53_triton(seed, step, stream, index)
     if backend == "cpp":
         _require_device(index, "cpu", backend)
         return _extension.require_extension("uniform53", "cpp").uniform53_cpu(seed, step, stream, index)
@@ -151,6 +156,18 @@ def _resolved_backend(backend: str, index: torch.Tensor) -> str:
     if index.device.type == "cpu":
         return "cpp" if _extension._C is not None else "reference"
     return "reference"
+
+
+def _triton_sampling(op: str):
+    """The Triton sampling module, imported on first use (importing it imports triton and builds the
+    kernels, for the interpreter when TRITON_INTERPRET=1)."""
+    try:
+        from . import triton_sampling
+    except ImportError as error:
+        raise RuntimeError(
+            f"{op} with backend='triton' needs triton, which is not importable ({error})"
+        ) from error
+    return triton_sampling
 
 
 def _require_device(index: torch.Tensor, device_type: str, backend: str) -> None:
