@@ -46,8 +46,9 @@ Differences from the official code (notes/official-implementation.md §3):
 4. The random stream differs (same distribution): one float64 uniform decides mask / shuffle / keep
    for each position and a replacement token is drawn for every position, whether used or not,
    without host synchronization; the official code draws replacement tokens only for the shuffled
-   positions (with a ``.item()`` sync). The reference uses ``torch.Generator``; the kernels' Philox
-   stream 2 (DESIGN §6) is not used here.
+   positions (with a ``.item()`` sync). ``sample`` draws them from a ``torch.Generator``, or, given a
+   :class:`PhiloxStream`, from stream 2 of the sampling stream through ``hk.sampling.corrupt`` (DESIGN
+   §6), which the Triton kernel reproduces bit for bit on the device; the training objectives use that.
 5. :class:`Uniform` lives on the same ``V``-id vocabulary with the MASK row and column zero, as the
    official ``QGamma`` uses ``Q_Uniform``; SEDD's standalone uniform graph has no MASK id at all.
    The two agree on the ``N`` real tokens; here MASK is simply never produced.
@@ -56,14 +57,29 @@ Differences from the official code (notes/official-implementation.md §3):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+import hdlm_kernels as hk
+
 __all__ = [
-    "LogLinearNoise", "GeometricNoise", "OFFICIAL_LOGLINEAR_EPS",
+    "PhiloxStream", "LogLinearNoise", "GeometricNoise", "OFFICIAL_LOGLINEAR_EPS",
     "NoiseEvents", "Absorb", "Uniform", "GammaHybrid", "EpsilonHybrid",
 ]
+
+@dataclass(frozen=True)
+class PhiloxStream:
+    """A counter-based randomness source for :meth:`sample`, in place of a ``torch.Generator``: the
+    events of position ``i`` of the call (flat index) come from stream 2 at row id ``i`` under
+    ``(seed, step)`` (``hk.sampling.corrupt``), so they are reproducible on any device and backend.
+    ``backend``: ``hk.sampling.corrupt``'s (``"auto"``: the fused Triton kernel on CUDA tensors)."""
+
+    seed: int
+    step: int
+    backend: str = "auto"
+
 
 OFFICIAL_LOGLINEAR_EPS = 5e-3
 """The eps the official ``get_noise('loglinear')`` hard-codes (notes §3.1.1)."""
@@ -289,7 +305,8 @@ class _Process:
         Args:
             x0: integer tensor of token ids in ``[0, V)``, any shape.
             sigma_bar: float tensor broadcastable to ``x0.shape`` (per-position σ̄ >= 0).
-            generator: ``torch.Generator`` on ``x0``'s device (``None``: the global RNG).
+            generator: ``torch.Generator`` on ``x0``'s device (``None``: the global RNG), or a
+                :class:`PhiloxStream`.
             return_events: also return :class:`NoiseEvents` (needed by the HDCE loss).
 
         Returns:
@@ -300,6 +317,11 @@ class _Process:
         _check_tokens("x0", x0, self.vocab_size, context)
         sigma_bar = _check_sigma(sigma_bar, x0.shape, context, x0.device)
         p_mask, p_shuffle, _ = self._events(sigma_bar)
+        if isinstance(generator, PhiloxStream):
+            row_ids = torch.arange(x0.numel(), device=x0.device).reshape(x0.shape)
+            x_t, masked, shuffled = hk.sampling.corrupt(x0.long(), p_mask, p_shuffle, self.num_tokens, self.mask_id,
+                                                        generator.seed, generator.step, row_ids, generator.backend)
+            return (x_t, NoiseEvents(masked, shuffled)) if return_events else x_t
         u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
         replacement = torch.randint(0, self.num_tokens, x0.shape, generator=generator, device=x0.device)
         real = x0 != self.mask_id

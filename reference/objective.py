@@ -80,10 +80,12 @@ class _SeededObjective:
         self.seed = seed
 
     def _generator(self, step: int) -> torch.Generator:
-        import os
+        """The CPU generator of the host-side draws (packing layout, the step of a StepObjective)."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1009 + _rank())
 
-        rank = int(os.environ.get("RANK", "0"))
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1009 + rank)
+    def _noise_stream(self, step: int) -> N.PhiloxStream:
+        """The forward-noise draws: stream 2 keyed by (seed, rank) and the step, on the batch's device."""
+        return N.PhiloxStream((self.seed * 1_000_003 + _rank()) % 2**64, step)
 
 
 class PackedObjective(_SeededObjective):
@@ -102,14 +104,14 @@ class PackedObjective(_SeededObjective):
         generator = self._generator(step)
         packed = hk.packing.pack(batch.cpu(), self.sched, o.config, o.attention_context, o.window,
                                  generator=generator, bos_id=o.bos_id)
-        noised = L.noise_packed_batch(self.process, self.noise, packed, generator,
-                                      num_levels=self.sched.num_levels, config=o.config)
         device = batch.device
-        sigma = noised.sigma_bar.to(device) if o.family == "gamma" else None
-        logits = model(noised.input_ids.to(device), packed.position_ids.to(device), packed.mask.to(device),
-                       sigma=sigma)
         packed_on_device = _to(packed, device)
-        noised_on_device = _to(noised, device)
+        # The forward noise is drawn where the batch lives (one fused pass on a GPU).
+        noised_on_device = L.noise_packed_batch(self.process, self.noise, packed_on_device, self._noise_stream(step),
+                                                num_levels=self.sched.num_levels, config=o.config)
+        sigma = noised_on_device.sigma_bar if o.family == "gamma" else None
+        logits = model(noised_on_device.input_ids, packed_on_device.position_ids, packed.mask.to(device),
+                       sigma=sigma)
         loss, metrics = L.packed_loss(self.process, logits, packed_on_device, noised_on_device, beta1=o.beta1,
                                       beta2=o.beta2, lam=o.lam)
         metrics.pop("loss", None)  # the trainer records the loss itself
@@ -126,7 +128,7 @@ class StepObjective(_SeededObjective):
         generator = self._generator(step)
         t = int(torch.randint(self.sched.num_steps, (1,), generator=generator))
         levels, settled, active = L.step_roles(self.sched, t)
-        noised = L.noise_step(self.process, self.noise, batch.cpu(), levels, generator,
+        noised = L.noise_step(self.process, self.noise, batch.cpu(), levels, self._noise_stream(step),
                               num_levels=self.sched.num_levels, config=o.config, bos_id=o.bos_id)
         mask = hk.masks.inference(self.sched, t, o.config, o.attention_context, o.window)
         fed = mask.key_length  # settled prefix + window (SHIFTED: + the conditioning cell)
@@ -143,6 +145,12 @@ class StepObjective(_SeededObjective):
                                     block_width=self.sched.width)
         metrics.pop("loss", None)
         return loss, metrics
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 def _to(batch, device):

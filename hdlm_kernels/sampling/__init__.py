@@ -4,11 +4,12 @@ Every sampler draws its randomness from one Philox4x32-10 stream, exposed here a
 that tests can check each backend against the independent NumPy twin ``uniform53_ref``.
 ``gumbel_argmax`` samples tokens by FP64 Gumbel-max (stream 0); ``acs_step`` / ``acs_decisions`` are
 the adaptive correction sampler's update (stream 1 decides, stream 0 samples); ``hybrid_step`` is one
-reverse step of the γ-hybrid process (analytic τ-leaping or Euler, drawn on stream 0). Each has a
-``_ref`` twin.
+reverse step of the γ-hybrid process (analytic τ-leaping or Euler, drawn on stream 0); ``corrupt`` is
+the forward noise of training (stream 2). Each has a ``_ref`` twin.
 """
 
 from .acs import acs_apply, acs_decisions, acs_plan, acs_step, acs_step_ref
+from .corrupt import corrupt, corrupt_ref
 from .gumbel import gumbel_argmax, gumbel_argmax_ref
 from .hybrid import hybrid_step, hybrid_step_ref
 from .philox import philox4x32_10, philox4x32_10_ref, uniform53, uniform53_ref
@@ -19,6 +20,8 @@ __all__ = [
     "acs_plan",
     "acs_step",
     "acs_step_ref",
+    "corrupt",
+    "corrupt_ref",
     "gumbel_argmax",
     "gumbel_argmax_ref",
     "hybrid_step",
