@@ -122,7 +122,9 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
         attention_backend: the attention backend of the model's calls (``hk.attention.DECODE_BACKENDS``;
             ``"cuda"`` needs ``kv_cache=True``);
             default: the model's own (``model.config.attention_backend``).
-        sampler_backend: the ``gumbel_argmax`` backend of the draws.
+        sampler_backend: the ``gumbel_argmax`` backend of the draws: ``"reference"``, ``"kernels"`` (the
+            fused kernel of the device, see ``hk.sampling.fused_backend``), ``"auto"`` or a named one;
+            every backend draws the same tokens.
 
     Returns:
         :class:`GenerationResult` with ``tokens`` LongTensor [B, d] (never MASK).

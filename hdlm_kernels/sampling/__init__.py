@@ -10,7 +10,7 @@ the forward noise of training (stream 2). Each has a ``_ref`` twin.
 
 from .acs import acs_apply, acs_decisions, acs_plan, acs_step, acs_step_ref
 from .corrupt import corrupt, corrupt_ref
-from .gumbel import gumbel_argmax, gumbel_argmax_ref
+from .gumbel import fused_backend, gumbel_argmax, gumbel_argmax_ref
 from .hybrid import hybrid_step, hybrid_step_ref
 from .philox import philox4x32_10, philox4x32_10_ref, uniform53, uniform53_ref
 
@@ -22,6 +22,7 @@ __all__ = [
     "acs_step_ref",
     "corrupt",
     "corrupt_ref",
+    "fused_backend",
     "gumbel_argmax",
     "gumbel_argmax_ref",
     "hybrid_step",

@@ -148,7 +148,7 @@ def acs_apply(
     temperature = _checked_temperature(temperature)
     _logits_row_lookup(rows, logits.shape[0], num_rows, x.device)  # shape, range and distinctness
     rows = rows.to(device=x.device, dtype=torch.int64)
-    implementation = _implementation(backend, "acs_apply")
+    implementation = _implementation(backend, "acs_apply", x.device)
     if rows.numel() == 0:
         return 0
     tokens, best = implementation(logits, None, row_ids[rows], seed, step, temperature,
@@ -213,7 +213,7 @@ def acs_step(
     if not 0 <= mask_id < vocab:
         raise ValueError(f"mask_id must be a token id in [0, V) = [0, {vocab}) of logits; got {mask_id}")
     exclude = _checked_exclude(mask_id, vocab, x.device)
-    implementation = _implementation(backend, "acs_step")  # checked before any work
+    implementation = _implementation(backend, "acs_step", x.device)  # checked before any work
     take_of_row = _logits_row_lookup(logits_rows, logits.shape[0], num_rows, x.device)
 
     change = _decisions(x, p_transfer, eta, mask_id, seed, step, row_ids, frozen)

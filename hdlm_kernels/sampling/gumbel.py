@@ -44,7 +44,7 @@ from .philox import SEED_LIMIT, _integer, _integer_tensor, uniform53, uniform53_
 
 GUMBEL_STREAM = 0  # DESIGN.md §6: stream 0 = Gumbel noise, element e = row_id * V + v
 
-BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
+BACKENDS = ("auto", "kernels", "reference", "cpp", "triton", "cuda")
 
 # Budget of one float64 (or int64) temporary of the reference backend: chunk_rows * V * 8 bytes.
 # log64 keeps up to about six such temporaries alive at once, so the extra memory stays below
@@ -86,9 +86,11 @@ def gumbel_argmax(
             no noise drawn.
         exclude: token ids removed from the race (e.g. MASK): None, an int, a sequence of ints or
             an integer tensor, each in [0, V); at least one token must remain.
-        backend: "auto" (the reference for now; later the fused kernels: CUDA/Triton on GPU
-            tensors, C++ on CPU tensors), "reference", "cpp", "triton" or "cuda". A backend that
-            is not available raises RuntimeError; it never falls back to another one.
+        backend: "auto" (the fused kernel for logits' device when one exists, see ``fused_backend``:
+            CUDA, else Triton, on GPU tensors; C++ on CPU tensors; the reference otherwise),
+            "kernels" (the fused kernel, or RuntimeError), "reference", "cpp", "triton" or "cuda".
+            A named backend that is not available raises RuntimeError; it never falls back to
+            another one. Every backend returns the same tokens.
         chunk_rows: rows per chunk of the reference backend (its float64 temporaries are
             chunk_rows * V * 8 bytes each); default max(1, CHUNK_BYTES // (8 * V)). Does not
             change the result.
@@ -104,7 +106,7 @@ def gumbel_argmax(
     temperature = _checked_temperature(temperature)
     exclude = _checked_exclude(exclude, vocab, logits.device)
     chunk_rows = _checked_chunk_rows(chunk_rows, vocab)
-    implementation = _implementation(backend, "gumbel_argmax")
+    implementation = _implementation(backend, "gumbel_argmax", logits.device)
     tokens, best = implementation(logits, None, row_ids, seed, step, temperature, exclude, chunk_rows)
     _check_winners(best)
     return tokens
@@ -235,11 +237,55 @@ if importlib.util.find_spec("triton") is not None:
     _IMPLEMENTATIONS["triton"] = _gumbel_argmax_triton
 
 
-def _implementation(backend: str, op: str) -> Callable:
+def fused_backend(device: torch.device | str) -> str:
+    """The fused sampling backend for tensors on ``device``: ``"cuda"`` (the ``_C`` kernels) or else
+    ``"triton"`` on a GPU, ``"cpp"`` on the CPU. Raises RuntimeError naming what is missing when
+    there is none, so that ``sampler_backend="kernels"`` never silently runs the reference."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if "cuda" in _IMPLEMENTATIONS and _compiled_backend_ready("cuda"):
+            return "cuda"
+        if "triton" in _IMPLEMENTATIONS and _triton_ready(device):
+            return "triton"
+        raise RuntimeError("no fused sampling kernel for CUDA tensors here: hdlm_kernels._C lacks its CUDA "
+                           f"sampling kernels ({_extension.cuda_missing_reason() or 'not built'}) and triton is "
+                           "not usable")
+    if device.type == "cpu" and "cpp" in _IMPLEMENTATIONS and _compiled_backend_ready("cpp"):
+        return "cpp"
+    raise RuntimeError(f"no fused sampling kernel for {device.type} tensors here: the C++ extension is not "
+                       f"built ({_extension.missing_reason or 'it lacks the sampling kernels'})")
+
+
+def _compiled_backend_ready(backend: str) -> bool:
+    extension = _extension._C
+    if extension is None:
+        return False
+    if backend == "cuda":
+        return not _extension.cuda_missing_reason() and hasattr(extension, "gumbel_argmax_cuda")
+    return hasattr(extension, "gumbel_argmax_cpu")
+
+
+def _triton_ready(device: torch.device) -> bool:
+    try:
+        from . import triton_sampling
+    except ImportError:
+        return False
+    return (device.type == "cuda") != triton_sampling.interpreted()
+
+
+def _implementation(backend: str, op: str, device: torch.device | None = None) -> Callable:
+    """The backend function for ``op`` on ``device``. ``"auto"`` takes the fused kernel when one
+    exists for the device (:func:`fused_backend`) and the reference otherwise; ``"kernels"`` insists
+    on the fused kernel; a named backend that does not exist raises."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-    if backend == "auto":
-        backend = "reference"  # until the fused kernels land (DESIGN.md §5: they become "auto")
+    if backend in ("auto", "kernels"):
+        try:
+            backend = fused_backend(device if device is not None else "cpu")
+        except RuntimeError:
+            if backend == "kernels":
+                raise
+            backend = "reference"
     if backend not in _IMPLEMENTATIONS:
         available = ", ".join(map(repr, _IMPLEMENTATIONS))
         raise RuntimeError(

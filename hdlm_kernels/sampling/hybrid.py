@@ -158,7 +158,7 @@ def hybrid_step(
     num_rows, vocab = log_score.shape
     row_ids = _checked_row_ids(row_ids, num_rows, vocab, x.device)
     chunk_rows = _checked_chunk_rows(chunk_rows, vocab)
-    implementation = _implementation(backend, "hybrid_step")  # checked before any work
+    implementation = _implementation(backend, "hybrid_step", x.device)  # checked before any work
     tokens = torch.empty(num_rows, dtype=torch.int64, device=x.device)
     for start in range(0, num_rows, chunk_rows):
         stop = min(start + chunk_rows, num_rows)
