@@ -24,7 +24,9 @@ import os
 import platform
 import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -33,9 +35,10 @@ from setuptools.command.build_ext import build_ext as SetuptoolsBuildExt
 
 EXTENSION_NAME = "hdlm_kernels._C"
 BUILD_INFO_FILE = "_build_info.json"
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/uniform53_cpu.cpp"]
-CUDA_SOURCES = ["csrc/uniform53_cuda.cu"]
-CXX_FLAGS = ["-O3"]
+CPU_SOURCES = ["csrc/bindings.cpp", "csrc/uniform53_cpu.cpp", "csrc/gumbel_cpu.cpp"]
+CUDA_SOURCES = ["csrc/uniform53_cuda.cu", "csrc/gumbel_cuda.cu", "csrc/decode_attention_cuda.cu"]
+# -ffp-contract=off: no fused multiply-add in host code (log64.h must round every operation separately).
+CXX_FLAGS = ["-O3", "-ffp-contract=off"]
 # No fast-math: the samplers must stay bit-identical to the CPU path. -lineinfo costs no speed.
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 DEFAULT_ARCH_WITHOUT_GPU = "9.0"
@@ -134,13 +137,15 @@ def make_extension(with_cuda: bool) -> Extension:
             sources=CPU_SOURCES + CUDA_SOURCES,
             include_dirs=include_dirs,
             define_macros=[("HDLM_WITH_CUDA", None)],
-            extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)},
+            extra_compile_args={"cxx": CXX_FLAGS + _openmp_flags(), "nvcc": list(NVCC_FLAGS)},
+            extra_link_args=_openmp_flags(),
         )
     return CppExtension(
         EXTENSION_NAME,
         sources=list(CPU_SOURCES),
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": list(CXX_FLAGS)},
+        extra_compile_args={"cxx": CXX_FLAGS + _openmp_flags()},
+        extra_link_args=_openmp_flags(),
     )
 
 
@@ -149,6 +154,28 @@ def _compiler_missing_reason() -> str | None:
     if shutil.which(cxx[0]) is None:
         return f"no C++ compiler found ({cxx[0]!r} is not on PATH; set CXX)"
     return None
+
+
+_OPENMP_PROBE: list[list[str]] = []
+
+
+def _openmp_flags() -> list[str]:
+    """["-fopenmp"] when the C++ compiler builds an OpenMP program (the CPU sampler then runs its rows in
+    parallel), else [] (the sources guard their pragmas with _OPENMP and run serially)."""
+    if not _OPENMP_PROBE:
+        cxx = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]
+        with tempfile.TemporaryDirectory() as directory:
+            source = os.path.join(directory, "probe.cpp")
+            with open(source, "w") as f:
+                f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+            try:
+                result = subprocess.run(cxx + ["-fopenmp", source, "-o", os.path.join(directory, "probe")],
+                                        capture_output=True, timeout=120)
+                works = result.returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                works = False
+        _OPENMP_PROBE.append(["-fopenmp"] if works else [])
+    return list(_OPENMP_PROBE[0])
 
 
 def _describe(error: BaseException) -> str:

@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 #include <pybind11/stl.h>  // std::array <-> Python list, for philox4x32_10
 
+#include "decode_attention.h"
+#include "gumbel.h"
 #include "uniform53.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -18,9 +20,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform53_cpu", &hdlm::uniform53_cpu, pybind11::arg("seed"), pybind11::arg("step"),
         pybind11::arg("stream"), pybind11::arg("index"),
         "float64 uniforms of the int64 CPU tensor of element ids `index` (any shape), same shape");
+  m.def("gumbel_argmax_cpu", &hdlm::gumbel_argmax_cpu, pybind11::arg("logits"), pybind11::arg("take"),
+        pybind11::arg("row_ids"), pybind11::arg("seed"), pybind11::arg("step"), pybind11::arg("temperature"),
+        pybind11::arg("exclude"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "FP64 Gumbel-max of CPU logits [K, V] (rows `take` or all, identities `row_ids`) -> (tokens int64 [n], "
+        "winning scores float64 [n])");
+  m.def("log64_cpu", &hdlm::log64_cpu, pybind11::arg("x"), pybind11::arg("gumbel") = false,
+        "log64 (or, with gumbel=True, -log64(-log64 x)) of a float64 CPU tensor, same shape");
+  m.def("log64_constants", &hdlm::log64_constants,
+        "the constants of log64.h: the Horner coefficients C[0..10], LN2_HI, LN2_LO");
 #ifdef HDLM_WITH_CUDA
   m.def("uniform53_cuda", &hdlm::uniform53_cuda, pybind11::arg("seed"), pybind11::arg("step"),
         pybind11::arg("stream"), pybind11::arg("index"),
         "float64 uniforms of the int64 CUDA tensor of element ids `index` (any shape), same shape");
+  m.def("gumbel_argmax_cuda", &hdlm::gumbel_argmax_cuda, pybind11::arg("logits"), pybind11::arg("take"),
+        pybind11::arg("row_ids"), pybind11::arg("seed"), pybind11::arg("step"), pybind11::arg("temperature"),
+        pybind11::arg("exclude"),
+        "FP64 Gumbel-max of CUDA logits [K, V] (rows `take` or all, identities `row_ids`) -> (tokens int64 [n], "
+        "winning scores float64 [n])");
+  m.def("decode_attention_cuda", &hdlm::decode_attention_cuda, pybind11::arg("q"), pybind11::arg("k"),
+        pybind11::arg("v"), pybind11::arg("prefix_end"), pybind11::arg("window_start"),
+        pybind11::arg("window_end"), pybind11::arg("scale"), pybind11::arg("num_splits"),
+        "KV-cached attention of q [B, S, H, D] over k, v [B, L, H, D] under the interval mask (int32 [1 or B, "
+        "S] prefix_end, window_start, window_end); num_splits 0 = automatic split-KV; -> [B, S, H, D] in q's "
+        "dtype, zeros for rows without keys");
 #endif
 }

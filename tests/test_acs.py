@@ -222,7 +222,7 @@ def test_logits_rows_errors():
         (dict(logits=torch.zeros(4, VOCAB, dtype=torch.int32)), TypeError, "logits must have dtype"),
         (dict(temperature=-1.0), ValueError, "temperature must be"),
         (dict(backend="fast"), ValueError, "backend must be one of"),
-        (dict(backend="cuda"), RuntimeError, "acs_step with backend='cuda' is not implemented yet"),
+        (dict(backend="cuda"), RuntimeError, "backend='cuda' runs on CUDA tensors; got logits on cpu"),
         (dict(logits=torch.full((4, VOCAB), float("nan"))), ValueError, "must not hold NaN; row 0"),
     ],
 )

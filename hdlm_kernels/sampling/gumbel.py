@@ -26,7 +26,8 @@ already differ in the last bit for ~0.1% of the uniforms). So the noise uses ``l
 reproduces bit for bit.
 
 ``gumbel_argmax_ref`` is the direct twin (the whole [R, V] at once, NumPy Philox) used by the tests.
-The fused kernels (C++, Triton, CUDA) plug in behind ``gumbel_argmax(..., backend=...)``.
+The fused kernels (C++ ``csrc/gumbel_cpu.cpp``, CUDA ``csrc/gumbel_cuda.cu``, Triton
+:mod:`.triton_sampling`) plug in behind ``gumbel_argmax(..., backend=...)``.
 """
 
 from __future__ import annotations
@@ -229,10 +230,76 @@ def _gumbel_argmax_triton(
     )
 
 
-# Backends that exist here. The fused kernels register "cpp" and "cuda" when they land; every entry
-# takes the arguments of _gumbel_argmax_reference and returns the same pair. "triton" is registered
-# when triton is installed (its kernels are built lazily, on the first call).
-_IMPLEMENTATIONS: dict[str, Callable] = {"reference": _gumbel_argmax_reference}
+def _gumbel_argmax_cpp(
+    logits: torch.Tensor,
+    take: torch.Tensor | None,
+    row_ids: torch.Tensor,
+    seed: int,
+    step: int,
+    temperature: float,
+    exclude: torch.Tensor | None,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ backend (csrc/gumbel_cpu.cpp): CPU tensors, OpenMP over rows, bit-identical to the reference.
+
+    Reads logits through their strides (no copy, no float64 temporaries); chunk_rows is ignored. Raises
+    RuntimeError for tensors on another device, or when hdlm_kernels._C is not built."""
+    del chunk_rows  # one row at a time per thread
+    _require_backend_device("cpp", "cpu", logits)
+    extension = _extension.require_extension("gumbel_argmax", "cpp")
+    operator = _compiled_operator(extension, "gumbel_argmax_cpu")
+    return operator(logits, take, row_ids, seed, step, temperature, exclude)
+
+
+def _gumbel_argmax_cuda(
+    logits: torch.Tensor,
+    take: torch.Tensor | None,
+    row_ids: torch.Tensor,
+    seed: int,
+    step: int,
+    temperature: float,
+    exclude: torch.Tensor | None,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA backend (csrc/gumbel_cuda.cu): one thread block per sampled row, bit-identical to the
+    reference.
+
+    CUDA tensors (row_ids, take and exclude on logits' device); chunk_rows is ignored. Raises
+    RuntimeError for tensors on another device, or when hdlm_kernels._C has no CUDA operators."""
+    del chunk_rows  # no float64 temporaries in memory
+    _require_backend_device("cuda", "cuda", logits)
+    extension = _extension.require_extension("gumbel_argmax", "cuda")
+    operator = _compiled_operator(extension, "gumbel_argmax_cuda")
+    return operator(logits, take, row_ids, seed, step, temperature, exclude)
+
+
+def _require_backend_device(backend: str, device_type: str, logits: torch.Tensor) -> None:
+    if logits.device.type != device_type:
+        where = "CPU" if device_type == "cpu" else "CUDA"
+        raise RuntimeError(
+            f"gumbel_argmax: backend={backend!r} runs on {where} tensors; got logits on {logits.device}"
+        )
+
+
+def _compiled_operator(extension, name: str) -> Callable:
+    operator = getattr(extension, name, None)
+    if operator is None:  # a _C built from older sources than this Python package
+        raise RuntimeError(
+            f"gumbel_argmax: hdlm_kernels._C has no {name} (it was built from older sources); reinstall "
+            "with `pip install --no-build-isolation .`"
+        )
+    return operator
+
+
+# Backends that exist here; every entry takes the arguments of _gumbel_argmax_reference and returns the
+# same pair. "cpp" and "cuda" are always registered and raise RuntimeError when _C (or its CUDA part) is
+# not built. "triton" is registered when triton is installed (its kernels are built lazily, on the first
+# call).
+_IMPLEMENTATIONS: dict[str, Callable] = {
+    "reference": _gumbel_argmax_reference,
+    "cpp": _gumbel_argmax_cpp,
+    "cuda": _gumbel_argmax_cuda,
+}
 if importlib.util.find_spec("triton") is not None:
     _IMPLEMENTATIONS["triton"] = _gumbel_argmax_triton
 

@@ -1,0 +1,256 @@
+// CPU backend of FP64 Gumbel-max (DESIGN.md §6): OpenMP over the sampled rows, each row walked once in
+// column order, in tiles of Philox pairs (one Philox block feeds two columns). Bit-identical to the
+// reference backend because the arithmetic is the shared header code (philox.h, log64.h,
+// gumbel_rule.h), compiled without FMA contraction (-ffp-contract=off, setup.py).
+#include "gumbel.h"
+
+#include "gumbel_rule.h"
+#include "log64.h"
+#include "philox.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace hdlm {
+namespace {
+
+// Exact for every logits dtype: bf16 and fp16 widen exactly to float, float to double.
+template <typename scalar_t>
+inline double logit_to_double(scalar_t x) {
+  return static_cast<double>(static_cast<float>(x));
+}
+
+template <>
+inline double logit_to_double<double>(double x) {
+  return x;
+}
+
+// Below this many tokens in a call the thread hand-off costs more than it saves.
+constexpr int64_t kMinTokensToParallelize = 16384;
+
+// Philox pairs per tile: a row is processed in tiles whose stages are plain loops over arrays, so that
+// the compiler vectorizes Philox and log64 (4 lanes with AVX2) instead of running one long dependency
+// chain per token. 128 pairs keep a tile's buffers (4 KiB) in L1.
+constexpr int kTilePairs = 128;
+
+// x86-64 builds get an AVX2 clone of the vectorized stages, picked at load time (GNU ifunc); AVX2 has
+// no FMA and the sources are compiled with -ffp-contract=off, so both clones round every operation
+// the same way and return the same bits.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define HDLM_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef HDLM_VECTOR_CLONES
+#define HDLM_VECTOR_CLONES
+#endif
+
+struct alignas(64) Tile {
+  uint32_t w0[kTilePairs], w1[kTilePairs], w2[kTilePairs], w3[kTilePairs];
+  double noise_even[kTilePairs], noise_odd[kTilePairs];  // of the even and the odd element of each pair
+};
+
+// The Philox blocks of `count` consecutive pairs of stream 0, word by word.
+HDLM_VECTOR_CLONES void philox_tile(uint64_t seed, uint64_t step, uint64_t first_pair, int count,
+                                    uint32_t* __restrict w0, uint32_t* __restrict w1, uint32_t* __restrict w2,
+                                    uint32_t* __restrict w3) {
+  for (int p = 0; p < count; ++p) {
+    const PhiloxBlock block = philox_block_for_pair(seed, step, kGumbelStream, first_pair + static_cast<uint64_t>(p));
+    w0[p] = block.w[0];
+    w1[p] = block.w[1];
+    w2[p] = block.w[2];
+    w3[p] = block.w[3];
+  }
+}
+
+// uniform53_from_words (philox.h) in a form the vectorizer takes (there is no vector uint64 -> double
+// conversion before AVX-512): with k = a * 2^26 + b, u = (2k + 1) * 2^-53 = a * 2^-26 + (2b + 1) * 2^-53,
+// where a < 2^26 and 2b + 1 < 2^27 convert from int32 exactly, the products are exact (powers of two)
+// and so is their sum (it is u, a double). Same bits, no rounding anywhere.
+inline double uniform53_from_words_split(uint32_t word_a, uint32_t word_b) {
+  const double high = static_cast<double>(static_cast<int32_t>(word_a >> 6)) * 0x1p-26;
+  const double low = static_cast<double>(static_cast<int32_t>(((word_b >> 6) << 1) | 1u)) * 0x1p-53;
+  return high + low;
+}
+
+// Gumbel noise of the even (w0, w1) and the odd (w2, w3) element of `count` pairs. Separate arrays:
+// interleaved stores (noise[2p], noise[2p + 1]) defeat the vectorizer under -fwrapv (torch's flags),
+// which cannot then prove 2p consecutive.
+HDLM_VECTOR_CLONES void noise_tile(int count, const uint32_t* __restrict w0, const uint32_t* __restrict w1,
+                                   const uint32_t* __restrict w2, const uint32_t* __restrict w3,
+                                   double* __restrict noise_even, double* __restrict noise_odd) {
+  for (int p = 0; p < count; ++p) {
+    noise_even[p] = gumbel_noise(uniform53_from_words_split(w0[p], w1[p]));
+    noise_odd[p] = gumbel_noise(uniform53_from_words_split(w2[p], w3[p]));
+  }
+}
+
+// The winner of one row: logits `row` (column stride `stride_col`), identity `row_id`. Columns reach
+// beats() in increasing order, so the lowest of equal scores is kept.
+template <typename scalar_t>
+Candidate sample_row(const scalar_t* row, int64_t stride_col, int64_t vocab, uint64_t row_id,
+                     const uint8_t* excluded, const GumbelParams& params, Tile& tile) {
+  constexpr double kMinusInf = -std::numeric_limits<double>::infinity();
+  Candidate best = no_candidate();
+  const auto consider = [&](int64_t column, double score) {
+    if (excluded != nullptr && excluded[column]) {
+      score = kMinusInf;
+    }
+    const Candidate challenger{score, column};
+    if (beats(challenger, best)) {
+      best = challenger;
+    }
+  };
+  if (!params.noise) {  // greedy: no Philox, no log, no division
+    for (int64_t column = 0; column < vocab; ++column) {
+      consider(column, logit_to_double(row[column * stride_col]));
+    }
+    return best;
+  }
+  const RowPairs pairs = row_pairs(row_id, vocab);
+  for (int64_t first = 0; first < pairs.count; first += kTilePairs) {
+    const int count = static_cast<int>(std::min<int64_t>(kTilePairs, pairs.count - first));
+    philox_tile(params.seed, params.step, pairs.first_pair + static_cast<uint64_t>(first), count, tile.w0, tile.w1,
+                tile.w2, tile.w3);
+    noise_tile(count, tile.w0, tile.w1, tile.w2, tile.w3, tile.noise_even, tile.noise_odd);
+    // Pair first + p holds columns even and even + 1; the first pair of a row with odd row_id * V
+    // starts one column early, the last pair may end one column late.
+    for (int p = 0; p < count; ++p) {
+      const int64_t even = 2 * (first + p) - pairs.parity;
+      if (even >= 0) {
+        consider(even, gumbel_score(logit_to_double(row[even * stride_col]), tile.noise_even[p], params));
+      }
+      if (even + 1 < vocab) {
+        consider(even + 1, gumbel_score(logit_to_double(row[(even + 1) * stride_col]), tile.noise_odd[p], params));
+      }
+    }
+  }
+  return best;
+}
+
+template <typename scalar_t>
+void sample_rows(const at::Tensor& logits, const int64_t* take, const int64_t* row_ids, int64_t num_rows,
+                 const uint8_t* excluded, const GumbelParams& params, int64_t* tokens, double* best) {
+  const scalar_t* data = logits.const_data_ptr<scalar_t>();
+  const int64_t stride_row = logits.stride(0);
+  const int64_t stride_col = logits.stride(1);
+  const int64_t vocab = logits.size(1);
+  const bool parallel = num_rows > 1 && num_rows * vocab >= kMinTokensToParallelize;
+  (void)parallel;  // unused without OpenMP
+#ifdef _OPENMP
+#pragma omp parallel if (parallel)
+#endif
+  {
+    Tile tile;  // one per thread
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t i = 0; i < num_rows; ++i) {
+      const int64_t row = take != nullptr ? take[i] : i;
+      const Candidate winner = sample_row(data + row * stride_row, stride_col, vocab,
+                                          static_cast<uint64_t>(row_ids[i]), excluded, params, tile);
+      tokens[i] = winner.column;
+      best[i] = winner.score;
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gumbel_argmax_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& take,
+                                                     const at::Tensor& row_ids, uint64_t seed, int64_t step,
+                                                     double temperature, const std::optional<at::Tensor>& exclude) {
+  check_gumbel_args(logits, take, row_ids, step, temperature, exclude, c10::DeviceType::CPU);
+  const int64_t num_logits_rows = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  const int64_t num_rows = row_ids.size(0);
+
+  // Values are checked here, before the parallel loop (nothing may throw inside it); on the CPU this
+  // costs one pass over n ids.
+  const at::Tensor row_ids_contiguous = row_ids.contiguous();
+  const int64_t* row_id_data = row_ids_contiguous.const_data_ptr<int64_t>();
+  const int64_t max_row_id = (std::numeric_limits<int64_t>::max() - (vocab - 1)) / vocab;
+  for (int64_t i = 0; i < num_rows; ++i) {
+    TORCH_CHECK(row_id_data[i] >= 0 && row_id_data[i] <= max_row_id, "gumbel_argmax: row_ids must be in [0, ",
+                max_row_id, "] for V = ", vocab, " (element ids row_id * V + v stay below 2^63), got ", row_id_data[i],
+                " at position ", i);
+  }
+  at::Tensor take_contiguous;
+  const int64_t* take_data = nullptr;
+  if (take.has_value()) {
+    take_contiguous = take->contiguous();
+    take_data = take_contiguous.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < num_rows; ++i) {
+      TORCH_CHECK(take_data[i] >= 0 && take_data[i] < num_logits_rows, "gumbel_argmax: take must hold logits rows in ",
+                  "[0, K) = [0, ", num_logits_rows, "), got ", take_data[i], " at position ", i);
+    }
+  }
+  std::vector<uint8_t> excluded;
+  if (exclude.has_value() && exclude->numel() > 0) {
+    excluded.assign(static_cast<size_t>(vocab), 0);
+    const at::Tensor exclude_contiguous = exclude->contiguous();
+    const int64_t* ids = exclude_contiguous.const_data_ptr<int64_t>();
+    for (int64_t k = 0; k < exclude_contiguous.numel(); ++k) {
+      TORCH_CHECK(ids[k] >= 0 && ids[k] < vocab, "gumbel_argmax: exclude must hold token ids in [0, V) = [0, ", vocab,
+                  "), got ", ids[k]);
+      excluded[static_cast<size_t>(ids[k])] = 1;
+    }
+  }
+
+  at::Tensor tokens = at::empty({num_rows}, logits.options().dtype(at::kLong));
+  at::Tensor best = at::empty({num_rows}, logits.options().dtype(at::kDouble));
+  if (num_rows == 0) {
+    return {tokens, best};
+  }
+  const bool noise = temperature != 0.0;
+  const GumbelParams params{seed, static_cast<uint64_t>(step), temperature, noise, noise && temperature != 1.0};
+  const uint8_t* excluded_data = excluded.empty() ? nullptr : excluded.data();
+  int64_t* token_data = tokens.mutable_data_ptr<int64_t>();
+  double* best_data = best.mutable_data_ptr<double>();
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      sample_rows<float>(logits, take_data, row_id_data, num_rows, excluded_data, params, token_data, best_data);
+      break;
+    case at::kDouble:
+      sample_rows<double>(logits, take_data, row_id_data, num_rows, excluded_data, params, token_data, best_data);
+      break;
+    case at::kHalf:
+      sample_rows<c10::Half>(logits, take_data, row_id_data, num_rows, excluded_data, params, token_data, best_data);
+      break;
+    case at::kBFloat16:
+      sample_rows<c10::BFloat16>(logits, take_data, row_id_data, num_rows, excluded_data, params, token_data,
+                                 best_data);
+      break;
+    default:
+      TORCH_CHECK(false, "gumbel_argmax: unsupported logits dtype ", logits.scalar_type());  // checked above
+  }
+  return {tokens, best};
+}
+
+at::Tensor log64_cpu(const at::Tensor& x, bool gumbel) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kDouble, "log64_cpu: x must be a float64 CPU tensor, got ",
+              x.scalar_type(), " on ", x.device());
+  const at::Tensor x_contiguous = x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const double* in = x_contiguous.const_data_ptr<double>();
+  double* result = out.mutable_data_ptr<double>();
+  at::parallel_for(0, x_contiguous.numel(), 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      result[i] = gumbel ? gumbel_noise(in[i]) : log64(in[i]);
+    }
+  });
+  return out;
+}
+
+std::vector<double> log64_constants() {
+  using namespace log64_detail;
+  return {kC0, kC1, kC2, kC3, kC4, kC5, kC6, kC7, kC8, kC9, kC10, kLn2Hi, kLn2Lo};
+}
+
+}  // namespace hdlm

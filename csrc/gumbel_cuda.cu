@@ -1,0 +1,206 @@
+// CUDA backend of FP64 Gumbel-max (DESIGN.md §6): one thread block per sampled row; each thread walks
+// the row's Philox pairs with a block-sized stride (one Philox block feeds two adjacent columns), keeps
+// its best (score, column), and the block reduces them with the rule of gumbel_rule.h. The arithmetic
+// is the header code the CPU backend compiles too (philox.h, log64.h, gumbel_rule.h), with every float64
+// operation an explicit round-to-nearest intrinsic (no FMA contraction), so the tokens and winning
+// scores are bit-identical to the CPU reference.
+//
+// Only c10/ATen core headers here, as in uniform53_cuda.cu: neither <torch/extension.h> nor
+// <ATen/cuda/CUDAContext.h>.
+#include "gumbel.h"
+
+#include "gumbel_rule.h"
+#include "log64.h"
+#include "philox.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+namespace hdlm {
+namespace {
+
+constexpr int kThreadsPerRow = 256;  // one block per row; a multiple of the warp size
+constexpr int kWarpSize = 32;
+constexpr int kWarpsPerRow = kThreadsPerRow / kWarpSize;
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+// Exact for every logits dtype: bf16 and fp16 widen exactly to float, float to double.
+template <typename scalar_t>
+__device__ __forceinline__ double logit_to_double(scalar_t x) {
+  return static_cast<double>(static_cast<float>(x));
+}
+
+template <>
+__device__ __forceinline__ double logit_to_double<double>(double x) {
+  return x;
+}
+
+__device__ __forceinline__ void take_if_better(Candidate& best, const Candidate& challenger) {
+  if (beats(challenger, best)) {
+    best = challenger;
+  }
+}
+
+// The best of the warp's candidates, in lane 0. beats() is a total order, so the shuffle tree gives
+// the same winner as a left-to-right scan.
+__device__ __forceinline__ Candidate warp_best(Candidate best) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const Candidate other{__shfl_down_sync(kFullWarp, best.score, offset),
+                          static_cast<int64_t>(__shfl_down_sync(kFullWarp, static_cast<long long>(best.column), offset))};
+    take_if_better(best, other);
+  }
+  return best;
+}
+
+// Block i samples row i: logits row take[i] (or i), noise of identity row_ids[i]. Thread t owns the
+// row's pairs t, t + 256, ...; pair j holds columns 2j - parity (its even element) and 2j - parity + 1.
+// Adjacent threads read adjacent column pairs, so the loads coalesce.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreadsPerRow)
+    gumbel_argmax_kernel(const scalar_t* __restrict__ logits, int64_t stride_row, int64_t stride_col, int64_t vocab,
+                         const int64_t* __restrict__ take, const int64_t* __restrict__ row_ids,
+                         const uint8_t* __restrict__ excluded, GumbelParams params, int64_t* __restrict__ tokens,
+                         double* __restrict__ best_scores) {
+  __shared__ double warp_scores[kWarpsPerRow];
+  __shared__ int64_t warp_columns[kWarpsPerRow];
+  const int64_t i = blockIdx.x;
+  const int64_t row = take != nullptr ? take[i] : i;
+  const scalar_t* row_logits = logits + row * stride_row;
+  const double minus_inf = no_candidate().score;
+
+  // Columns reach a thread in increasing order, so beats() keeps its lowest of equal scores.
+  Candidate best = no_candidate();
+  const auto consider = [&](int64_t column, double noise) {
+    double score = gumbel_score(logit_to_double(row_logits[column * stride_col]), noise, params);
+    if (excluded != nullptr && excluded[column]) {
+      score = minus_inf;
+    }
+    take_if_better(best, Candidate{score, column});
+  };
+  if (params.noise) {
+    const RowPairs pairs = row_pairs(static_cast<uint64_t>(row_ids[i]), vocab);
+    for (int64_t j = threadIdx.x; j < pairs.count; j += kThreadsPerRow) {
+      const PhiloxBlock block = philox_block_for_pair(params.seed, params.step, kGumbelStream,
+                                                      pairs.first_pair + static_cast<uint64_t>(j));
+      const int64_t even = 2 * j - pairs.parity;
+      if (even >= 0) {
+        consider(even, gumbel_noise(uniform53_from_words(block.w[0], block.w[1])));
+      }
+      if (even + 1 < vocab) {
+        consider(even + 1, gumbel_noise(uniform53_from_words(block.w[2], block.w[3])));
+      }
+    }
+  } else {  // greedy: no Philox, no log, no division; two adjacent columns per thread as above
+    for (int64_t even = 2 * static_cast<int64_t>(threadIdx.x); even < vocab; even += 2 * kThreadsPerRow) {
+      consider(even, 0.0);
+      if (even + 1 < vocab) {
+        consider(even + 1, 0.0);
+      }
+    }
+  }
+
+  best = warp_best(best);
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (lane == 0) {
+    warp_scores[warp] = best.score;
+    warp_columns[warp] = best.column;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < kWarpsPerRow ? Candidate{warp_scores[lane], warp_columns[lane]} : no_candidate();
+    best = warp_best(best);
+    if (lane == 0) {
+      tokens[i] = best.column;  // V >= 1: every row has a column
+      best_scores[i] = best.score;
+    }
+  }
+}
+
+// excluded[ids[k]] = 1; ids outside [0, V) (which the Python wrapper refuses) are skipped rather than
+// written out of bounds.
+__global__ void mark_excluded_kernel(const int64_t* __restrict__ ids, int64_t count, int64_t vocab,
+                                     uint8_t* __restrict__ excluded) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k < count && ids[k] >= 0 && ids[k] < vocab) {
+    excluded[ids[k]] = 1;
+  }
+}
+
+template <typename scalar_t>
+void launch(const at::Tensor& logits, const int64_t* take, const int64_t* row_ids, int64_t num_rows,
+            const uint8_t* excluded, const GumbelParams& params, int64_t* tokens, double* best,
+            cudaStream_t stream) {
+  gumbel_argmax_kernel<scalar_t><<<static_cast<unsigned int>(num_rows), kThreadsPerRow, 0, stream>>>(
+      logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), logits.size(1), take, row_ids, excluded,
+      params, tokens, best);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gumbel_argmax_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& take,
+                                                      const at::Tensor& row_ids, uint64_t seed, int64_t step,
+                                                      double temperature, const std::optional<at::Tensor>& exclude) {
+  check_gumbel_args(logits, take, row_ids, step, temperature, exclude, c10::DeviceType::CUDA);
+  const int64_t num_rows = row_ids.size(0);
+  TORCH_CHECK(num_rows < (int64_t{1} << 31), "gumbel_argmax: at most 2^31 - 1 rows per call (one CUDA block each), ",
+              "got ", num_rows);
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  at::Tensor tokens = at::empty({num_rows}, logits.options().dtype(at::kLong));
+  at::Tensor best = at::empty({num_rows}, logits.options().dtype(at::kDouble));
+  if (num_rows == 0) {
+    return {tokens, best};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index());
+  const at::Tensor row_ids_contiguous = row_ids.contiguous();
+  at::Tensor take_contiguous;
+  if (take.has_value()) {
+    take_contiguous = take->contiguous();
+  }
+  // A byte per token marks the excluded ids (read through L2 by every row), built on the device so
+  // that no id travels through the host.
+  at::Tensor excluded;
+  if (exclude.has_value() && exclude->numel() > 0) {
+    const at::Tensor ids = exclude->contiguous();
+    excluded = at::zeros({logits.size(1)}, logits.options().dtype(at::kByte));
+    constexpr int kThreads = 256;
+    const int64_t count = ids.numel();
+    mark_excluded_kernel<<<static_cast<unsigned int>((count + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        ids.const_data_ptr<int64_t>(), count, logits.size(1), excluded.mutable_data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const bool noise = temperature != 0.0;
+  const GumbelParams params{seed, static_cast<uint64_t>(step), temperature, noise, noise && temperature != 1.0};
+  const int64_t* take_data = take.has_value() ? take_contiguous.const_data_ptr<int64_t>() : nullptr;
+  const int64_t* row_id_data = row_ids_contiguous.const_data_ptr<int64_t>();
+  const uint8_t* excluded_data = excluded.defined() ? excluded.const_data_ptr<uint8_t>() : nullptr;
+  int64_t* token_data = tokens.mutable_data_ptr<int64_t>();
+  double* best_data = best.mutable_data_ptr<double>();
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      launch<float>(logits, take_data, row_id_data, num_rows, excluded_data, params, token_data, best_data, stream);
+      break;
+    case at::kDouble:
+      launch<double>(logits, take_data, row_id_data, num_rows, excluded_data, params, token_data, best_data, stream);
+      break;
+    case at::kHalf:
+      launch<c10::Half>(logits, take_data, row_id_data, num_rows, excluded_data, params, token_data, best_data, stream);
+      break;
+    case at::kBFloat16:
+      launch<c10::BFloat16>(logits, take_data, row_id_data, num_rows, excluded_data, params, token_data, best_data,
+                            stream);
+      break;
+    default:
+      TORCH_CHECK(false, "gumbel_argmax: unsupported logits dtype ", logits.scalar_type());  // checked above
+  }
+  return {tokens, best};
+}
+
+}  // namespace hdlm
