@@ -530,3 +530,30 @@ def test_cuda_operator_checks_devices():
     with pytest.raises(RuntimeError, match="gumbel_argmax: logits must be on CUDA, got a tensor on cpu"):
         C.gumbel_argmax_cuda(logits.cpu(), None, torch.arange(3), 1, 1, 1.0, None)
 
+
+
+# ---------------------------------------------------------------- the harness samples through the kernels
+
+
+@pytest.mark.parametrize("method,family", [("acs", "epsilon"), ("analytic", "gamma")])
+def test_generation_with_the_fused_kernels_equals_the_reference(extension, method, family):
+    from hdlm_reference.generate import generate
+    from hdlm_reference.model import DiT, ModelConfig
+    import hdlm_kernels as hk
+
+    assert hk.sampling.fused_backend("cpu") == "cpp"
+    torch.manual_seed(0)
+    model = DiT(ModelConfig.preset("tiny", family=family, dropout=0.0)).eval()
+    sched = hk.schedules.block(24, 8, 3)
+    runs = {backend: generate(model, sched, 3, 5, method=method, kv_cache=True, sampler_backend=backend)
+            for backend in ("reference", "kernels")}
+    assert torch.equal(runs["kernels"].tokens, runs["reference"].tokens)
+    assert runs["kernels"].model_calls == runs["reference"].model_calls
+
+
+def test_kernels_backend_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(_extension, "_C", None)
+    with pytest.raises(RuntimeError, match="no fused sampling kernel for cpu tensors"):
+        gumbel_argmax(torch.zeros(2, 5), 1, 0, backend="kernels")
+    # "auto" falls back to the reference instead, which draws the same tokens.
+    assert torch.equal(gumbel_argmax(torch.zeros(2, 5), 1, 0), gumbel_argmax_ref(torch.zeros(2, 5), 1, 0))
