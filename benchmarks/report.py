@@ -1,6 +1,7 @@
 """Render pytest-benchmark JSON records as a markdown table (one section per benchmark group, with
-the ratio of each median to the group's baseline and, where a suite records ``extra_info["tflops"]``
-or ``extra_info["gbps"]``, a TFLOP/s or GB/s column) and, when matplotlib is installed, a bar chart
+the ratio of each median to the group's baseline and, where a suite records
+``extra_info["tflops"]``, ``extra_info["gbps"]`` or ``extra_info["tokens_per_s"]``, a TFLOP/s, GB/s
+or tokens/s column) and, when matplotlib is installed, a bar chart
 per group. Usable on its own: ``python -m benchmarks.report RECORD.json [--out DIR]``."""
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _rate(value) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
-RATES = (("tflops", "TFLOP/s"), ("gbps", "GB/s"))  # extra_info key, column title
+# extra_info key, column title
+RATES = (("tflops", "TFLOP/s"), ("gbps", "GB/s"), ("tokens_per_s", "tokens/s"))
 
 
 def _label(bench: dict) -> str:

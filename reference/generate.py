@@ -9,7 +9,9 @@ step of the ε family (``method="original"`` or ``"acs"``):
    step under the hyperschedule; 1 when the position reaches level 0), an unmasked non-frozen one is
    resampled with ``η·(1 - p_transfer)`` (ACS, §3.4; ``η = 0`` is the "original" sampler);
 2. skips the model when nothing changes (MDLM's caching: without time conditioning the prediction of
-   an unchanged state is unchanged, and the draws above do not depend on it);
+   an unchanged state is unchanged, and the draws above do not depend on it); ``skip_unchanged=False``
+   turns that off (MDLM without caching, for benchmarks): the model then runs on such a step too, with
+   logits for every active non-prompt row, which are discarded (same tokens, more work);
 3. runs the model on the fed cells, with logits only for the rows that change, and samples them with
    ``hk.sampling.gumbel_argmax`` (stream 0, FP64 Gumbel, MASK excluded).
 
@@ -98,7 +100,8 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
              prompt_lengths: torch.Tensor | None = None, temperature: float = 1.0,
              eta: float = 0.01, config: str = "aligned", context: str = "block_causal", window: str = "full",
              noise=None, bos_id: int | None = None, attention_backend: str | None = None,
-             sampler_backend: str = "reference", device: torch.device | str | None = None) -> GenerationResult:
+             sampler_backend: str = "reference", device: torch.device | str | None = None,
+             skip_unchanged: bool = True) -> GenerationResult:
     """Sample ``batch_size`` sequences of ``sched.length`` tokens (module docstring).
 
     Args:
@@ -125,6 +128,8 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
         sampler_backend: the ``gumbel_argmax`` backend of the draws: ``"reference"``, ``"kernels"`` (the
             fused kernel of the device, see ``hk.sampling.fused_backend``), ``"auto"`` or a named one;
             every backend draws the same tokens.
+        skip_unchanged: skip the model call of a step where no row changes (MDLM's p(x0) caching,
+            module docstring); False computes and discards that prediction (the tokens are the same).
 
     Returns:
         :class:`GenerationResult` with ``tokens`` LongTensor [B, d] (never MASK).
@@ -216,14 +221,17 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
                     x[:, a:b].reshape(-1).cpu(), p_transfer.reshape(-1), eta, mask_id, seed, t,
                     row_ids=row_ids[:, a:b].reshape(-1),
                     frozen=frozen[:, a:b].reshape(-1).cpu()).view(B, b - a)
-            if not bool(change.any()):
+            idle = not bool(change.any())
+            if idle and skip_unchanged:
                 continue
             start = int(cache.length.min()) if cache is not None else 0
             inputs = torch.cat([torch.full((B, 1), bos_id, device=device), x], 1) if shifted else x
             end = b + 1 if shifted else b
             mask = hk.masks.inference(sched, t, config, context, window).rows(slice(start, None)).to(device)
             wanted = torch.zeros(B, end - start, dtype=torch.bool)
-            wanted[:, a - start:b - start] = change  # cell a + j predicts position a + j in both configs
+            # cell a + j predicts position a + j in both configs; an idle step (skip_unchanged=False)
+            # computes the prediction of every active non-prompt row, as uncached MDLM does
+            wanted[:, a - start:b - start] = ~frozen[:, a:b].cpu() if idle else change
             positions = torch.arange(start, end, device=device).expand(B, -1)
             sigma = None
             if gamma_family:
@@ -238,6 +246,10 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
                                logits_rows=wanted.to(device), kv_cache=cache)
             calls, rows_fed = calls + 1, rows_fed + B * (end - start)
             logit_rows += int(wanted.sum())
+            if idle:  # nothing to sample: the logits are discarded
+                if cache is not None:
+                    cache.length.fill_(a)
+                continue
             chosen_ids = row_ids[:, a:b][change]
             window_tokens = x[:, a:b]
             if gamma_family:

@@ -47,3 +47,12 @@ def test_bandwidth_column_and_microsecond_medians():
     assert "| GB/s |" in text and "| TFLOP/s |" not in text
     assert "| 0.00400 |" in text  # 4 µs in ms, three significant digits
     assert "| 2500.0 |" in text and "| 0.004 |" in text and "gbps=" not in text
+
+
+def test_tokens_per_second_column():
+    rated = record()
+    for bench, rate in zip(rated["benchmarks"], (2048.0, 4096.0, 1024.0)):
+        bench["extra_info"]["tokens_per_s"] = rate
+    text = report.markdown(rated)
+    assert "| tokens/s |" in text and "| TFLOP/s |" not in text
+    assert "| 4.000 | 3.600 | 5 | 2048.0 | baseline |" in text and "tokens_per_s=" not in text

@@ -223,3 +223,15 @@ def test_flex_attention_backend_generates_the_same_tokens(model):
     flex = generate(model, sched, 2, 9, kv_cache=True, context="causal", attention_backend="flex")
     assert torch.equal(flex.tokens, reference.tokens)
     assert model.config.attention_backend == "reference"  # restored after the call
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_skip_unchanged_false_runs_the_model_on_idle_steps_with_the_same_tokens(model):
+    # More steps than positions, one sequence: many steps unmask nothing, and MDLM's caching skips them.
+    sched = hk.schedules.flat(8, 32)
+    for kv_cache in (False, True):
+        cached = generate(model, sched, 1, 21, method="original", kv_cache=kv_cache)
+        uncached = generate(model, sched, 1, 21, method="original", kv_cache=kv_cache, skip_unchanged=False)
+        assert torch.equal(uncached.tokens, cached.tokens)
+        assert cached.model_calls < uncached.model_calls == sched.num_steps
+        assert uncached.logit_rows > cached.logit_rows == 8  # each position once, plus discarded rows
