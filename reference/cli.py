@@ -364,7 +364,7 @@ def _run_sample(args: argparse.Namespace) -> int:
                   config=objective.config, context=objective.attention_context, window=objective.window,
                   bos_id=objective.bos_id)
     use_cache = not args.no_cache and hk.masks.kv_cacheable(sched, objective.config, objective.attention_context)
-    result = generate(model, sched, args.num_samples, args.seed, kv_cache=use_cache, **kwargs)
+    result = generate(model, sched, args.num_samples, args.seed, kv_cache=use_cache, progress=True, **kwargs)
     print(f"checkpoint step {step}, {sched!r}, method {args.method}, KV cache {'on' if use_cache else 'off'}")
     for i, row in enumerate(result.tokens.tolist()):
         print(f"--- sample {i}\n{tokenizer.decode(row)}")

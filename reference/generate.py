@@ -101,7 +101,7 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
              eta: float = 0.01, config: str = "aligned", context: str = "block_causal", window: str = "full",
              noise=None, bos_id: int | None = None, attention_backend: str | None = None,
              sampler_backend: str = "reference", device: torch.device | str | None = None,
-             skip_unchanged: bool = True) -> GenerationResult:
+             skip_unchanged: bool = True, progress: bool = False) -> GenerationResult:
     """Sample ``batch_size`` sequences of ``sched.length`` tokens (module docstring).
 
     Args:
@@ -130,6 +130,7 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
             every backend draws the same tokens.
         skip_unchanged: skip the model call of a step where no row changes (MDLM's p(x0) caching,
             module docstring); False computes and discards that prediction (the tokens are the same).
+        progress: show a tqdm bar over the steps (on stderr).
 
     Returns:
         :class:`GenerationResult` with ``tokens`` LongTensor [B, d] (never MASK).
@@ -207,7 +208,9 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
     calls = rows_fed = logit_rows = 0
     started = time.perf_counter()
     with torch.no_grad():
-        for t in range(sched.num_steps):
+        from tqdm import tqdm  # a declared dependency; imported here so that importing the module stays cheap
+
+        for t in tqdm(range(sched.num_steps), desc="generate", unit="step", disable=not progress, leave=False):
             a, b = sched.split(t)
             if a == b:
                 continue
