@@ -15,7 +15,7 @@ BENCH_ARGS   ?=
 # Sources whose change must rebuild the editable install (the C++/CUDA extension).
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: test bench demo venv cuda-compile-check clean
+.PHONY: test bench bench-smoke demo venv cuda-compile-check clean
 
 venv: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ test: venv
 bench: venv
 	@$(PY) scripts/install_missing.py matplotlib
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# Every benchmark once, untimed (CI runs this so that the suites cannot rot between GPU runs).
+bench-smoke: venv
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks --benchmark-disable
 
 # Train a tiny model on the bundled corpus for a few minutes, then sample with τ_Block + KV cache + ACS.
 DEMO_ARGS ?=
