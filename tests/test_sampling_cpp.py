@@ -380,8 +380,9 @@ def test_a_missing_extension_raises_instead_of_falling_back(monkeypatch):
 
 
 def test_a_missing_cuda_extension_raises_instead_of_falling_back(monkeypatch):
-    # As if the tensors were on a GPU, with a _C built without CUDA.
-    monkeypatch.setattr(gumbel_module, "_require_backend_device", lambda *args: None)
+    # As if the tensors were on a GPU (a "cuda" backend that accepts CPU tensors), with a _C built without CUDA.
+    as_if_on_gpu = gumbel_module._compiled_backend("cuda", "cpu", "gumbel_argmax_cuda", "test")
+    monkeypatch.setitem(gumbel_module._IMPLEMENTATIONS, "cuda", as_if_on_gpu)
     monkeypatch.setattr(_extension, "cuda_missing_reason", lambda: "_C was built without CUDA (test)")
     match = r"backend='cuda' needs hdlm_kernels._C built with CUDA.*without CUDA \(test\)"
     with pytest.raises(RuntimeError, match=match):

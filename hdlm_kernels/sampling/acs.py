@@ -32,6 +32,8 @@ mask (``acs_decisions``) with ``acs_step(..., logits_rows=rows)``.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -134,26 +136,12 @@ def acs_apply(
     x = _checked_tokens(x)
     if x.dtype != torch.int64:
         raise TypeError(f"x must be an int64 tensor [R] (updated in place); got dtype {x.dtype}")
-    num_rows = x.shape[0]
-    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
-    step = _integer("step", step, 0, None, "an int >= 0")
-    mask_id = _checked_mask_id(mask_id)
-    logits = _checked_logits(logits)
-    if logits.device != x.device:
-        raise ValueError(f"logits must be on x's device {x.device}; got a tensor on {logits.device}")
-    vocab = logits.shape[1]
-    if not 0 <= mask_id < vocab:
-        raise ValueError(f"mask_id must be a token id in [0, V) = [0, {vocab}) of logits; got {mask_id}")
-    row_ids = _checked_row_ids(row_ids, num_rows, vocab, x.device)
-    temperature = _checked_temperature(temperature)
-    _logits_row_lookup(rows, logits.shape[0], num_rows, x.device)  # shape, range and distinctness
+    draw = _checked_draw("acs_apply", x, logits, mask_id, seed, step, row_ids, temperature, backend)
+    _logits_row_lookup(rows, draw.logits.shape[0], x.shape[0], x.device)  # shape, range and distinctness
     rows = rows.to(device=x.device, dtype=torch.int64)
-    implementation = _implementation(backend, "acs_apply", x.device)
     if rows.numel() == 0:
         return 0
-    tokens, best = implementation(logits, None, row_ids[rows], seed, step, temperature,
-                                  _checked_exclude(mask_id, vocab, x.device), _checked_chunk_rows(None, vocab))
-    _check_winners(best, positions=rows)
+    tokens = _draw_rows(draw, rows, take=None)
     changed = int((x[rows] != tokens).sum())
     x[rows] = tokens
     return changed
@@ -198,25 +186,13 @@ def acs_step(
     """
     x = _checked_tokens(x)
     num_rows = x.shape[0]
-    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
-    step = _integer("step", step, 0, None, "an int >= 0")
-    mask_id = _checked_mask_id(mask_id)
+    draw = _checked_draw("acs_step", x, logits, mask_id, seed, step, row_ids, temperature, backend)
     eta = _checked_eta(eta)
     p_transfer = _checked_p_transfer(p_transfer, num_rows, x.device)
     frozen = _checked_frozen(frozen, num_rows, x.device)
-    logits = _checked_logits(logits)
-    if logits.device != x.device:
-        raise ValueError(f"logits must be on x's device {x.device}; got a tensor on {logits.device}")
-    vocab = logits.shape[1]
-    row_ids = _checked_row_ids(row_ids, num_rows, vocab, x.device)
-    temperature = _checked_temperature(temperature)
-    if not 0 <= mask_id < vocab:
-        raise ValueError(f"mask_id must be a token id in [0, V) = [0, {vocab}) of logits; got {mask_id}")
-    exclude = _checked_exclude(mask_id, vocab, x.device)
-    implementation = _implementation(backend, "acs_step", x.device)  # checked before any work
-    take_of_row = _logits_row_lookup(logits_rows, logits.shape[0], num_rows, x.device)
+    take_of_row = _logits_row_lookup(logits_rows, draw.logits.shape[0], num_rows, x.device)
 
-    change = _decisions(x, p_transfer, eta, mask_id, seed, step, row_ids, frozen)
+    change = _decisions(x, p_transfer, eta, draw.mask_id, draw.seed, draw.step, draw.row_ids, frozen)
     rows = change.nonzero().squeeze(1)
     x_new = x.to(torch.int64, copy=True)
     if rows.numel() == 0:
@@ -231,12 +207,7 @@ def acs_step(
                 f"logits_rows must include every row that changes; {int(missing.sum())} of the "
                 f"{rows.numel()} changing rows are missing, e.g. row {int(rows[missing][0])}"
             )
-    chunk_rows = _checked_chunk_rows(None, vocab)
-    tokens, best = implementation(
-        logits, take, row_ids[rows], seed, step, temperature, exclude, chunk_rows
-    )
-    _check_winners(best, positions=rows)
-    x_new[rows] = tokens
+    x_new[rows] = _draw_rows(draw, rows, take)
     return x_new
 
 
@@ -271,6 +242,44 @@ def acs_step_ref(
 
 
 # ---------------------------------------------------------------- internals
+
+
+class _Draw(NamedTuple):
+    """The checked arguments of the Gumbel-max draw of ``acs_step`` / ``acs_apply``."""
+
+    logits: torch.Tensor
+    mask_id: int
+    seed: int
+    step: int
+    row_ids: torch.Tensor
+    temperature: float
+    exclude: torch.Tensor
+    implementation: Callable
+
+
+def _checked_draw(op, x, logits, mask_id, seed, step, row_ids, temperature, backend) -> _Draw:
+    """The checks ``acs_step`` and ``acs_apply`` share, all made before any work (the backend too)."""
+    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
+    step = _integer("step", step, 0, None, "an int >= 0")
+    mask_id = _checked_mask_id(mask_id)
+    logits = _checked_logits(logits)
+    if logits.device != x.device:
+        raise ValueError(f"logits must be on x's device {x.device}; got a tensor on {logits.device}")
+    vocab = logits.shape[1]
+    row_ids = _checked_row_ids(row_ids, x.shape[0], vocab, x.device)
+    temperature = _checked_temperature(temperature)
+    if not 0 <= mask_id < vocab:
+        raise ValueError(f"mask_id must be a token id in [0, V) = [0, {vocab}) of logits; got {mask_id}")
+    exclude = _checked_exclude(mask_id, vocab, x.device)
+    return _Draw(logits, mask_id, seed, step, row_ids, temperature, exclude, _implementation(backend, op, x.device))
+
+
+def _draw_rows(draw: _Draw, rows: torch.Tensor, take: torch.Tensor | None) -> torch.Tensor:
+    """Tokens of ``rows`` of x (positions), from logits rows ``take`` (None: logits row k is rows[k])."""
+    tokens, best = draw.implementation(draw.logits, take, draw.row_ids[rows], draw.seed, draw.step,
+                                       draw.temperature, draw.exclude, _checked_chunk_rows(None, draw.logits.shape[1]))
+    _check_winners(best, positions=rows)
+    return tokens
 
 
 def _decisions(x, p_transfer, eta, mask_id, seed, step, row_ids, frozen) -> torch.Tensor:

@@ -230,65 +230,35 @@ def _gumbel_argmax_triton(
     )
 
 
-def _gumbel_argmax_cpp(
-    logits: torch.Tensor,
-    take: torch.Tensor | None,
-    row_ids: torch.Tensor,
-    seed: int,
-    step: int,
-    temperature: float,
-    exclude: torch.Tensor | None,
-    chunk_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The C++ backend (csrc/gumbel_cpu.cpp): CPU tensors, OpenMP over rows, bit-identical to the reference.
+def _compiled_backend(backend: str, device_type: str, operator_name: str, summary: str) -> Callable:
+    """A backend of ``_IMPLEMENTATIONS`` that calls the ``_C`` operator ``operator_name`` (the
+    reference backend's arguments, minus chunk_rows: the kernels keep no float64 temporaries).
+    It raises RuntimeError for tensors on another device, or when ``_C`` (or its CUDA part, or this
+    operator) is missing; it never falls back to another backend."""
+    where = "CPU" if device_type == "cpu" else "CUDA"
 
-    Reads logits through their strides (no copy, no float64 temporaries); chunk_rows is ignored. Raises
-    RuntimeError for tensors on another device, or when hdlm_kernels._C is not built."""
-    del chunk_rows  # one row at a time per thread
-    _require_backend_device("cpp", "cpu", logits)
-    extension = _extension.require_extension("gumbel_argmax", "cpp")
-    operator = _compiled_operator(extension, "gumbel_argmax_cpu")
-    return operator(logits, take, row_ids, seed, step, temperature, exclude)
+    def run(logits, take, row_ids, seed, step, temperature, exclude, chunk_rows):
+        if logits.device.type != device_type:
+            raise RuntimeError(
+                f"gumbel_argmax: backend={backend!r} runs on {where} tensors; got logits on {logits.device}")
+        extension = _extension.require_extension("gumbel_argmax", backend)
+        operator = getattr(extension, operator_name, None)
+        if operator is None:  # a _C built from older sources than this Python package
+            raise RuntimeError(
+                f"gumbel_argmax: hdlm_kernels._C has no {operator_name} (it was built from older sources); "
+                "reinstall with `pip install --no-build-isolation .`")
+        return operator(logits, take, row_ids, seed, step, temperature, exclude)
 
-
-def _gumbel_argmax_cuda(
-    logits: torch.Tensor,
-    take: torch.Tensor | None,
-    row_ids: torch.Tensor,
-    seed: int,
-    step: int,
-    temperature: float,
-    exclude: torch.Tensor | None,
-    chunk_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CUDA backend (csrc/gumbel_cuda.cu): one thread block per sampled row, bit-identical to the
-    reference.
-
-    CUDA tensors (row_ids, take and exclude on logits' device); chunk_rows is ignored. Raises
-    RuntimeError for tensors on another device, or when hdlm_kernels._C has no CUDA operators."""
-    del chunk_rows  # no float64 temporaries in memory
-    _require_backend_device("cuda", "cuda", logits)
-    extension = _extension.require_extension("gumbel_argmax", "cuda")
-    operator = _compiled_operator(extension, "gumbel_argmax_cuda")
-    return operator(logits, take, row_ids, seed, step, temperature, exclude)
+    run.__doc__ = summary
+    return run
 
 
-def _require_backend_device(backend: str, device_type: str, logits: torch.Tensor) -> None:
-    if logits.device.type != device_type:
-        where = "CPU" if device_type == "cpu" else "CUDA"
-        raise RuntimeError(
-            f"gumbel_argmax: backend={backend!r} runs on {where} tensors; got logits on {logits.device}"
-        )
-
-
-def _compiled_operator(extension, name: str) -> Callable:
-    operator = getattr(extension, name, None)
-    if operator is None:  # a _C built from older sources than this Python package
-        raise RuntimeError(
-            f"gumbel_argmax: hdlm_kernels._C has no {name} (it was built from older sources); reinstall "
-            "with `pip install --no-build-isolation .`"
-        )
-    return operator
+_gumbel_argmax_cpp = _compiled_backend(
+    "cpp", "cpu", "gumbel_argmax_cpu",
+    "The C++ backend (csrc/gumbel_cpu.cpp): OpenMP over rows, logits read through their strides.")
+_gumbel_argmax_cuda = _compiled_backend(
+    "cuda", "cuda", "gumbel_argmax_cuda",
+    "The CUDA backend (csrc/gumbel_cuda.cu): one thread block per sampled row.")
 
 
 # Backends that exist here; every entry takes the arguments of _gumbel_argmax_reference and returns the
@@ -324,12 +294,11 @@ def fused_backend(device: torch.device | str) -> str:
 
 
 def _compiled_backend_ready(backend: str) -> bool:
+    """Whether the ``_C`` operator behind ``backend`` ("cpp" or "cuda") is built here."""
     extension = _extension._C
-    if extension is None:
+    if extension is None or (backend == "cuda" and _extension.cuda_missing_reason()):
         return False
-    if backend == "cuda":
-        return not _extension.cuda_missing_reason() and hasattr(extension, "gumbel_argmax_cuda")
-    return hasattr(extension, "gumbel_argmax_cpu")
+    return hasattr(extension, "gumbel_argmax_cuda" if backend == "cuda" else "gumbel_argmax_cpu")
 
 
 def _triton_ready(device: torch.device) -> bool:
