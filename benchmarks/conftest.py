@@ -32,3 +32,15 @@ def device() -> torch.device:
 @pytest.fixture(scope="session")
 def on_gpu(device) -> bool:
     return device.type == "cuda"
+
+
+@pytest.fixture(scope="module")
+def threads(device) -> int:
+    """One intra-op thread on the CPU for the suites that time whole model steps (on a loaded 2-core
+    machine, oversubscribed threads make such timings swing by 10x); the default on a GPU. Restored
+    afterwards. Yields the thread count in use."""
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    yield torch.get_num_threads()
+    torch.set_num_threads(previous)

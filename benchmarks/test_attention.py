@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 import hdlm_kernels as hk
+from benchmarks.timing import median_seconds, synchronized
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -163,16 +164,6 @@ CONTENDERS = [ours_triton, ours_triton_atomic_dq, flex_compiled, sdpa_dense_mask
 BASELINE = sdpa_dense_mask
 
 
-def synchronized(fn: Callable, device: torch.device = DEVICE) -> Callable:
-    if device.type != "cuda":
-        return fn
-
-    def run(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def measure(benchmark, problem: Problem, contender, backward: bool) -> None:
@@ -200,8 +191,9 @@ def measure(benchmark, problem: Problem, contender, backward: bool) -> None:
     flops = 4 * case.pairs * D * B * H * (FWD_BWD_FLOPS if backward else 1)
     info = dict(shape=case.shape, dtype=str(DTYPE).replace("torch.", ""), schedule=problem.name,
                 density=round(case.pairs / case.length ** 2, 4), pairs=int(case.pairs), **case.notes)
-    if benchmark.stats:  # absent under --benchmark-disable
-        info["tflops"] = float(f"{flops / benchmark.stats.stats.median / 1e12:.4g}")
+    median = median_seconds(benchmark)
+    if median is not None:  # None under --benchmark-disable
+        info["tflops"] = float(f"{flops / median / 1e12:.4g}")
     if contender is BASELINE:
         info["baseline"] = True
     benchmark.extra_info.update(info)

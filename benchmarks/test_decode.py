@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 import hdlm_kernels as hk
+from benchmarks.timing import median_seconds, synchronized
 from hdlm_kernels import _extension
 
 GPU = torch.cuda.is_available()
@@ -211,16 +212,6 @@ CONTENDERS = [ours_triton, ours_cuda, ours_flex, ours_reference, flex_decoding, 
 BASELINE = sdpa_cache
 
 
-def synchronized(fn: Callable, device: torch.device = DEVICE) -> Callable:
-    if device.type != "cuda":
-        return fn
-
-    def run(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def measure(benchmark, problem: Problem, contender) -> None:
@@ -236,8 +227,8 @@ def measure(benchmark, problem: Problem, contender) -> None:
     kv_bytes = problem.kv_bytes
     info = dict(shape=problem.shape, dtype=str(DTYPE).replace("torch.", ""), kv_bytes=kv_bytes,
                 floor_us=float(f"{kv_bytes / ROOF_BYTES_PER_S * 1e6:.3g}"), **case.notes)
-    if benchmark.stats:  # absent under --benchmark-disable
-        median = benchmark.stats.stats.median
+    median = median_seconds(benchmark)
+    if median is not None:  # None under --benchmark-disable
         info["gbps"] = float(f"{kv_bytes / median / 1e9:.4g}")
         info["tflops"] = float(f"{problem.flops / median / 1e12:.4g}")
     if contender is BASELINE:

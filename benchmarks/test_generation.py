@@ -64,6 +64,7 @@ import pytest
 import torch
 
 import hdlm_kernels as hk
+from benchmarks.timing import median_seconds, synchronized
 from hdlm_reference.generate import GenerationResult, generate
 from hdlm_reference.model import DiT, ModelConfig
 
@@ -72,7 +73,6 @@ DEVICE = torch.device("cuda" if GPU else "cpu")
 PRESET, LENGTH, STEPS, BATCH = ("small", 1024, 1024, 8) if GPU else ("tiny", 64, 64, 8)
 DTYPE = torch.bfloat16 if GPU else torch.float32
 ROUNDS = 1 if GPU else 2
-THREADS = None if GPU else 1  # CPU: intra-op threads during the timing
 SEED = 1234
 GAMMA = 0.01  # γ-Hybrid's γ (the official default); SEDD is γ = 0
 ETA = 0.01  # ACS
@@ -141,14 +141,6 @@ def describe(sched: hk.schedules.Hyperschedule) -> str:
     return f"block w={sched.width} levels={sched.num_levels} T={sched.num_steps}"
 
 
-@pytest.fixture(scope="module")
-def threads():
-    """One intra-op thread on the CPU (module docstring), restored afterwards."""
-    previous = torch.get_num_threads()
-    if THREADS is not None:
-        torch.set_num_threads(THREADS)
-    yield torch.get_num_threads()
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -164,16 +156,6 @@ def models() -> dict[str, DiT]:
             "epsilon": build("epsilon")}
 
 
-def synchronized(fn):
-    if not GPU:
-        return fn
-
-    def run(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def measure(benchmark, models: dict[str, DiT], threads: int, contender, path: str) -> None:
@@ -215,8 +197,8 @@ def measure(benchmark, models: dict[str, DiT], threads: int, contender, path: st
         info["threads"] = threads
     if row.paper_a100_s is not None:
         info["paper_a100_s"] = row.paper_a100_s
-    if benchmark.stats:  # absent under --benchmark-disable
-        median = benchmark.stats.stats.median
+    median = median_seconds(benchmark)
+    if median is not None:  # None under --benchmark-disable
         info["seconds"] = float(f"{median:.4g}")
         info["tokens_per_s"] = float(f"{BATCH * LENGTH / median:.4g}")
     if (contender, path) == BASELINE:

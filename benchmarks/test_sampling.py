@@ -50,6 +50,7 @@ import pytest
 import torch
 
 import hdlm_kernels as hk
+from benchmarks.timing import median_seconds, synchronized
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -217,16 +218,6 @@ ACS_CONTENDERS = [acs_ours_cuda, acs_ours_triton, acs_ours_cpp, acs_ours_referen
 ACS_BASELINE = official_acs
 
 
-def synchronized(fn: Callable, device: torch.device = DEVICE) -> Callable:
-    if device.type != "cuda":
-        return fn
-
-    def run(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def measure(benchmark, case: Case, group: str, shape: str, rows_read: int, baseline: bool, **notes) -> None:
@@ -244,8 +235,8 @@ def measure(benchmark, case: Case, group: str, shape: str, rows_read: int, basel
                 **notes, **case.notes)
     if GPU:
         info["floor_us"] = float(f"{read_bytes / ROOF_BYTES_PER_S * 1e6:.3g}")
-    if benchmark.stats:  # absent under --benchmark-disable
-        median = benchmark.stats.stats.median
+    median = median_seconds(benchmark)
+    if median is not None:  # None under --benchmark-disable
         info["gbps"] = float(f"{read_bytes / median / 1e9:.4g}")
         info["elements_per_s"] = float(f"{elements / median:.4g}")
     if baseline:

@@ -34,6 +34,7 @@ import warnings
 import pytest
 import torch
 
+from benchmarks.timing import median_seconds, synchronized
 from hdlm_reference.model import DiT, ModelConfig
 from hdlm_reference.objective import ObjectiveConfig, PackedObjective
 
@@ -42,21 +43,12 @@ DEVICE = torch.device("cuda" if GPU else "cpu")
 PRESET, LENGTH, BATCH = ("small", 1024, 8) if GPU else ("tiny", 64, 4)
 SCHEDULES = [("block", 16), ("block", 256), ("slide", 256)] if GPU else [("block", 16), ("slide", 16)]
 ROUNDS, WARMUP_ROUNDS = (10, 2) if GPU else (5, 1)
-THREADS = None if GPU else 1
 # The trainer's defaults (hdlm_reference.trainer.TrainConfig).
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 3e-4, (0.9, 0.95), 0.1, 1.0
 BACKENDS = ["triton", "flex", "reference"]
 BASELINE = "reference"
 
 
-@pytest.fixture(scope="module")
-def threads():
-    """One intra-op thread on the CPU (module docstring), restored afterwards."""
-    previous = torch.get_num_threads()
-    if THREADS is not None:
-        torch.set_num_threads(THREADS)
-    yield torch.get_num_threads()
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +93,6 @@ def test_training_step(benchmark, threads, tokens, schedule, backend):
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         step += 1
-        if GPU:
-            torch.cuda.synchronize()
         return loss
 
     sched = objective.sched
@@ -114,7 +104,7 @@ def test_training_step(benchmark, threads, tokens, schedule, backend):
         for _ in range(0 if benchmark.disabled else WARMUP_ROUNDS):
             train_step()
         step = 0  # every contender times the same steps (same packing and noise draws)
-        loss = benchmark.pedantic(train_step, rounds=ROUNDS, warmup_rounds=0)
+        loss = benchmark.pedantic(synchronized(train_step), rounds=ROUNDS, warmup_rounds=0)
 
     info = dict(shape=f"B={BATCH} d={LENGTH} packed={2 * LENGTH} V={cfg.vocab_size}",
                 dtype="bf16 autocast" if GPU else "float32", backend=backend,
@@ -122,8 +112,8 @@ def test_training_step(benchmark, threads, tokens, schedule, backend):
                 context=objective.objective.attention_context)
     if not GPU:
         info["threads"] = threads
-    if benchmark.stats:  # absent under --benchmark-disable
-        median = benchmark.stats.stats.median
+    median = median_seconds(benchmark)
+    if median is not None:  # None under --benchmark-disable
         info["seconds"] = float(f"{median:.4g}")
         info["tokens_per_s"] = float(f"{BATCH * LENGTH / median:.4g}")
     if backend == BASELINE:

@@ -1,0 +1,27 @@
+"""Helpers every suite times with: a CUDA-synchronized call, and the median of a finished benchmark."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def synchronized(fn: Callable, device: torch.device | str | None = None) -> Callable:
+    """``fn`` followed by ``torch.cuda.synchronize()`` on a GPU (kernel launches are asynchronous, so
+    an unsynchronized timing measures the launch, not the work); ``fn`` itself on the CPU."""
+    on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if not on_gpu:
+        return fn
+
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def median_seconds(benchmark) -> float | None:
+    """The median of a finished pytest-benchmark run, or None under ``--benchmark-disable``."""
+    return benchmark.stats.stats.median if benchmark.stats else None
