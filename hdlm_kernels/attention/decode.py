@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from ..masks.interval_mask import IntervalMask
-from .reference import attention_ref
 
 __all__ = ["decode", "decode_ref", "DECODE_BACKENDS"]
 
@@ -130,7 +129,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
     Returns:
         ``[B, S, H, Dv]`` in q's dtype. Inference only: no autograd.
     """
-    from . import BACKENDS, _triton_importable, _triton_module, attention
+    from . import _triton_importable, _triton_module, attention
 
     context = "decode"
     if not isinstance(backend, str) or backend not in DECODE_BACKENDS:
@@ -156,9 +155,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
         return cuda_decode(q, keys, values, keys_mask, scale, num_splits)
     if backend == "triton":
         return _triton_module().attention_split_kv_triton(q, keys, values, keys_mask, scale, num_splits)[0]
-    assert backend in BACKENDS
-    return attention(q, keys, values, keys_mask, scale, backend=backend) if backend != "reference" else \
-        attention_ref(q, keys, values, keys_mask, scale)
+    return attention(q, keys, values, keys_mask, scale, backend=backend)  # "reference" or "flex"
 
 
 def _cuda_decode_fn(q: torch.Tensor):

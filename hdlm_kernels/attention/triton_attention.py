@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_device import built_for_interpreter, check_triton_device
 from ..masks.interval_mask import IntervalMask
 
 __all__ = ["attention_triton", "attention_forward_triton", "attention_split_kv_triton", "split_count",
@@ -310,7 +311,7 @@ def _attention_backward_q_kernel(
 
 def interpreted() -> bool:
     """Whether the kernels of this module were built for the Triton interpreter (CPU tensors)."""
-    return type(_attention_forward_kernel).__name__ == "InterpretedFunction"
+    return built_for_interpreter(_attention_forward_kernel)
 
 
 @dataclass(frozen=True)
@@ -350,17 +351,8 @@ def check_triton_inputs(q: torch.Tensor, context: str = "attention") -> None:
     if q.shape[-1] > _MAX_HEAD_DIM:
         raise ValueError(f"{context}: backend='triton' supports head dims up to {_MAX_HEAD_DIM}, got "
                          f"{q.shape[-1]}")
-    if q.device.type == "cuda":
-        if interpreted():
-            raise RuntimeError(f"{context}: the Triton kernels were built for the interpreter "
-                               "(TRITON_INTERPRET=1), which runs CPU tensors only, but the tensors are on "
-                               f"{q.device}; unset TRITON_INTERPRET to run them on the GPU")
-        return
-    if q.device.type != "cpu" or not interpreted():
-        raise RuntimeError(f"{context}: backend='triton' runs on CUDA tensors, or on CPU tensors under the "
-                           f"Triton interpreter (set TRITON_INTERPRET=1 before importing hdlm_kernels); "
-                           f"the tensors are on {q.device}")
-    if q.dtype == torch.bfloat16:
+    check_triton_device(q, context, interpreted())
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         raise TypeError(f"{context}: backend='triton' under the Triton interpreter cannot take bfloat16 (the "
                         "interpreter computes bfloat16 dot products wrongly); use float16 or float32 on the "
                         "CPU, or bfloat16 on a GPU")

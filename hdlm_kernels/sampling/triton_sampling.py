@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_device import built_for_interpreter
+from .._triton_device import check_triton_device as _check_triton_device
 from .log64 import LN2_HI, LN2_LO, LOG64_COEFFICIENTS
 
 __all__ = [
@@ -315,23 +317,12 @@ def _log64_kernel(X, OUT, CONSTS, numel, GUMBEL: tl.constexpr, BLOCK: tl.constex
 
 def interpreted() -> bool:
     """Whether the kernels of this module were built for the Triton interpreter (CPU tensors)."""
-    return type(_gumbel_argmax_kernel).__name__ == "InterpretedFunction"
+    return built_for_interpreter(_gumbel_argmax_kernel)
 
 
 def check_triton_device(tensor: torch.Tensor, context: str) -> None:
-    """Raise a clear RuntimeError when ``tensor`` cannot be processed by these kernels here: CUDA
-    tensors need kernels compiled for the GPU, CPU tensors kernels built for the interpreter."""
-    if tensor.device.type == "cuda":
-        if interpreted():
-            raise RuntimeError(f"{context}: the Triton kernels were built for the interpreter "
-                               "(TRITON_INTERPRET=1), which runs CPU tensors only, but the tensors are on "
-                               f"{tensor.device}; unset TRITON_INTERPRET to run them on the GPU")
-        return
-    if tensor.device.type != "cpu" or not interpreted():
-        raise RuntimeError(f"{context}: backend='triton' runs on CUDA tensors, or on CPU tensors under the "
-                           "Triton interpreter (set TRITON_INTERPRET=1 before the first backend='triton' "
-                           f"call or import of hdlm_kernels.sampling.triton_sampling); the tensors are on "
-                           f"{tensor.device}")
+    """Raise a clear RuntimeError when ``tensor`` cannot be processed by these kernels here."""
+    _check_triton_device(tensor, context, interpreted())
 
 
 _CONSTANTS: dict[torch.device, torch.Tensor] = {}
