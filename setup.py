@@ -35,8 +35,10 @@ from setuptools.command.build_ext import build_ext as SetuptoolsBuildExt
 
 EXTENSION_NAME = "hdlm_kernels._C"
 BUILD_INFO_FILE = "_build_info.json"
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/uniform53_cpu.cpp", "csrc/gumbel_cpu.cpp"]
-CUDA_SOURCES = ["csrc/uniform53_cuda.cu", "csrc/gumbel_cuda.cu", "csrc/decode_attention_cuda.cu"]
+CPU_SOURCES = ["csrc/bindings.cpp", "csrc/uniform53_cpu.cpp", "csrc/gumbel_cpu.cpp", "csrc/hybrid_cpu.cpp"]
+CUDA_SOURCES = [
+    "csrc/uniform53_cuda.cu", "csrc/gumbel_cuda.cu", "csrc/hybrid_cuda.cu", "csrc/decode_attention_cuda.cu",
+]
 # -ffp-contract=off: no fused multiply-add in host code (log64.h must round every operation separately).
 CXX_FLAGS = ["-O3", "-ffp-contract=off"]
 # No fast-math: the samplers must stay bit-identical to the CPU path. -lineinfo costs no speed.

@@ -99,7 +99,7 @@ build_info = json.load(open(f"{lib}/hdlm_kernels/_build_info.json"))
 print("built:", path)
 print("build info:", json.dumps({k: build_info[k] for k in ("cpp", "cuda", "with_cuda", "torch_version", "cuda_arch_list")}))
 # Every CUDA operator the Python side dispatches to must be in the module.
-expected = ("uniform53_cuda", "decode_attention_cuda", "gumbel_argmax_cuda")
+expected = ("uniform53_cuda", "decode_attention_cuda", "gumbel_argmax_cuda", "hybrid_step_cuda")
 missing = [name for name in expected if not hasattr(module, name)]
 if not module.with_cuda or missing:
     sys.exit(f"the built hdlm_kernels._C lacks CUDA operators: {missing or 'all (with_cuda is False)'}")

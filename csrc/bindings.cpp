@@ -4,6 +4,7 @@
 
 #include "decode_attention.h"
 #include "gumbel.h"
+#include "hybrid.h"
 #include "uniform53.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -29,6 +30,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "log64 (or, with gumbel=True, -log64(-log64 x)) of a float64 CPU tensor, same shape");
   m.def("log64_constants", &hdlm::log64_constants,
         "the constants of log64.h: the Horner coefficients C[0..10], LN2_HI, LN2_LO");
+  m.def("hybrid_step_cpu", &hdlm::hybrid_step_cpu, pybind11::arg("log_score"), pybind11::arg("x"),
+        pybind11::arg("coefficients"), pybind11::arg("row_ids"), pybind11::arg("mask_id"), pybind11::arg("seed"),
+        pybind11::arg("step"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "fused γ-hybrid step of CPU log-scores [R, V] (current tokens x, constants c1..c6 [R, 6], identities "
+        "`row_ids`) -> (tokens int64 [R], winning scores float64 [R]: NaN for a bad row, -inf without weight)");
+  m.def("exp64_cpu", &hdlm::exp64_cpu, pybind11::arg("x"), "exp64 of a float64 CPU tensor, same shape");
+  m.def("exp64_constants", &hdlm::exp64_constants,
+        "the constants of exp64 in log64.h: the Horner coefficients E[0..13] = 1/n!, INV_LN2, EXP64_MIN");
 #ifdef HDLM_WITH_CUDA
   m.def("uniform53_cuda", &hdlm::uniform53_cuda, pybind11::arg("seed"), pybind11::arg("step"),
         pybind11::arg("stream"), pybind11::arg("index"),
@@ -38,6 +47,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("exclude"),
         "FP64 Gumbel-max of CUDA logits [K, V] (rows `take` or all, identities `row_ids`) -> (tokens int64 [n], "
         "winning scores float64 [n])");
+  m.def("hybrid_step_cuda", &hdlm::hybrid_step_cuda, pybind11::arg("log_score"), pybind11::arg("x"),
+        pybind11::arg("coefficients"), pybind11::arg("row_ids"), pybind11::arg("mask_id"), pybind11::arg("seed"),
+        pybind11::arg("step"),
+        "fused γ-hybrid step of CUDA log-scores [R, V] (current tokens x, constants c1..c6 [R, 6], identities "
+        "`row_ids`) -> (tokens int64 [R], winning scores float64 [R]: NaN for a bad row, -inf without weight)");
   m.def("decode_attention_cuda", &hdlm::decode_attention_cuda, pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("v"), pybind11::arg("prefix_end"), pybind11::arg("window_start"),
         pybind11::arg("window_end"), pybind11::arg("scale"), pybind11::arg("num_splits"),

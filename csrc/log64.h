@@ -1,6 +1,6 @@
-// The float64 logarithm of hdlm_kernels/sampling/log64.py, operation by operation, and the Gumbel noise
-// built on it (DESIGN.md §6). Header-only so that the C++ CPU path and the CUDA path compile the very
-// same recipe, which the torch, NumPy and Triton twins follow too: every step is exact (bit
+// The float64 logarithm and exponential of hdlm_kernels/sampling/log64.py, operation by operation, and
+// the Gumbel noise built on the logarithm (DESIGN.md §6). Header-only so that the C++ CPU path and the
+// CUDA path compile the very same recipe, which the torch, NumPy and Triton twins follow too: every step is exact (bit
 // extraction, Sterbenz subtraction, int -> double) or one correctly rounded IEEE operation, in one
 // fixed order, so every backend returns the same bits.
 //
@@ -42,6 +42,32 @@ HDLM_HOST_DEVICE inline double div_rn(double a, double b) {
 #endif
 }
 
+HDLM_HOST_DEVICE inline double sub_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// int64 -> double rounded to nearest (as torch's .to(torch.float64)); exact below 2^53.
+HDLM_HOST_DEVICE inline double int64_to_double_rn(int64_t v) {
+#ifdef __CUDA_ARCH__
+  return __ll2double_rn(static_cast<long long>(v));
+#else
+  return static_cast<double>(v);
+#endif
+}
+
+// double -> int64 truncated toward zero (as torch's .to(torch.int64)); v must fit in int64.
+HDLM_HOST_DEVICE inline int64_t double_to_int64_rz(double v) {
+#ifdef __CUDA_ARCH__
+  return static_cast<int64_t>(__double2ll_rz(v));
+#else
+  return static_cast<int64_t>(v);
+#endif
+}
+
 namespace log64_detail {
 
 // C[k] = 1 / (2k + 1) as the correctly rounded doubles of LOG64_COEFFICIENTS (tests compare them
@@ -60,6 +86,26 @@ constexpr double kC10 = 0x1.8618618618618p-5;
 // ln 2 split so that e * LN2_HI is exact for |e| < 2^11 (LN2_HI has 32 trailing zero bits).
 constexpr double kLn2Hi = 0x1.62e42fee00000p-1;
 constexpr double kLn2Lo = 0x1.a39ef35793c76p-33;
+
+// E[n] = 1 / n!, n = 0..13, the correctly rounded doubles of EXP64_COEFFICIENTS[:14] (tests compare them
+// through _C.exp64_constants).
+constexpr double kE0 = 0x1.0000000000000p+0;
+constexpr double kE1 = 0x1.0000000000000p+0;
+constexpr double kE2 = 0x1.0000000000000p-1;
+constexpr double kE3 = 0x1.5555555555555p-3;
+constexpr double kE4 = 0x1.5555555555555p-5;
+constexpr double kE5 = 0x1.1111111111111p-7;
+constexpr double kE6 = 0x1.6c16c16c16c17p-10;
+constexpr double kE7 = 0x1.a01a01a01a01ap-13;
+constexpr double kE8 = 0x1.a01a01a01a01ap-16;
+constexpr double kE9 = 0x1.71de3a556c734p-19;
+constexpr double kE10 = 0x1.27e4fb7789f5cp-22;
+constexpr double kE11 = 0x1.ae64567f544e4p-26;
+constexpr double kE12 = 0x1.1eed8eff8d898p-29;
+constexpr double kE13 = 0x1.6124613a86d09p-33;
+constexpr double kInvLn2 = 0x1.71547652b82fep+0;  // 1 / ln 2, correctly rounded (INV_LN2)
+// exp64 is 0 below (EXP64_MIN): above it k >= -1021, so p * 2^k stays a normal double.
+constexpr double kExp64Min = -708.0;
 
 constexpr uint64_t kMantissaMask = (uint64_t{1} << 52) - 1;
 constexpr uint64_t kExponentOne = uint64_t{1023} << 52;  // the bit pattern of 1.0
@@ -116,6 +162,39 @@ HDLM_HOST_DEVICE inline double log64(double x) {
   p = add_rn(mul_rn(p, z), kC0);
   const double e = static_cast<double>(exponent);  // |e| < 2^11: exact
   return add_rn(mul_rn(e, kLn2Hi), add_rn(mul_rn(e, kLn2Lo), mul_rn(add_rn(s, s), p)));
+}
+
+// e^x for x <= 708 (and 0 for x < -708, -inf and NaN); bit-identical to log64.py's exp64:
+//   t = x / ln 2 (as x * INV_LN2);  k = t rounded half away from zero (truncation of t +- 0.5)
+//   r = (x - k * LN2_HI) - k * LN2_LO   (|r| <= ~0.347; k * LN2_HI exact)
+//   p = E[13];  p = p * r + E[n] for n = 12 .. 0   (Horner on 1/n!)
+//   e^x = p * 2^k                       (2^k from its bit pattern: exact)
+HDLM_HOST_DEVICE inline double exp64(double x) {
+  using namespace log64_detail;
+  if (!(x >= kExp64Min)) {  // written so that NaN lands here too, as the torch twin's `live` mask
+    return 0.0;
+  }
+  const double t = mul_rn(x, kInvLn2);
+  const int64_t k = double_to_int64_rz(t >= 0.0 ? add_rn(t, 0.5) : sub_rn(t, 0.5));
+  const double kf = int64_to_double_rn(k);  // |k| < 2^11: exact
+  const double r = sub_rn(sub_rn(x, mul_rn(kf, kLn2Hi)), mul_rn(kf, kLn2Lo));
+  double p = kE13;
+  p = add_rn(mul_rn(p, r), kE12);
+  p = add_rn(mul_rn(p, r), kE11);
+  p = add_rn(mul_rn(p, r), kE10);
+  p = add_rn(mul_rn(p, r), kE9);
+  p = add_rn(mul_rn(p, r), kE8);
+  p = add_rn(mul_rn(p, r), kE7);
+  p = add_rn(mul_rn(p, r), kE6);
+  p = add_rn(mul_rn(p, r), kE5);
+  p = add_rn(mul_rn(p, r), kE4);
+  p = add_rn(mul_rn(p, r), kE3);
+  p = add_rn(mul_rn(p, r), kE2);
+  p = add_rn(mul_rn(p, r), kE1);
+  p = add_rn(mul_rn(p, r), kE0);
+  // The exponent field k + 1023 in unsigned arithmetic: the same 64 bits as the torch twin's int64 shift.
+  const double scale = double_of(static_cast<uint64_t>(k + 1023) << 52);
+  return mul_rn(p, scale);
 }
 
 // Gumbel noise g = -log(-log u) of a uniform u in (0, 1), as log64.py's gumbel_noise (negation is

@@ -383,3 +383,26 @@ def test_repeated_row_ids_and_huge_vocabularies_are_refused():
     huge = torch.zeros(1, 2**31, dtype=torch.bfloat16, device="meta")
     with pytest.raises(ValueError, match="V < 2\\^31 tokens; got V = 2147483648"):
         gumbel_argmax(huge, 1, 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_deferred_draw_is_the_same_draw_and_reports_bad_rows_instead_of_raising(backend):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 300, generator=g)
+    row_ids = torch.randperm(1000, generator=g)[:40]
+    exclude = torch.tensor([0, 299])
+    tokens, failed = hk.sampling.gumbel_argmax_deferred(logits, 7, 2, row_ids, 0.8, exclude, backend=backend)
+    assert torch.equal(tokens, gumbel_argmax(logits, 7, 2, row_ids, 0.8, exclude, backend="reference"))
+    assert failed.dtype == torch.bool and failed.dim() == 0 and not bool(failed)
+    logits[5, 17] = math.nan
+    _, failed = hk.sampling.gumbel_argmax_deferred(logits, 7, 2, row_ids, backend=backend)
+    assert bool(failed)
+    logits[5] = -math.inf
+    _, failed = hk.sampling.gumbel_argmax_deferred(logits, 7, 2, row_ids, backend=backend)
+    assert bool(failed)
+    with pytest.raises(TypeError, match="row_ids must be an int64 tensor on cpu; got torch.int32"):
+        hk.sampling.gumbel_argmax_deferred(logits, 7, 2, row_ids.int())
+    with pytest.raises(ValueError, match=r"row_ids must have shape \[R\] = \[40\]; got shape \(39,\)"):
+        hk.sampling.gumbel_argmax_deferred(logits, 7, 2, row_ids[1:])
+    with pytest.raises(TypeError, match="exclude must be an int64 tensor"):
+        hk.sampling.gumbel_argmax_deferred(logits, 7, 2, row_ids, exclude=[0])

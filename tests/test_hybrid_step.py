@@ -277,3 +277,39 @@ def test_bad_arguments_raise():
         step(x, s, 1.0, 0.5, 0.1, 4, 0, 0, backend="gpu")
     with pytest.raises(ValueError, match="seed must be an int in"):
         step(x, s, 1.0, 0.5, 0.1, 4, -1, 0)
+
+
+# ------------------------------------------------------------------ the fused form's edges
+
+
+def test_log_scores_beyond_the_float64_exponent_range_are_scaled_not_overflowed():
+    """Weights are scaled by e^{-max}: log-scores of 800 (e^800 overflows) give the draw of the same
+    row shifted down by 800 (the analytic weights of a MASK row are homogeneous in r for γ = 0)."""
+    vocab, mask_id = 7, 6
+    x = torch.full((200,), mask_id)
+    g = torch.Generator().manual_seed(2)
+    log_score = torch.randn(200, vocab, generator=g, dtype=torch.float64)
+    args = (1.0, 0.0, 0.0, mask_id, 3, 4)  # final step: MASK excluded, the rest proportional to r
+    low = hk.sampling.hybrid_step(x, log_score, *args, backend="reference")
+    high = hk.sampling.hybrid_step(x, log_score + 800.0, *args, backend="reference")
+    assert torch.equal(low, high)
+    probs = hybrid_probs(x[:1], log_score[:1] + 800.0, 1.0, 0.0, 0.0, mask_id)
+    expected = torch.softmax(log_score[0, :mask_id], 0)
+    torch.testing.assert_close(probs[0, :mask_id], expected, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_deferred_step_is_the_same_step_and_reports_bad_rows_instead_of_raising(backend):
+    vocab, mask_id = 9, 8
+    x, log_score, now, nxt, final = random_inputs(64, vocab, mask_id, seed=12)
+    row_ids = torch.arange(64) * 3 + 1
+    args = (x, log_score, now, nxt, 0.1, mask_id, 5, 6, row_ids)
+    tokens, failed = hk.sampling.hybrid_step_deferred(*args, final=final, backend=backend)
+    assert torch.equal(tokens, hk.sampling.hybrid_step(*args, final=final, backend="reference"))
+    assert not bool(failed)
+    log_score[3, (int(x[3]) + 1) % mask_id] = math.nan
+    assert bool(hk.sampling.hybrid_step_deferred(*args, final=final, backend=backend)[1])
+    with pytest.raises(ValueError, match="log_score must hold finite values or -inf"):
+        hk.sampling.hybrid_step(*args, final=final, backend=backend)
+    with pytest.raises(TypeError, match="row_ids must be an int64 tensor"):
+        hk.sampling.hybrid_step_deferred(*args[:-1], row_ids.int(), backend=backend)

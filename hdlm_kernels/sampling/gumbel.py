@@ -41,7 +41,7 @@ import torch
 
 from .. import _extension
 from .log64 import gumbel_noise
-from .philox import SEED_LIMIT, _integer, _integer_tensor, uniform53, uniform53_ref
+from .philox import SEED_LIMIT, _integer, _integer_tensor, _uniform53_numpy, uniform53_ref
 
 GUMBEL_STREAM = 0  # DESIGN.md §6: stream 0 = Gumbel noise, element e = row_id * V + v
 
@@ -111,6 +111,42 @@ def gumbel_argmax(
     tokens, best = implementation(logits, None, row_ids, seed, step, temperature, exclude, chunk_rows)
     _check_winners(best)
     return tokens
+
+
+def gumbel_argmax_deferred(
+    logits: torch.Tensor,
+    seed: int,
+    step: int,
+    row_ids: torch.Tensor,
+    temperature: float = 1.0,
+    exclude: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gumbel_argmax`` without a host synchronization, for generation loops that keep the device busy.
+
+    Same draw as ``gumbel_argmax``, but nothing that needs a tensor's values on the host is checked
+    (types, dtypes, shapes and devices still are). The caller guarantees what ``gumbel_argmax`` would
+    check: ``row_ids`` (required) int64 on logits' device, distinct, >= 0, with row_id·V + V - 1 <
+    2^63; ``exclude`` None or an int64 tensor of sorted distinct ids in [0, V) on logits' device that
+    leaves a token. Rows ``gumbel_argmax`` rejects (a NaN logit, no candidate) are reported instead.
+
+    Returns:
+        (tokens LongTensor [R], failed): ``failed`` is a 0-d bool tensor on logits' device, True when
+        some row would have raised in ``gumbel_argmax`` (its token is then meaningless); read it when
+        the caller synchronizes anyway, e.g. at the end of generation.
+    """
+    logits = _checked_logits(logits)
+    num_rows, vocab = logits.shape
+    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
+    step = _integer("step", step, 0, None, "an int >= 0")
+    _check_index_tensor("row_ids", row_ids, logits.device, num_rows)
+    if exclude is not None:
+        _check_index_tensor("exclude", exclude, logits.device)
+    temperature = _checked_temperature(temperature)
+    implementation = _implementation(backend, "gumbel_argmax", logits.device)
+    tokens, best = implementation(logits, None, row_ids, seed, step, temperature, exclude,
+                                  _checked_chunk_rows(None, vocab))
+    return tokens, (torch.isnan(best) | (best == -torch.inf)).any()
 
 
 def gumbel_argmax_ref(
@@ -230,24 +266,26 @@ def _gumbel_argmax_triton(
     )
 
 
-def _compiled_backend(backend: str, device_type: str, operator_name: str, summary: str) -> Callable:
-    """A backend of ``_IMPLEMENTATIONS`` that calls the ``_C`` operator ``operator_name`` (the
-    reference backend's arguments, minus chunk_rows: the kernels keep no float64 temporaries).
-    It raises RuntimeError for tensors on another device, or when ``_C`` (or its CUDA part, or this
-    operator) is missing; it never falls back to another backend."""
+def _compiled_backend(backend: str, device_type: str, operator_name: str, summary: str,
+                      op: str = "gumbel_argmax", first_name: str = "logits") -> Callable:
+    """A backend that calls the ``_C`` operator ``operator_name`` with the reference backend's
+    arguments minus the last one, chunk_rows (the kernels keep no float64 temporaries). Its first
+    argument (the logits or log-scores) must be on ``device_type``. It raises RuntimeError for
+    tensors on another device, or when ``_C`` (or its CUDA part, or this operator) is missing; it
+    never falls back to another backend."""
     where = "CPU" if device_type == "cpu" else "CUDA"
 
-    def run(logits, take, row_ids, seed, step, temperature, exclude, chunk_rows):
-        if logits.device.type != device_type:
+    def run(first, *rest):
+        if first.device.type != device_type:
             raise RuntimeError(
-                f"gumbel_argmax: backend={backend!r} runs on {where} tensors; got logits on {logits.device}")
-        extension = _extension.require_extension("gumbel_argmax", backend)
+                f"{op}: backend={backend!r} runs on {where} tensors; got {first_name} on {first.device}")
+        extension = _extension.require_extension(op, backend)
         operator = getattr(extension, operator_name, None)
         if operator is None:  # a _C built from older sources than this Python package
             raise RuntimeError(
-                f"gumbel_argmax: hdlm_kernels._C has no {operator_name} (it was built from older sources); "
+                f"{op}: hdlm_kernels._C has no {operator_name} (it was built from older sources); "
                 "reinstall with `pip install --no-build-isolation .`")
-        return operator(logits, take, row_ids, seed, step, temperature, exclude)
+        return operator(first, *rest[:-1])
 
     run.__doc__ = summary
     return run
@@ -309,10 +347,13 @@ def _triton_ready(device: torch.device) -> bool:
     return (device.type == "cuda") != triton_sampling.interpreted()
 
 
-def _implementation(backend: str, op: str, device: torch.device | None = None) -> Callable:
-    """The backend function for ``op`` on ``device``. ``"auto"`` takes the fused kernel when one
-    exists for the device (:func:`fused_backend`) and the reference otherwise; ``"kernels"`` insists
-    on the fused kernel; a named backend that does not exist raises."""
+def _implementation(backend: str, op: str, device: torch.device | None = None,
+                    implementations: dict[str, Callable] | None = None) -> Callable:
+    """The backend function for ``op`` on ``device``, from ``implementations`` (default: the
+    ``gumbel_argmax`` backends). ``"auto"`` takes the fused kernel when one exists for the device
+    (:func:`fused_backend`) and the reference otherwise; ``"kernels"`` insists on the fused kernel;
+    a named backend that does not exist raises."""
+    implementations = _IMPLEMENTATIONS if implementations is None else implementations
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     if backend in ("auto", "kernels"):
@@ -322,24 +363,28 @@ def _implementation(backend: str, op: str, device: torch.device | None = None) -
             if backend == "kernels":
                 raise
             backend = "reference"
-    if backend not in _IMPLEMENTATIONS:
-        available = ", ".join(map(repr, _IMPLEMENTATIONS))
+    if backend not in implementations:
+        available = ", ".join(map(repr, implementations))
         raise RuntimeError(
             f"{op} with backend={backend!r} is not implemented yet; available backends: {available} "
             f"(or 'auto')"
         )
-    return _IMPLEMENTATIONS[backend]
+    return implementations[backend]
 
 
 def _stream_uniforms(seed: int, step: int, stream: int, elements: torch.Tensor) -> torch.Tensor:
     """uniform53 on elements' device: the compiled stream when built for that device, else the NumPy
     twin (copied over). All of them are bit-identical (tests/test_philox.py), so this choice never
-    changes a draw; it only saves the reference sampler from failing where _C lacks CUDA."""
+    changes a draw; it only saves the reference sampler from failing where _C lacks CUDA.
+
+    ``elements`` are int64 ids >= 0 built by the caller from checked row ids, so the operators are
+    called directly, without ``uniform53``'s validation (which reads the ids on the host)."""
+    step &= 0xFFFFFFFF
     if elements.device.type == "cpu" and _extension._C is not None:
-        return uniform53(seed, step, stream, elements, backend="cpp")
+        return _extension._C.uniform53_cpu(seed, step, stream, elements)
     if elements.device.type == "cuda" and not _extension.cuda_missing_reason():
-        return uniform53(seed, step, stream, elements, backend="cuda")
-    return uniform53_ref(seed, step, stream, elements)
+        return _extension._C.uniform53_cuda(seed, step, stream, elements)
+    return _uniform53_numpy(seed, step, stream, elements)
 
 
 # ---------------------------------------------------------------- argument checks
@@ -391,6 +436,16 @@ def _checked_row_ids(row_ids, num_rows: int, vocab: int, device: torch.device) -
             raise ValueError(f"row_ids must be distinct (a row's noise is keyed by its id); {repeated} "
                              f"appears {int(counts.max())} times")
     return row_ids
+
+
+def _check_index_tensor(name: str, value, device: torch.device, length: int | None = None) -> None:
+    """Metadata-only check of an int64 [length] tensor on ``device`` (the deferred entry points)."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or value.device != device:
+        raise TypeError(f"{name} must be an int64 tensor on {device}; got "
+                        f"{getattr(value, 'dtype', type(value).__name__)} on {getattr(value, 'device', '-')}")
+    if value.dim() != 1 or (length is not None and value.shape[0] != length):
+        expected = "[R]" if length is None else f"[R] = [{length}]"
+        raise ValueError(f"{name} must have shape {expected}; got shape {tuple(value.shape)}")
 
 
 def _checked_temperature(temperature) -> float:

@@ -80,6 +80,34 @@ Differences from the official γ samplers (notes §5.2):
 6. ``method="euler"`` runs; the official ``EulerPredictor`` has a signature its samplers cannot call
    (TypeError), so only ``analytic`` runs there.
 
+The fused form (what every backend computes, bit for bit). Per row, the wrapper computes six float64
+constants ``c1..c6`` from x, Δ, γ, N and ``final`` (``step_coefficients``, with ``exp64`` and
+``expm1_64`` so that they are the same bits on every device), and each backend then runs, with
+``s`` the log-score row widened exactly to float64 and "read" meaning real ``y ≠ x``:
+
+    pass 1   m = max(read s_y), max(m, 0) if x is real (r_x = 1 is a ratio too), then max(m, -708);
+             a NaN or +inf read entry marks the row bad (the caller raises)
+    pass 2   r'_y = exp64(s_y - m) in [0, 1];  S_o = Σ_read r'_y as a fixed-point sum (two int64
+             accumulators of trunc(r'·2^32) and trunc(frac(r'·2^32)·2^31), then
+             double(hi)·2^-32 + double(lo)·2^-63): the same bits in any order of additions
+             u = exp64(-m) (the scaled "1");  S = S_o + c3·u
+    pass 3   w_y = c1·(r'_y - c2·S)        (read y)
+             w_x = c4·(c5·u - c6·S)        (the current cell, x real or x = MASK)
+             w_M = 0                       (x real)
+             log w = log64(w) if w >= 2^-1022 else -inf;  score_y = log w_y + g_y;  argmax
+
+Scaling every weight of a row by ``e^{-m}`` does not change the draw, keeps every ratio in [0, 1] (so
+log-scores far above 709 no longer overflow) and keeps S >= 1 whenever the row has a ratio of at
+least e^{-708}, so the fixed-point sum loses nothing a float64 sum would keep. The constants:
+
+    analytic, x = MASK:  c1 = 1-A, c2 = (1-B)/N, c3 = 0, c4 = B (0 if final), c5 = A, c6 = 1-A
+    analytic, x real:    c1 = (1-B)/N, c2 = (1-B)/N, c3 = 1, c4 = (1-B)/N + B, c5 = 1, c6 = (1-B)/N
+    euler:               c1 = rate, c2 = 0, c3 = 0, c4 = 1 (0 for a final MASK row), c5 = 1, c6 = rate
+
+which are the formulas above with ``r_x = 1`` scaled to ``u``. The kernels read the log-scores three
+times (max, sum, race) in their own dtype and never hold a row in float64; the torch reference
+(``backend="reference"``) does the same arithmetic on float64 chunks of rows.
+
 ``hybrid_step_ref`` is the dense twin (``[V, V]`` operators of Eq. 7g at ±Δ and matrix-vector
 products, for tiny V) used by the tests; ``hybrid_probs`` / ``hybrid_probs_ref`` return the
 normalized step distribution ``[R, V]`` (float64, for tests and inspection only).
@@ -87,23 +115,39 @@ normalized step distribution ``[R, V]`` (float64, for tests and inspection only)
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 
 import torch
 
 from .gumbel import (
+    GUMBEL_STREAM,
     LOGITS_DTYPES,
     _checked_chunk_rows,
+    _check_index_tensor,
     _checked_row_ids,
+    _compiled_backend,
     _implementation,
+    _stream_uniforms,
     gumbel_argmax_ref,
 )
+from .log64 import EXP64_MIN, exp64, expm1_64, gumbel_noise, log64
 from .philox import SEED_LIMIT, _integer
 
 METHODS = ("analytic", "euler")
 
-__all__ = ["hybrid_step", "hybrid_step_ref", "hybrid_probs", "hybrid_probs_ref", "METHODS"]
+__all__ = ["hybrid_step", "hybrid_step_deferred", "hybrid_step_ref", "hybrid_probs", "hybrid_probs_ref", "step_coefficients", "METHODS"]
+
+# The fixed-point sum of a row's scaled ratios r' in [0, 1] (module docstring, "The fused form"): two
+# int64 accumulators of trunc(r' · 2^32) and of the next 31 bits, exact for any order of additions
+# and any V < 2^31 (V · 2^32 < 2^63 and V · 2^31 < 2^62).
+FIXED_HI_SCALE = 2.0**32
+FIXED_LO_SCALE = 2.0**31
+FIXED_HI_UNIT = 2.0**-32
+FIXED_LO_UNIT = 2.0**-63
+SMALLEST_WEIGHT = 2.0**-1022  # weights below (subnormal or <= 0) count as 0: log64 needs normal inputs
+
 
 
 def hybrid_step(
@@ -139,10 +183,11 @@ def hybrid_step(
             ``"euler"`` (first order in Δ).
         final: bool or bool tensor [R]: rows that must not end on MASK (their last step, level 0
             next). Rows with ``sigma_next == 0`` are final whatever this says.
-        backend: the ``gumbel_argmax`` backend of the draw ("auto", "reference", ...); the weights
-            are computed with torch ops in float64 chunks.
-        chunk_rows: rows per chunk (float64 temporaries of chunk_rows·V·8 bytes); default as
-            ``gumbel_argmax``. Does not change the result.
+        backend: "auto" (the fused kernel of x's device, see ``hk.sampling.fused_backend``, else the
+            reference), "kernels" (the fused kernel or RuntimeError), "reference", "cpp", "triton" or
+            "cuda"; every backend returns the same tokens (the fused form of the module docstring).
+        chunk_rows: rows per chunk of the reference backend (float64 temporaries of chunk_rows·V·8
+            bytes); default as ``gumbel_argmax``. Does not change the result.
 
     Returns:
         LongTensor [R] on x's device: the tokens after the step (x is not modified).
@@ -158,19 +203,53 @@ def hybrid_step(
     num_rows, vocab = log_score.shape
     row_ids = _checked_row_ids(row_ids, num_rows, vocab, x.device)
     chunk_rows = _checked_chunk_rows(chunk_rows, vocab)
-    implementation = _implementation(backend, "hybrid_step", x.device)  # checked before any work
-    tokens = torch.empty(num_rows, dtype=torch.int64, device=x.device)
-    for start in range(0, num_rows, chunk_rows):
-        stop = min(start + chunk_rows, num_rows)
-        part = slice(start, stop)
-        weights = _weights(x[part], log_score[part], now[part], nxt[part], gamma, mask_id, method,
-                           final[part], start)
-        drawn, best = implementation(weights.log_(), None, row_ids[part], seed, step, 1.0, None,
-                                     stop - start)
-        del weights
-        _check_drawn(best, start)
-        tokens[part] = drawn
+    implementation = _implementation(backend, "hybrid_step", x.device, _IMPLEMENTATIONS)  # before any work
+    coefficients = step_coefficients(x, now, nxt, gamma, mask_id, vocab, method, final)
+    tokens, best = implementation(log_score, x, coefficients, row_ids, mask_id, seed, step, chunk_rows)
+    _check_drawn(best)
     return tokens
+
+
+def hybrid_step_deferred(
+    x: torch.Tensor,
+    log_score: torch.Tensor,
+    sigma_now: torch.Tensor,
+    sigma_next: torch.Tensor,
+    gamma: float,
+    mask_id: int,
+    seed: int,
+    step: int,
+    row_ids: torch.Tensor,
+    method: str = "analytic",
+    final=False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hybrid_step`` without a host synchronization, for generation loops that keep the device busy.
+
+    Same arguments and tokens as ``hybrid_step``, but nothing that needs a tensor's values on the host
+    is checked (types, dtypes, shapes and devices still are): the caller guarantees what
+    ``hybrid_step`` would check, namely x in [0, V), finite 0 <= sigma_next <= sigma_now, and row_ids
+    (required here) int64 on x's device, distinct, >= 0 and with row_id·V + V - 1 < 2^63. The rows
+    ``hybrid_step`` rejects (a NaN or +inf log-score, no token of positive weight) are reported instead
+    of raised.
+
+    Returns:
+        (tokens LongTensor [R], failed): ``failed`` is a 0-d bool tensor on x's device, True when some
+        row would have raised in ``hybrid_step`` (its token is then meaningless); read it when the
+        caller synchronizes anyway, e.g. at the end of generation.
+    """
+    x, log_score, now, nxt, gamma, mask_id, method, final = _checked_inputs(
+        "hybrid_step_deferred", x, log_score, sigma_now, sigma_next, gamma, mask_id, method, final,
+        values=False)
+    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
+    step = _integer("step", step, 0, None, "an int >= 0")
+    _check_index_tensor("row_ids", row_ids, x.device, x.shape[0])
+    num_rows, vocab = log_score.shape
+    implementation = _implementation(backend, "hybrid_step", x.device, _IMPLEMENTATIONS)
+    coefficients = step_coefficients(x, now, nxt, gamma, mask_id, vocab, method, final)
+    tokens, best = implementation(log_score, x, coefficients, row_ids, mask_id, seed, step,
+                                  _checked_chunk_rows(None, vocab))
+    return tokens, (torch.isnan(best) | (best == -torch.inf)).any()
 
 
 def hybrid_probs(
@@ -187,7 +266,9 @@ def hybrid_probs(
     tests and inspection). Same arguments as ``hybrid_step``."""
     x, log_score, now, nxt, gamma, mask_id, method, final = _checked_inputs(
         "hybrid_probs", x, log_score, sigma_now, sigma_next, gamma, mask_id, method, final)
-    weights = _weights(x, log_score, now, nxt, gamma, mask_id, method, final, 0)
+    coefficients = step_coefficients(x, now, nxt, gamma, mask_id, log_score.shape[1], method, final)
+    weights, bad = _weights(log_score, x, coefficients, mask_id)
+    _check_drawn(torch.where(bad, torch.nan, weights.sum(1)).log())  # NaN or -inf (no weight) rows raise
     return weights / weights.sum(1, keepdim=True)
 
 
@@ -275,69 +356,146 @@ def hybrid_probs_ref(
 # ---------------------------------------------------------------- internals
 
 
-def _weights(x, log_score, now, nxt, gamma, mask_id, method, final, offset) -> torch.Tensor:
-    """Unnormalized float64 weights [c, V] of a chunk of rows (module docstring formulas).
-
-    x int64 [c]; log_score [c, V] any float dtype; now, nxt float64 [c]; final bool [c]; offset:
-    the chunk's first row, for error messages. One float64 [c, V] buffer, updated in place.
-    """
-    M = mask_id
-    N = log_score.shape[1] - 1
-    # Exact widening; a fresh buffer even for float64 input, which is then modified in place.
-    r = log_score.to(torch.float64, copy=True).exp_()
-    r.scatter_(1, x[:, None], 1.0)  # r_x = p(x)/p(x) = 1 by definition; s_x is not read
-    r[:, M] = 0.0  # never read: S sums the real ids; the weight of MASK is set below
-    total = r.sum(1)  # S
-    bad = ~torch.isfinite(total)
-    if bool(bad.any()):
-        row = offset + int(bad.nonzero()[0, 0])
-        raise ValueError(f"log_score must hold finite values or -inf (no NaN, no +inf, none above ~709 "
-                         f"where exp overflows); row {row} does not")
-    masked = x == M
-    delta = now - nxt
+def step_coefficients(x: torch.Tensor, sigma_now: torch.Tensor, sigma_next: torch.Tensor, gamma: float,
+                      mask_id: int, vocab: int, method: str, final: torch.Tensor) -> torch.Tensor:
+    """The per-row constants ``c1..c6`` of the fused form (module docstring), float64 [R, 6] on x's
+    device. Arguments as checked by ``hybrid_step`` (x int64 [R], sigmas float64 [R], final bool [R]
+    already including ``sigma_next == 0``). Built from ``exp64`` / ``expm1_64`` and single correctly
+    rounded torch operations, so the bits do not depend on the device."""
+    device = x.device
+    masked = x == mask_id
+    delta = sigma_now - sigma_next
+    # 0-d operands on the device: PyTorch's CUDA division by a CPU scalar multiplies by the reciprocal
+    count = torch.tensor(float(vocab - 1), dtype=torch.float64, device=device)
+    zero, one = torch.zeros_like(delta), torch.ones_like(delta)
     if method == "analytic":
-        a = torch.exp(-(1.0 - gamma) * delta)
-        one_minus_a = -torch.expm1(-(1.0 - gamma) * delta)  # expm1: accurate for small Δ
-        b = torch.exp(-gamma * delta)
-        spread = -torch.expm1(-gamma * delta) / N  # (1 - B)/N: the uniform share per real token
-        staggered = r.sub_((spread * total)[:, None])  # e^{-Δ}(e^{-ΔQ} r)_y for real y
-        w = staggered.mul_(torch.where(masked, one_minus_a, spread)[:, None])
-        # x real: the kept token has B·(r_x - (1-B)S/N) on top of the uniform share
-        keep = torch.where(masked, 0.0, b * (1.0 - spread * total))
-        w.scatter_add_(1, x[:, None], keep[:, None])
-        w[:, M] = torch.where(masked, b * (a - one_minus_a * total), 0.0)
+        a = exp64(-((1.0 - gamma) * delta))
+        one_minus_a = -expm1_64(-((1.0 - gamma) * delta))  # accurate for small Δ
+        b = exp64(-(gamma * delta))
+        spread = -expm1_64(-(gamma * delta)) / count       # (1 - B)/N: the uniform share per real token
+        columns = (
+            torch.where(masked, one_minus_a, spread),
+            spread,
+            torch.where(masked, zero, one),
+            torch.where(masked, torch.where(final, zero, b), spread + b),
+            torch.where(masked, a, one),
+            torch.where(masked, one_minus_a, spread),
+        )
     else:
-        # Δ·Q[x, y] for real y ≠ x (float64 tensors: torch.where of two Python floats is float32)
-        rate = torch.where(masked, delta.new_tensor(1.0 - gamma), delta.new_tensor(gamma / N)) * delta
-        w = r.mul_(rate[:, None])
-        # probability of leaving x: Δ·rate·Σ_{y≠x real} r_y; S counts r_x = 1 when x is real
-        leave = rate * torch.where(masked, total, total - 1.0)
-        w.scatter_(1, x[:, None], (1.0 - leave)[:, None])
-    # Why clamp: with a learned score r is not a ratio of true marginals, and e^{-ΔQ} (the inverse
-    # of a stochastic matrix) has negative entries, so (e^{-ΔQ} r)_y can fall below 0; Euler's
-    # stay probability 1 - Δ·rate is negative when the step is too long for first order. With the
-    # true score the analytic weights are Bayes' posterior and never negative, so 0 is the nearest
-    # admissible value and the clamp only acts where the approximation has already failed.
-    w.clamp_(min=0.0)
-    # A row that reaches σ̄ = 0 is clean: p_0(MASK) = 0, whatever the approximate score says.
-    w[:, M] = torch.where(final, 0.0, w[:, M])
-    return w
+        # Δ·Q[x, y] for real y ≠ x
+        rate = torch.where(masked, (1.0 - gamma) * delta, (gamma / (vocab - 1)) * delta)
+        columns = (rate, zero, zero, torch.where(masked & final, zero, one), one, rate)
+    return torch.stack(columns, 1)
 
 
-def _check_drawn(best: torch.Tensor, offset: int) -> None:
-    bad = torch.isnan(best) | (best == -torch.inf)
+def _weights(log_score: torch.Tensor, x: torch.Tensor, coefficients: torch.Tensor,
+             mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused form's weights of a chunk of rows (module docstring), scaled by ``e^{-m}``:
+    (float64 [c, V] with entries below 2^-1022 set to 0, bad [c] bool: a NaN or +inf read entry).
+
+    Why clamp at 0: with a learned score r is not a ratio of true marginals, and e^{-ΔQ} (the
+    inverse of a stochastic matrix) has negative entries, so (e^{-ΔQ} r)_y can fall below 0; Euler's
+    stay probability 1 - Δ·rate is negative when the step is too long for first order. With the true
+    score the analytic weights are Bayes' posterior and never negative, so 0 is the nearest
+    admissible value and the clamp only acts where the approximation has already failed.
+    """
+    num_rows, vocab = log_score.shape
+    columns = torch.arange(vocab, device=log_score.device)
+    read = (columns != mask_id)[None, :] & (columns[None, :] != x[:, None])
+    # Exact widening; a fresh buffer even for float64 input, which is then modified in place.
+    s = log_score.to(torch.float64, copy=True)
+    bad = ((torch.isnan(s) | (s == torch.inf)) & read).any(1)
+    s.masked_fill_(~read | bad[:, None], -torch.inf)
+    m = s.amax(1) if vocab else s.new_zeros(num_rows)
+    m = torch.where(x != mask_id, m.clamp(min=0.0), m).clamp(min=EXP64_MIN)
+    u = exp64(-m)
+    ratios = exp64(s.sub_(m[:, None]))  # r' in [0, 1]; unread entries are exp64(-inf) = 0
+    del s
+    scaled = ratios * FIXED_HI_SCALE
+    high = scaled.to(torch.int64)  # truncation = floor for r' >= 0; exact
+    low = ((scaled - high.to(torch.float64)) * FIXED_LO_SCALE).to(torch.int64)
+    del scaled
+    # Integer sums: exact in any order, so every backend gets the same S_o.
+    others = (high.sum(1).to(torch.float64) * FIXED_HI_UNIT + low.sum(1).to(torch.float64) * FIXED_LO_UNIT)
+    del high, low
+    c1, c2, c3, c4, c5, c6 = coefficients.unbind(1)
+    total = others + c3 * u
+    w = ratios.sub_((c2 * total)[:, None]).mul_(c1[:, None])
+    w[:, mask_id] = 0.0
+    w.scatter_(1, x[:, None], (c4 * (c5 * u - c6 * total))[:, None])
+    w.masked_fill_(w < SMALLEST_WEIGHT, 0.0)
+    return w, bad
+
+
+def _hybrid_step_reference(log_score, x, coefficients, row_ids, mask_id, seed, step, chunk_rows):
+    """The reference backend: the fused form on float64 chunks of ``chunk_rows`` rows (arguments
+    already checked). Returns (tokens int64 [R], winning scores float64 [R]: NaN for a bad row, -inf
+    for a row without a positive weight), as the compiled and Triton backends do."""
+    device = log_score.device
+    num_rows, vocab = log_score.shape
+    tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
+    best = torch.empty(num_rows, dtype=torch.float64, device=device)
+    columns = torch.arange(vocab, dtype=torch.int64, device=device)
+    for start in range(0, num_rows, chunk_rows):
+        stop = min(start + chunk_rows, num_rows)
+        part = slice(start, stop)
+        weights, bad = _weights(log_score[part], x[part], coefficients[part], mask_id)
+        positive = weights > 0
+        scores = torch.where(positive, log64(weights.masked_fill_(~positive, 1.0)), -torch.inf)
+        del weights, positive
+        elements = row_ids[part, None] * vocab + columns
+        scores.add_(gumbel_noise(_stream_uniforms(seed, step, GUMBEL_STREAM, elements)))
+        del elements
+        torch.max(scores, dim=1, out=(best[part], tokens[part]))  # ties to the lowest id
+        best[part].masked_fill_(bad, torch.nan)
+        del scores
+    return tokens, best
+
+
+def _hybrid_step_triton(log_score, x, coefficients, row_ids, mask_id, seed, step, chunk_rows):
+    """The Triton backend (:mod:`.triton_sampling`): one program per row, three passes over it."""
+    try:
+        from . import triton_sampling
+    except ImportError as error:
+        raise RuntimeError(
+            f"hybrid_step with backend='triton' needs triton, which is not importable ({error})") from error
+    return triton_sampling.hybrid_step_triton(log_score, x, coefficients, row_ids, mask_id, seed, step)
+
+
+# The backends of hybrid_step, named as gumbel_argmax's; each takes the reference backend's arguments
+# and returns the same pair.
+_IMPLEMENTATIONS: dict = {
+    "reference": _hybrid_step_reference,
+    "cpp": _compiled_backend("cpp", "cpu", "hybrid_step_cpu", "The C++ backend (csrc/hybrid_cpu.cpp).",
+                             "hybrid_step", "log_score"),
+    "cuda": _compiled_backend("cuda", "cuda", "hybrid_step_cuda", "The CUDA backend (csrc/hybrid_cuda.cu).",
+                              "hybrid_step", "log_score"),
+}
+if importlib.util.find_spec("triton") is not None:
+    _IMPLEMENTATIONS["triton"] = _hybrid_step_triton
+
+
+def _check_drawn(best: torch.Tensor) -> None:
+    """Raises for rows whose winning score is NaN (a NaN or +inf log-score) or -inf (no weight)."""
+    nan = torch.isnan(best)
+    if bool(nan.any()):
+        row = int(nan.nonzero()[0, 0])
+        raise ValueError(f"log_score must hold finite values or -inf (no NaN, no +inf) at the real tokens "
+                         f"other than x; row {row} does not ({int(nan.sum())} such row(s))")
+    bad = best == -torch.inf
     if bool(bad.any()):
-        row = offset + int(bad.nonzero()[0, 0])
+        row = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"hybrid_step: row {row} has no token of positive probability (e.g. a final MASK row "
-            f"whose log-scores are all -inf, or gamma = 1 on a MASK row); {int(bad.sum())} such row(s) "
-            f"in its chunk"
+            f"whose log-scores are all -inf, or gamma = 1 on a MASK row); {int(bad.sum())} such row(s)"
         )
 
 
-def _checked_inputs(op, x, log_score, sigma_now, sigma_next, gamma, mask_id, method, final):
+def _checked_inputs(op, x, log_score, sigma_now, sigma_next, gamma, mask_id, method, final, values=True):
     """Validates and converts: x int64 [R], log_score [R, V] (detached), sigmas float64 [R],
-    gamma float, mask_id int, method str, final bool [R] (already OR-ed with sigma_next == 0)."""
+    gamma float, mask_id int, method str, final bool [R] (already OR-ed with sigma_next == 0).
+    ``values=False`` skips the checks of tensor values (token range, σ̄ order and finiteness), the ones
+    that synchronize with the device."""
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"{op}: method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
     if not isinstance(log_score, torch.Tensor):
@@ -361,7 +519,7 @@ def _checked_inputs(op, x, log_score, sigma_now, sigma_next, gamma, mask_id, met
     if x.device != device:
         raise ValueError(f"{op}: log_score must be on x's device {x.device}; got a tensor on {device}")
     x = x.to(torch.int64)
-    if num_rows and (int(x.min()) < 0 or int(x.max()) >= vocab):
+    if values and num_rows and (int(x.min()) < 0 or int(x.max()) >= vocab):
         raise ValueError(f"{op}: x must hold token ids in [0, V) = [0, {vocab}); got values in "
                          f"[{int(x.min())}, {int(x.max())}]")
     mask_id = _integer("mask_id", mask_id, 0, vocab, f"an int in [0, V) = [0, {vocab}) (the MASK id)")
@@ -370,10 +528,10 @@ def _checked_inputs(op, x, log_score, sigma_now, sigma_next, gamma, mask_id, met
     if not 0.0 <= float(gamma) <= 1.0:
         raise ValueError(f"{op}: gamma must be a float in [0, 1]; got {gamma!r}")
     gamma = float(gamma)
-    now = _checked_sigma(op, "sigma_now", sigma_now, num_rows, device)
-    nxt = _checked_sigma(op, "sigma_next", sigma_next, num_rows, device)
+    now = _checked_sigma(op, "sigma_now", sigma_now, num_rows, device, values)
+    nxt = _checked_sigma(op, "sigma_next", sigma_next, num_rows, device, values)
     above = nxt > now
-    if bool(above.any()):
+    if values and bool(above.any()):
         row = int(above.nonzero()[0, 0])
         raise ValueError(f"{op}: sigma_next must be <= sigma_now (a reverse step lowers the noise); "
                          f"row {row} has sigma_now {float(now[row])} and sigma_next {float(nxt[row])}")
@@ -393,8 +551,8 @@ def _checked_inputs(op, x, log_score, sigma_now, sigma_next, gamma, mask_id, met
     return x, log_score, now, nxt, gamma, mask_id, method, final | (nxt == 0)
 
 
-def _checked_sigma(op, name, value, num_rows, device) -> torch.Tensor:
-    """float64 [R] on device; finite and >= 0."""
+def _checked_sigma(op, name, value, num_rows, device, values=True) -> torch.Tensor:
+    """float64 [R] on device; finite and >= 0 (checked when ``values``)."""
     if isinstance(value, torch.Tensor):
         if not value.dtype.is_floating_point:
             raise TypeError(f"{op}: {name} must be a float or a floating tensor [R]; got dtype {value.dtype}")
@@ -409,7 +567,7 @@ def _checked_sigma(op, name, value, num_rows, device) -> torch.Tensor:
     else:
         raise TypeError(f"{op}: {name} must be a float or a floating tensor [R]; got {type(value).__name__}")
     bad = ~(torch.isfinite(value) & (value >= 0))
-    if bool(bad.any()):
+    if values and bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
         raise ValueError(f"{op}: {name} must be finite and >= 0; row {row} holds {float(value[row])}")
     return value

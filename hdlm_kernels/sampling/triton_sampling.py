@@ -12,14 +12,21 @@ reference (``uniform53_ref``, ``log64``, ``_gumbel_argmax_reference``).
   e·LN2_HI + (e·LN2_LO + (s + s)·p)).
 * ``_gumbel_argmax_kernel``: one program per sampled row, looping over the vocabulary in blocks of
   BLOCK_P Philox blocks (2·BLOCK_P columns); see the kernel's comments.
+* ``_exp64``: the exponential of :mod:`.log64` (``exp64``), operation by operation.
+* ``_hybrid_step_kernel``: the fused γ-hybrid step (:mod:`.hybrid`, "The fused form"), one program per
+  row and three passes over it (max, fixed-point sum, Gumbel race with the Gumbel-max kernel's pairing
+  of columns); bit-identical to ``_hybrid_step_reference``.
 
-Bit-identity rests on three controls:
+Bit-identity rests on four controls:
 
-* float64 constants: the Horner coefficients and the ln 2 split are loaded from a float64 tensor
-  (``_constants``), never written as Python float literals (which older Triton versions turn into
-  float32 constants before widening); the temperature travels as the int64 bit pattern of the double
-  and is bitcast back in the kernel (a Python float argument would be passed as float32). The only
-  float literals left (1.0, 2.0, 2^-53, ±inf) are exact in float32.
+* float64 constants: the Horner coefficients, 1/ln 2 and the ln 2 split, and the hybrid step's scales
+  (2^-1022 is not even a float32 number) are loaded from a float64 tensor (``_constants``), never
+  written as Python float literals (which older Triton versions turn into float32 constants before
+  widening); the temperature travels as the int64 bit pattern of the double and is bitcast back in the
+  kernel (a Python float argument would be passed as float32). The only float literals left (0, 0.5,
+  1.0, 2.0, 2^-53, ±inf) are exact in float32.
+* float -> int conversions truncate (``cvt.rzi`` on NVIDIA GPUs, NumPy's ``astype`` in the interpreter),
+  as torch's ``.to(torch.int64)`` does: exp64's k and the fixed-point digits of the hybrid step.
 * no FMA contraction: every launch passes ``enable_fp_fusion=False``, so products and sums round
   separately as in the reference (the interpreter, which computes with NumPy, accepts and ignores it).
 * float64 ``/`` is the IEEE correctly rounded division (``div.rn.f64`` on NVIDIA GPUs; NumPy in the
@@ -40,7 +47,8 @@ import triton.language as tl
 
 from .._triton_device import built_for_interpreter
 from .._triton_device import check_triton_device as _check_triton_device
-from .log64 import LN2_HI, LN2_LO, LOG64_COEFFICIENTS
+from .hybrid import FIXED_HI_SCALE, FIXED_HI_UNIT, FIXED_LO_SCALE, FIXED_LO_UNIT, SMALLEST_WEIGHT
+from .log64 import EXP64_COEFFICIENTS, EXP64_MIN, INV_LN2, LN2_HI, LN2_LO, LOG64_COEFFICIENTS
 
 __all__ = [
     "interpreted",
@@ -48,8 +56,10 @@ __all__ = [
     "philox4x32_10_triton",
     "uniform53_triton",
     "log64_triton",
+    "exp64_triton",
     "gumbel_noise_triton",
     "gumbel_argmax_triton",
+    "hybrid_step_triton",
     "corrupt_triton",
 ]
 
@@ -63,6 +73,12 @@ _GPU_BLOCK = 1024
 _INTERPRETER_BLOCK = 16384
 _PAIRS_PER_WARP = 64
 _MAX_WARPS = 8
+
+# The hybrid step's kernel holds more per pair (the weight, its log and exp64 of the log-score besides the
+# noise): on sm_90 256 pairs and 8 warps (1 pair per thread) compile to 92 registers without spills, where
+# 2 pairs per thread need 128-159 and spill for fp32 input.
+_HYBRID_GPU_BLOCK_PAIRS = 256
+_HYBRID_PAIRS_PER_WARP = 32
 
 _MAX_VOCAB = 2**30  # column arithmetic is int32 (2j - parity for j up to V / 2 + BLOCK_P)
 
@@ -144,6 +160,53 @@ def _gumbel(u, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, ln2_hi, ln2_lo):
     """g = -log64(-log64(u))."""
     inner = _log64(u, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, ln2_hi, ln2_lo)
     return -_log64(-inner, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, ln2_hi, ln2_lo)
+
+
+@triton.jit
+def _load_exp_constants(CONSTS):
+    """E[0..13], INV_LN2 and EXP64_MIN (the rest of exp64's constants, LN2_HI and LN2_LO, are log64's)."""
+    return (tl.load(CONSTS + 13), tl.load(CONSTS + 14), tl.load(CONSTS + 15), tl.load(CONSTS + 16),
+            tl.load(CONSTS + 17), tl.load(CONSTS + 18), tl.load(CONSTS + 19), tl.load(CONSTS + 20),
+            tl.load(CONSTS + 21), tl.load(CONSTS + 22), tl.load(CONSTS + 23), tl.load(CONSTS + 24),
+            tl.load(CONSTS + 25), tl.load(CONSTS + 26), tl.load(CONSTS + 27), tl.load(CONSTS + 28))
+
+
+@triton.jit
+def _exp64(x, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2, ln2_hi, ln2_lo, exp_min):
+    """exp64 of float64 x (x <= 708, -inf allowed), operation by operation as in log64.py.
+
+    e0..e13, inv_ln2, ln2_hi, ln2_lo, exp_min: float64 scalars (loaded from the constants tensor)."""
+    live = x >= exp_min
+    x = tl.where(live, x, 0.0)  # keeps k in range (and -inf, NaN out of the int conversion); result 0
+    t = x * inv_ln2
+    k = tl.where(t >= 0, t + 0.5, t - 0.5).to(tl.int64)  # float -> int truncates: round half away from 0
+    kf = k.to(tl.float64)
+    r = (x - kf * ln2_hi) - kf * ln2_lo
+    p = e13 * r + e12
+    p = p * r + e11
+    p = p * r + e10
+    p = p * r + e9
+    p = p * r + e8
+    p = p * r + e7
+    p = p * r + e6
+    p = p * r + e5
+    p = p * r + e4
+    p = p * r + e3
+    p = p * r + e2
+    p = p * r + e1
+    p = p * r + e0
+    scale = ((k + 1023) << 52).to(tl.float64, bitcast=True)  # 2^k, exactly (k >= -1021 where live)
+    return tl.where(live, p * scale, 0.0)
+
+
+@triton.jit
+def _widen(value):
+    """A loaded log-score in float64: bf16 / fp16 / fp32 -> fp32 -> fp64 is exact."""
+    if value.dtype == tl.float64:
+        wide = value
+    else:
+        wide = value.to(tl.float32).to(tl.float64)
+    return wide
 
 
 @triton.jit
@@ -240,6 +303,144 @@ def _gumbel_argmax_kernel(
     tl.store(BEST + i, best.to(tl.float64))
 
 
+@triton.jit(do_not_specialize=["mask_id", "key0", "key1", "step_lo"])
+def _hybrid_step_kernel(
+        LOG_SCORE, X, COEFFICIENTS, ROW_IDS, CONSTS, TOKENS, BEST,
+        stride_row, stride_col, vocab, mask_id,
+        key0: tl.int64, key1: tl.int64, step_lo: tl.int64,
+        BLOCK_P: tl.constexpr):
+    # Program i steps row i (the fused form of hybrid.py): pass 1 the maximum m of the read entries,
+    # pass 2 the fixed-point sum of r' = exp64(s - m), pass 3 the weights and the Gumbel race. "Read"
+    # columns are the real tokens other than x. The log-scores are loaded three times in their own dtype
+    # and widened in registers; nothing of the row is kept in memory between the passes.
+    SENTINEL: tl.constexpr = 2147483647
+    BLOCK_C: tl.constexpr = 2 * BLOCK_P  # columns per iteration of passes 1 and 2
+    i = tl.program_id(0)
+    row_ptr = LOG_SCORE + i.to(tl.int64) * stride_row
+    x = tl.load(X + i)
+    row_id = tl.load(ROW_IDS + i)
+    coefficients = COEFFICIENTS + i.to(tl.int64) * 6
+    c1 = tl.load(coefficients + 0)
+    c2 = tl.load(coefficients + 1)
+    c3 = tl.load(coefficients + 2)
+    c4 = tl.load(coefficients + 3)
+    c5 = tl.load(coefficients + 4)
+    c6 = tl.load(coefficients + 5)
+    l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = _load_constants(CONSTS)
+    (e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13,
+     inv_ln2, exp_min) = _load_exp_constants(CONSTS)
+    hi_scale = tl.load(CONSTS + 29)
+    lo_scale = tl.load(CONSTS + 30)
+    hi_unit = tl.load(CONSTS + 31)
+    lo_unit = tl.load(CONSTS + 32)
+    smallest_weight = tl.load(CONSTS + 33)
+
+    # Pass 1: m over the read entries; a NaN or +inf there marks the row bad, and a bad row continues
+    # with every read entry at -inf, as the reference's masked row does (its score becomes NaN at the end).
+    columns = tl.arange(0, BLOCK_C)
+    top = tl.full([BLOCK_C], float("-inf"), tl.float64)
+    broken = tl.zeros([BLOCK_C], tl.int32)
+    for start in range(0, vocab, BLOCK_C):
+        col = start + columns
+        read = (col < vocab) & (col != mask_id) & (col != x)
+        s = _widen(tl.load(row_ptr + col.to(tl.int64) * stride_col, mask=read, other=float("-inf")))
+        invalid = read & ((s != s) | (s == float("inf")))
+        broken = broken | invalid.to(tl.int32)
+        top = tl.maximum(top, tl.where(invalid, float("-inf"), s))  # no NaN reaches tl.maximum
+    bad = tl.max(broken, axis=0) > 0
+    good = tl.max(broken, axis=0) == 0
+    m = tl.where(bad, float("-inf"), tl.max(top, axis=0))
+    m = tl.where(x != mask_id, tl.maximum(m, 0.0), m)  # r_x = 1 is a ratio of the row too
+    m = tl.maximum(m, exp_min)  # -inf (nothing read) included: exp64(-m) stays finite
+    # (m's sign at 0 does not matter: exp64(±0) and s - (±0) give the same bits downstream.)
+
+    # Pass 2: S_o as two int64 sums (exact, so the order of additions is free), then S.
+    high_sum = tl.zeros([BLOCK_C], tl.int64)
+    low_sum = tl.zeros([BLOCK_C], tl.int64)
+    for start in range(0, vocab, BLOCK_C):
+        col = start + columns
+        read = (col < vocab) & (col != mask_id) & (col != x) & good
+        s = _widen(tl.load(row_ptr + col.to(tl.int64) * stride_col, mask=read, other=float("-inf")))
+        ratio = _exp64(s - m, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2, ln2_hi,
+                       ln2_lo, exp_min)  # in [0, 1]; 0 off the read columns (exp64(-inf))
+        scaled = ratio * hi_scale
+        high = scaled.to(tl.int64)  # truncation = floor for r' >= 0; exact
+        low = ((scaled - high.to(tl.float64)) * lo_scale).to(tl.int64)
+        high_sum += high
+        low_sum += low
+    others = (tl.sum(high_sum, axis=0).to(tl.float64) * hi_unit
+              + tl.sum(low_sum, axis=0).to(tl.float64) * lo_unit)
+    u = _exp64(-m, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2, ln2_hi, ln2_lo,
+               exp_min)
+    total = others + c3 * u
+    shift = c2 * total
+    current = c4 * (c5 * u - c6 * total)  # the weight of y = x
+
+    # Pass 3: the race, walking the row's Philox blocks as _gumbel_argmax_kernel does (lane j owns block
+    # (row_id * V >> 1) + j: columns 2j - parity and 2j - parity + 1), so the noise is that kernel's.
+    k0 = key0.to(tl.uint32)
+    k1 = key1.to(tl.uint32)
+    step_word = step_lo.to(tl.uint32)
+    element_base = row_id * vocab
+    parity = (element_base & 1).to(tl.int32)
+    pair_base = element_base >> 1
+    num_pairs = (vocab + parity + 1) // 2
+    lanes = tl.arange(0, BLOCK_P)
+    best_val = tl.full([BLOCK_P], float("-inf"), tl.float64)
+    best_idx = tl.full([BLOCK_P], SENTINEL, tl.int32)
+    for start in range(0, num_pairs, BLOCK_P):
+        j = start + lanes
+        w0, w1, w2, w3 = _stream_block(pair_base + j, k0, k1, 0, step_word)
+        for half in tl.static_range(2):  # even column (w0, w1) before odd (w2, w3): the lower first
+            if half == 0:
+                col = 2 * j - parity
+                valid = (col >= 0) & (col < vocab)
+                word_a = w0
+                word_b = w1
+            else:
+                col = 2 * j - parity + 1
+                valid = col < vocab
+                word_a = w2
+                word_b = w3
+            read = valid & (col != mask_id) & (col != x) & good
+            s = _widen(tl.load(row_ptr + col.to(tl.int64) * stride_col, mask=read, other=float("-inf")))
+            ratio = _exp64(s - m, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2,
+                           ln2_hi, ln2_lo, exp_min)
+            weight = (ratio - shift) * c1
+            weight = tl.where(col == mask_id, 0.0, weight)
+            weight = tl.where(col == x, current, weight)  # after MASK: x = MASK keeps its own weight
+            positive = weight >= smallest_weight  # subnormal, <= 0 (and NaN) weights count as 0
+            log_weight = _log64(tl.where(positive, weight, 1.0), l0, l1, l2, l3, l4, l5, l6, l7, l8, l9,
+                                l10, ln2_hi, ln2_lo)
+            score = tl.where(positive, log_weight, float("-inf"))
+            score = score + _gumbel(_uniform53(word_a, word_b), l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10,
+                                    ln2_hi, ln2_lo)
+            best_val, best_idx = _take_if_better(best_val, best_idx, score, col, valid, SENTINEL)
+
+    # Across lanes as in _gumbel_argmax_kernel (no NaN score arises here: bad rows are flagged instead).
+    is_nan = best_val != best_val
+    any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
+    top_score = tl.max(tl.where(is_nan, float("-inf"), best_val), axis=0)
+    winner = tl.where(any_nan, is_nan, (best_val == top_score) & (best_idx != SENTINEL))
+    token = tl.min(tl.where(winner, best_idx, SENTINEL), axis=0)
+    best = tl.where(any_nan | bad, float("nan"), top_score)
+    tl.store(TOKENS + i, token.to(tl.int64))
+    tl.store(BEST + i, best.to(tl.float64))
+
+
+@triton.jit
+def _exp64_kernel(X, OUT, CONSTS, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    x = tl.load(X + offs, mask=ok, other=0.0)
+    l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = _load_constants(CONSTS)
+    (e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13,
+     inv_ln2, exp_min) = _load_exp_constants(CONSTS)
+    y = _exp64(x, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2, ln2_hi, ln2_lo,
+               exp_min)
+    tl.store(OUT + offs, y, mask=ok)
+
+
 @triton.jit(do_not_specialize=["key0", "key1", "stream", "step_lo"])
 def _uniform53_kernel(INDEX, OUT, numel, key0: tl.int64, key1: tl.int64, stream: tl.int64,
                       step_lo: tl.int64, BLOCK: tl.constexpr):
@@ -329,10 +530,14 @@ _CONSTANTS: dict[torch.device, torch.Tensor] = {}
 
 
 def _constants(device: torch.device) -> torch.Tensor:
-    """float64 [13]: the log64 coefficients C[0..10], LN2_HI, LN2_LO, on ``device`` (cached)."""
+    """float64 [34] on ``device`` (cached): the log64 coefficients C[0..10], LN2_HI, LN2_LO (0..12, read
+    by _load_constants), the exp64 coefficients E[0..13], INV_LN2, EXP64_MIN (13..28, _load_exp_constants)
+    and the hybrid step's fixed-point scales and smallest weight (29..33, _hybrid_step_kernel)."""
     constants = _CONSTANTS.get(device)
     if constants is None:
-        values = list(LOG64_COEFFICIENTS) + [LN2_HI, LN2_LO]
+        values = (list(LOG64_COEFFICIENTS) + [LN2_HI, LN2_LO] + list(EXP64_COEFFICIENTS[:14])
+                  + [INV_LN2, EXP64_MIN, FIXED_HI_SCALE, FIXED_LO_SCALE, FIXED_HI_UNIT, FIXED_LO_UNIT,
+                     SMALLEST_WEIGHT])
         constants = torch.tensor(values, dtype=torch.float64, device=device)
         _CONSTANTS[device] = constants
     return constants
@@ -436,6 +641,22 @@ def gumbel_noise_triton(u: torch.Tensor) -> torch.Tensor:
     return _elementwise_log(u, True, "gumbel_noise")
 
 
+def exp64_triton(x: torch.Tensor) -> torch.Tensor:
+    """:func:`hdlm_kernels.sampling.log64.exp64` in Triton (float64, x <= 708, -inf allowed)."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float64:
+        raise TypeError("exp64: x must be a float64 tensor")
+    check_triton_device(x, "exp64")
+    flat = x.reshape(-1).contiguous()
+    out = torch.empty_like(flat)
+    numel = flat.numel()
+    if numel:
+        block = _block(_GPU_BLOCK, _INTERPRETER_BLOCK)
+        with _on_device(x):
+            _exp64_kernel[(triton.cdiv(numel, block),)](flat, out, _constants(x.device), numel, BLOCK=block,
+                                                        **_launch_options())
+    return out.reshape(x.shape)
+
+
 def gumbel_argmax_triton(
     logits: torch.Tensor,
     take: torch.Tensor | None,
@@ -483,3 +704,40 @@ def gumbel_argmax_triton(
             **_launch_options(max(1, min(_MAX_WARPS, block_pairs // _PAIRS_PER_WARP))))
     return tokens, best
 
+
+def hybrid_step_triton(
+    log_score: torch.Tensor,
+    x: torch.Tensor,
+    coefficients: torch.Tensor,
+    row_ids: torch.Tensor,
+    mask_id: int,
+    seed: int,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton backend of ``hybrid_step``; the arguments and result of ``_hybrid_step_reference``
+    (checked by ``hybrid_step``): log_score [R, V] bf16/fp16/fp32/fp64 (any strides), x int64 [R],
+    coefficients float64 [R, 6] (``step_coefficients``), row_ids int64 [R]. Returns (tokens int64 [R],
+    winning scores float64 [R]: NaN for a row with a NaN or +inf read log-score, -inf for a row without a
+    positive weight). One program per row, no float64 copy of the log-scores."""
+    check_triton_device(log_score, "hybrid_step")
+    device = log_score.device
+    num_rows, vocab = log_score.shape
+    if vocab > _MAX_VOCAB:
+        raise ValueError(f"hybrid_step: backend='triton' supports V <= 2^30; got V = {vocab}")
+    tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
+    best = torch.empty(num_rows, dtype=torch.float64, device=device)
+    if num_rows == 0:
+        return tokens, best
+    x = x.to(device=device, dtype=torch.int64).contiguous()
+    coefficients = coefficients.to(device=device, dtype=torch.float64).contiguous()
+    row_ids = row_ids.to(device=device, dtype=torch.int64).contiguous()
+    # Pass 3 spans at most V // 2 + 1 Philox blocks; passes 1 and 2 take 2 * block_pairs columns at a time.
+    block_pairs = min(_block(_HYBRID_GPU_BLOCK_PAIRS, _INTERPRETER_BLOCK_PAIRS),
+                      triton.next_power_of_2(vocab // 2 + 1))
+    with _on_device(log_score):
+        _hybrid_step_kernel[(num_rows,)](
+            log_score, x, coefficients, row_ids, _constants(device), tokens, best,
+            log_score.stride(0), log_score.stride(1), vocab, mask_id,
+            seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF, BLOCK_P=block_pairs,
+            **_launch_options(max(1, min(_MAX_WARPS, block_pairs // _HYBRID_PAIRS_PER_WARP))))
+    return tokens, best

@@ -1,0 +1,254 @@
+// CUDA backend of the fused γ-hybrid step (hdlm_kernels/sampling/hybrid.py, "The fused form"; DESIGN.md §6):
+// one thread block per row, three passes over the row's log-scores read through their strides, each
+// thread taking a block-sized stride of columns:
+//   pass 1  the maximum of the read entries and the bad flag, reduced over the block (max is exact);
+//   pass 2  the two int64 fixed-point sums of the scaled ratios, reduced over the block (integer sums are
+//           exact in any order, so any reduction tree gives the reference's S_o);
+//   pass 3  the race over the row's Philox pairs (one Philox block feeds two adjacent columns), each
+//           thread keeping its best (score, column) and the block reducing them with beats() of
+//           gumbel_rule.h, a total order, so the tree gives the reference's winner.
+// The per-row and per-token arithmetic is the header code the CPU backend compiles too (hybrid_rule.h,
+// gumbel_rule.h, log64.h, philox.h), every float64 operation an explicit round-to-nearest intrinsic (no
+// FMA contraction), so the tokens and winning scores are bit-identical to the CPU reference. The kernel
+// is launched on the current stream and nothing here synchronizes with the host.
+//
+// Only c10/ATen core headers here, as in gumbel_cuda.cu: neither <torch/extension.h> nor
+// <ATen/cuda/CUDAContext.h>.
+#include "hybrid.h"
+
+#include "gumbel_rule.h"
+#include "hybrid_rule.h"
+#include "log64.h"
+#include "philox.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+namespace hdlm {
+namespace {
+
+constexpr int kThreadsPerRow = 256;  // one block per row; a multiple of the warp size
+constexpr int kWarpSize = 32;
+constexpr int kWarpsPerRow = kThreadsPerRow / kWarpSize;
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+// The block's maximum, in every thread. Butterfly shuffles leave the warp's maximum in every lane; every
+// thread then folds the warps' maxima in the same order, so all of them hold the same bits. `scratch` is
+// this reduction's own shared array (not reused, so no barrier is needed after reading it).
+__device__ __forceinline__ double block_max(double value, double* scratch) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value = hybrid_max(value, __shfl_xor_sync(kFullWarp, value, offset));
+  }
+  if (threadIdx.x % kWarpSize == 0) {
+    scratch[threadIdx.x / kWarpSize] = value;
+  }
+  __syncthreads();
+  value = scratch[0];
+  for (int warp = 1; warp < kWarpsPerRow; ++warp) {
+    value = hybrid_max(value, scratch[warp]);
+  }
+  return value;
+}
+
+// The block's sum of an int64, in every thread (exact: any order gives the same value).
+__device__ __forceinline__ int64_t block_sum(int64_t value, long long* scratch) {
+  long long sum = static_cast<long long>(value);
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    sum += __shfl_xor_sync(kFullWarp, sum, offset);
+  }
+  if (threadIdx.x % kWarpSize == 0) {
+    scratch[threadIdx.x / kWarpSize] = sum;
+  }
+  __syncthreads();
+  sum = 0;
+  for (int warp = 0; warp < kWarpsPerRow; ++warp) {
+    sum += scratch[warp];
+  }
+  return static_cast<int64_t>(sum);
+}
+
+__device__ __forceinline__ void take_if_better(Candidate& best, const Candidate& challenger) {
+  if (beats(challenger, best)) {
+    best = challenger;
+  }
+}
+
+// The best of the warp's candidates, in lane 0. beats() is a total order, so the shuffle tree gives
+// the same winner as a left-to-right scan.
+__device__ __forceinline__ Candidate warp_best(Candidate best) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const Candidate other{__shfl_down_sync(kFullWarp, best.score, offset),
+                          static_cast<int64_t>(__shfl_down_sync(kFullWarp, static_cast<long long>(best.column), offset))};
+    take_if_better(best, other);
+  }
+  return best;
+}
+
+// Block i steps row i: log-scores log_score[i, :], current token x[i], constants coefficients[i, :],
+// noise of identity row_ids[i].
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreadsPerRow)
+    hybrid_step_kernel(const scalar_t* __restrict__ log_score, int64_t stride_row, int64_t stride_col, int64_t vocab,
+                       const int64_t* __restrict__ x, const double* __restrict__ coefficients,
+                       const int64_t* __restrict__ row_ids, int64_t mask_id, uint64_t seed, uint64_t step,
+                       int64_t* __restrict__ tokens, double* __restrict__ best_scores) {
+  __shared__ double max_scratch[kWarpsPerRow];
+  __shared__ long long hi_scratch[kWarpsPerRow];
+  __shared__ long long lo_scratch[kWarpsPerRow];
+  __shared__ double warp_scores[kWarpsPerRow];
+  __shared__ int64_t warp_columns[kWarpsPerRow];
+  const int64_t i = blockIdx.x;
+  const scalar_t* row = log_score + i * stride_row;
+  const int64_t current = x[i];
+  const double minus_inf = no_candidate().score;
+  const auto load = [&](int64_t column) { return score_to_double(row[column * stride_col]); };
+
+  // Pass 1: the maximum of the read entries and whether one is NaN or +inf. Adjacent threads read
+  // adjacent columns, so the loads coalesce for a unit column stride.
+  double read_max = minus_inf;
+  int bad_entry = 0;
+  for (int64_t column = threadIdx.x; column < vocab; column += kThreadsPerRow) {
+    if (column != current && column != mask_id) {
+      const double s = load(column);
+      if (hybrid_bad_score(s)) {
+        bad_entry = 1;
+      } else {
+        read_max = hybrid_max(read_max, s);
+      }
+    }
+  }
+  const bool bad = __syncthreads_or(bad_entry) != 0;
+  read_max = block_max(read_max, max_scratch);
+  // A bad row's read entries count as -inf, as in the reference (its values are then never used).
+  const double shift = hybrid_shift(bad ? minus_inf : read_max, current != mask_id);
+
+  // Pass 2: the fixed-point sum of the scaled ratios.
+  FixedSum sum{0, 0};
+  if (!bad) {
+    for (int64_t column = threadIdx.x; column < vocab; column += kThreadsPerRow) {
+      if (column != current && column != mask_id) {
+        fixed_add(sum, hybrid_ratio(load(column), shift));
+      }
+    }
+  }
+  sum.hi = block_sum(sum.hi, hi_scratch);
+  sum.lo = block_sum(sum.lo, lo_scratch);
+  const HybridRow weights = hybrid_row(shift, sum, load_coefficients(coefficients + 6 * i));
+
+  // Pass 3: the race. Thread t owns the row's pairs t, t + 256, ...; pair j holds columns 2j - parity
+  // (its even element) and 2j - parity + 1, so the columns reach a thread in increasing order and beats()
+  // keeps its lowest of equal scores. Tokens without weight score -inf whatever their noise: they are not
+  // offered, and a pair without weight evaluates no Philox block (hybrid_winner reports -inf at column 0
+  // for a row without candidates, as the reference's argmax).
+  Candidate best = no_candidate();
+  const RowPairs pairs = row_pairs(static_cast<uint64_t>(row_ids[i]), vocab);
+  for (int64_t j = threadIdx.x; j < pairs.count; j += kThreadsPerRow) {
+    const int64_t even = 2 * j - pairs.parity;
+    const int64_t odd = even + 1;
+    const double even_weight =
+        even >= 0 ? hybrid_cell_log_weight(hybrid_cell(even, current, mask_id), weights, bad,
+                                           [&] { return load(even); })
+                  : minus_inf;
+    const double odd_weight =
+        odd < vocab ? hybrid_cell_log_weight(hybrid_cell(odd, current, mask_id), weights, bad,
+                                             [&] { return load(odd); })
+                    : minus_inf;
+    if (even_weight == minus_inf && odd_weight == minus_inf) {
+      continue;
+    }
+    const PhiloxBlock block = philox_block_for_pair(seed, step, kGumbelStream,
+                                                    pairs.first_pair + static_cast<uint64_t>(j));
+    if (even_weight != minus_inf) {
+      const double noise = gumbel_noise(uniform53_from_words(block.w[0], block.w[1]));
+      take_if_better(best, Candidate{hybrid_score(even_weight, noise), even});
+    }
+    if (odd_weight != minus_inf) {
+      const double noise = gumbel_noise(uniform53_from_words(block.w[2], block.w[3]));
+      take_if_better(best, Candidate{hybrid_score(odd_weight, noise), odd});
+    }
+  }
+
+  best = warp_best(best);
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (lane == 0) {
+    warp_scores[warp] = best.score;
+    warp_columns[warp] = best.column;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < kWarpsPerRow ? Candidate{warp_scores[lane], warp_columns[lane]} : no_candidate();
+    best = warp_best(best);
+    if (lane == 0) {
+      const Candidate winner = hybrid_winner(best, bad);
+      tokens[i] = winner.column;
+      best_scores[i] = winner.score;
+    }
+  }
+}
+
+template <typename scalar_t>
+void launch(const at::Tensor& log_score, const int64_t* x, const double* coefficients, const int64_t* row_ids,
+            int64_t mask_id, uint64_t seed, uint64_t step, int64_t* tokens, double* best, cudaStream_t stream) {
+  hybrid_step_kernel<scalar_t><<<static_cast<unsigned int>(log_score.size(0)), kThreadsPerRow, 0, stream>>>(
+      log_score.const_data_ptr<scalar_t>(), log_score.stride(0), log_score.stride(1), log_score.size(1), x,
+      coefficients, row_ids, mask_id, seed, step, tokens, best);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> hybrid_step_cuda(const at::Tensor& log_score, const at::Tensor& x,
+                                                    const at::Tensor& coefficients, const at::Tensor& row_ids,
+                                                    int64_t mask_id, uint64_t seed, int64_t step) {
+  check_hybrid_args(log_score, x, coefficients, row_ids, mask_id, step, c10::DeviceType::CUDA);
+  const int64_t num_rows = log_score.size(0);
+  TORCH_CHECK(num_rows < (int64_t{1} << 31), "hybrid_step: at most 2^31 - 1 rows per call (one CUDA block each), ",
+              "got ", num_rows);
+  const c10::cuda::CUDAGuard device_guard(log_score.device());
+  at::Tensor tokens = at::empty({num_rows}, log_score.options().dtype(at::kLong));
+  at::Tensor best = at::empty({num_rows}, log_score.options().dtype(at::kDouble));
+  if (num_rows == 0) {
+    return {tokens, best};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(log_score.device().index());
+  // Small per-row inputs made contiguous (copies on the current stream when they are not); the
+  // log-scores are read through their strides.
+  const at::Tensor x_contiguous = x.contiguous();
+  const at::Tensor coefficients_contiguous = coefficients.contiguous();
+  const at::Tensor row_ids_contiguous = row_ids.contiguous();
+  const int64_t* x_data = x_contiguous.const_data_ptr<int64_t>();
+  const double* coefficient_data = coefficients_contiguous.const_data_ptr<double>();
+  const int64_t* row_id_data = row_ids_contiguous.const_data_ptr<int64_t>();
+  const uint64_t step_bits = static_cast<uint64_t>(step);
+  int64_t* token_data = tokens.mutable_data_ptr<int64_t>();
+  double* best_data = best.mutable_data_ptr<double>();
+  switch (log_score.scalar_type()) {
+    case at::kFloat:
+      launch<float>(log_score, x_data, coefficient_data, row_id_data, mask_id, seed, step_bits, token_data, best_data,
+                    stream);
+      break;
+    case at::kDouble:
+      launch<double>(log_score, x_data, coefficient_data, row_id_data, mask_id, seed, step_bits, token_data, best_data,
+                     stream);
+      break;
+    case at::kHalf:
+      launch<c10::Half>(log_score, x_data, coefficient_data, row_id_data, mask_id, seed, step_bits, token_data,
+                        best_data, stream);
+      break;
+    case at::kBFloat16:
+      launch<c10::BFloat16>(log_score, x_data, coefficient_data, row_id_data, mask_id, seed, step_bits, token_data,
+                            best_data, stream);
+      break;
+    default:
+      TORCH_CHECK(false, "hybrid_step: unsupported log_score dtype ", log_score.scalar_type());  // checked above
+  }
+  return {tokens, best};
+}
+
+}  // namespace hdlm
