@@ -27,8 +27,10 @@ Each row runs on two paths, the same algorithm with the same random draws (the t
 the attention kernels' rounding, which in bf16 can flip a draw):
 ``reference`` (``attention_backend="reference"``: SDPA with a dense mask, KV-cached calls through the
 reference decode; ``sampler_backend="reference"``: the row-chunked PyTorch FP64 draws) and ``kernels``
-(``attention_backend="auto"`` and ``sampler_backend="auto"``: the Triton attention and decode kernels
-and the fused CUDA/Triton sampler on a GPU; on a CPU the reference attention with the C++ sampler).
+(``attention_backend="auto"`` and ``sampler_backend="auto"``: the Triton attention and decode kernels,
+the fused CUDA/Triton sampler and, on a GPU, the per-step forward replayed as CUDA graphs wherever
+steps repeat their shapes (``cuda_graphs=True``); on a CPU the reference attention with the C++
+sampler). Both paths run the step loop of ``generate``, which never waits for the device.
 The ``_kv`` rows use the KV cache on both paths (the reference path then shows what the cache alone
 buys with dense attention, as the paper's "+ KV-caching" row did); the others use none.
 
@@ -77,7 +79,7 @@ SEED = 1234
 GAMMA = 0.01  # γ-Hybrid's γ (the official default); SEDD is γ = 0
 ETA = 0.01  # ACS
 PATHS = {"reference": dict(attention_backend="reference", sampler_backend="reference"),
-         "kernels": dict(attention_backend="auto", sampler_backend="auto")}
+         "kernels": dict(attention_backend="auto", sampler_backend="auto", cuda_graphs=GPU)}
 
 
 @dataclass(frozen=True)

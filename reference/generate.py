@@ -43,12 +43,18 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 import hdlm_kernels as hk
 from hdlm_kernels.masks.inference import CONFIGS, CONTEXTS, WINDOWS, check_choice
+
+from .step_graphs import StepGraphs, capture_cuda_graph
+
+# How cuda_graphs=True captures on each device type (tests add the CPU twin, capture_by_rerunning).
+_GRAPH_CAPTURE = {"cuda": capture_cuda_graph}
 
 __all__ = ["generate", "GenerationResult", "transfer_probability", "level_sigma", "EPSILON_METHODS",
            "GAMMA_METHODS"]
@@ -101,7 +107,7 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
              eta: float = 0.01, config: str = "aligned", context: str = "block_causal", window: str = "full",
              noise=None, bos_id: int | None = None, attention_backend: str | None = None,
              sampler_backend: str = "reference", device: torch.device | str | None = None,
-             skip_unchanged: bool = True, progress: bool = False) -> GenerationResult:
+             skip_unchanged: bool = True, progress: bool = False, cuda_graphs: bool = False) -> GenerationResult:
     """Sample ``batch_size`` sequences of ``sched.length`` tokens (module docstring).
 
     Args:
@@ -131,6 +137,9 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
         skip_unchanged: skip the model call of a step where no row changes (MDLM's p(x0) caching,
             module docstring); False computes and discards that prediction (the tokens are the same).
         progress: show a tqdm bar over the steps (on stderr).
+        cuda_graphs: capture the per-step forward as CUDA graphs and replay them for the later steps
+            with the same shapes and mask (``hdlm_reference.step_graphs``; e.g. the steps inside one
+            block of τ_Block with a KV cache); CUDA only. Same tokens as without.
 
     Returns:
         :class:`GenerationResult` with ``tokens`` LongTensor [B, d] (never MASK).
@@ -197,81 +206,184 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
         keep = keep.to(device)
         x[:, :P] = torch.where(keep, prompt.to(device).expand(B, -1), mask_id)
         frozen[:, :P] = keep
-    row_ids = (torch.arange(B, device=device)[:, None] * d + torch.arange(d, device=device)).cpu()
-
-    cells = d + 1 if shifted else d
+    capture = None
+    if cuda_graphs:
+        capture = _GRAPH_CAPTURE.get(device.type)
+        if capture is None:
+            raise ValueError(f"generate: cuda_graphs=True needs a CUDA device; got {device}")
+    plan = _plan_steps(sched, B, seed, method, eta, frozen.cpu(), noise, mask_id, config, context, window,
+                       kv_cache, skip_unchanged, device)
+    graphs = StepGraphs(Counter(step.key for step in plan.steps), capture) if capture is not None else None
     cache = None
     if kv_cache:
         cfg = model.config
-        cache = hk.KVCache(cfg.num_layers, B, cells, cfg.num_heads, cfg.hidden_size // cfg.num_heads,
+        cache = hk.KVCache(cfg.num_layers, B, plan.cells, cfg.num_heads, cfg.hidden_size // cfg.num_heads,
                            next(model.parameters()).dtype, device)
+    exclude = torch.tensor([mask_id], dtype=torch.int64, device=device)
+    bos = torch.full((B, 1), bos_id, dtype=torch.long, device=device) if shifted else None
+    failed = torch.zeros((), dtype=torch.bool, device=device)  # a draw gumbel_argmax / hybrid_step rejects
     calls = rows_fed = logit_rows = 0
     started = time.perf_counter()
-    with torch.no_grad():
+    # The step loop: everything it needs was computed and put on the device by _plan_steps, so it only
+    # enqueues device work and never waits for it (no host synchronization until the end).
+    with torch.no_grad(), _attention_backend(model, attention_backend):
         from tqdm import tqdm  # a declared dependency; imported here so that importing the module stays cheap
 
-        for t in tqdm(range(sched.num_steps), desc="generate", unit="step", disable=not progress, leave=False):
-            a, b = sched.split(t)
-            if a == b:
-                continue
-            now, nxt = sched.table[t, a:b], sched.table[t + 1, a:b]
-            if gamma_family:
-                # Every active position may move; prompt positions are known and never sampled.
-                change = ~frozen[:, a:b].cpu()
-            else:
-                p_transfer = transfer_probability(noise, sched, now, nxt).expand(B, -1)
-                change = hk.sampling.acs_decisions(
-                    x[:, a:b].reshape(-1).cpu(), p_transfer.reshape(-1), eta, mask_id, seed, t,
-                    row_ids=row_ids[:, a:b].reshape(-1),
-                    frozen=frozen[:, a:b].reshape(-1).cpu()).view(B, b - a)
-            idle = not bool(change.any())
-            if idle and skip_unchanged:
-                continue
-            start = int(cache.length.min()) if cache is not None else 0
-            inputs = torch.cat([torch.full((B, 1), bos_id, device=device), x], 1) if shifted else x
-            end = b + 1 if shifted else b
-            mask = hk.masks.inference(sched, t, config, context, window).rows(slice(start, None)).to(device)
-            wanted = torch.zeros(B, end - start, dtype=torch.bool)
-            # cell a + j predicts position a + j in both configs; an idle step (skip_unchanged=False)
-            # computes the prediction of every active non-prompt row, as uncached MDLM does
-            wanted[:, a - start:b - start] = ~frozen[:, a:b].cpu() if idle else change
-            positions = torch.arange(start, end, device=device).expand(B, -1)
-            sigma = None
-            if gamma_family:
-                # σ̄ of the token each cell holds: τ_t of its position (0 for settled and prompt cells).
-                held = torch.where(frozen.cpu(), 0, sched.table[t].expand(B, -1))
-                held_sigma = level_sigma(noise, sched, held)
-                if shifted:  # cell c holds position c - 1; cell 0 holds the clean conditioning token
-                    held_sigma = torch.cat([torch.zeros(B, 1, dtype=torch.float64), held_sigma], 1)
-                sigma = held_sigma[:, start:end].to(device=device, dtype=torch.float32)
-            with _attention_backend(model, attention_backend):
-                logits = model(inputs[:, start:end], positions, mask, sigma=sigma,
-                               logits_rows=wanted.to(device), kv_cache=cache)
-            calls, rows_fed = calls + 1, rows_fed + B * (end - start)
-            logit_rows += int(wanted.sum())
-            if idle:  # nothing to sample: the logits are discarded
-                if cache is not None:
-                    cache.length.fill_(a)
-                continue
-            chosen_ids = row_ids[:, a:b][change]
-            window_tokens = x[:, a:b]
-            if gamma_family:
-                sigma_now = level_sigma(noise, sched, now).expand(B, -1)[change].to(device)
-                sigma_next = level_sigma(noise, sched, nxt).expand(B, -1)[change].to(device)
-                current = window_tokens[change.to(device)]
-                log_score = gamma_log_score(logits.reshape(-1, V), sigma_now, current)
-                tokens = hk.sampling.hybrid_step(
-                    current, log_score, sigma_now, sigma_next, gamma, mask_id, seed, t,
-                    row_ids=chosen_ids.to(device), method=method,
-                    final=(nxt == 0).expand(B, -1)[change].to(device), backend=sampler_backend)
-            else:
-                tokens = hk.sampling.gumbel_argmax(logits.reshape(-1, V), seed, t, row_ids=chosen_ids,
-                                                   temperature=temperature, exclude=mask_id,
-                                                   backend=sampler_backend)
-            window_tokens[change.to(device)] = tokens.to(device)
+        for step in tqdm(plan.steps, desc="generate", unit="step", disable=not progress, leave=False):
+            inputs = torch.cat([bos, x], 1) if shifted else x
+            fed = {"input_ids": inputs[:, step.start:step.end], "logits_index": step.logits_index}
+            if step.sigma is not None:
+                fed["sigma"] = step.sigma
+
+            def forward(fed, step=step):
+                return model(fed["input_ids"], step.positions, step.mask, sigma=fed.get("sigma"),
+                             kv_cache=cache, logits_index=fed["logits_index"], check=False)
+
+            logits = forward(fed) if graphs is None else graphs(step.key, forward, fed)
+            calls, rows_fed, logit_rows = calls + 1, rows_fed + step.rows_fed, logit_rows + step.logit_rows
+            if step.targets is not None:
+                flat = x.view(-1)
+                if gamma_family:
+                    current = flat.index_select(0, step.targets)
+                    # s_x is never read by the step, so the log-score's current entry is left as is
+                    log_score = gamma_log_score(logits, step.sigma_now, zero_current=False, check=False)
+                    tokens, bad = hk.sampling.hybrid_step_deferred(
+                        current, log_score, step.sigma_now, step.sigma_next, gamma, mask_id, seed, step.t,
+                        step.targets, method=method, final=step.final, backend=sampler_backend)
+                else:
+                    tokens, bad = hk.sampling.gumbel_argmax_deferred(
+                        logits, seed, step.t, step.targets, temperature=temperature, exclude=exclude,
+                        backend=sampler_backend)
+                flat.index_copy_(0, step.targets, tokens)
+                failed |= bad
             if cache is not None:
-                cache.length.fill_(a)  # cells [0, a) are settled: their keys/values are final
+                cache.length.fill_(step.settled)  # cells [0, settled) are final: their keys/values too
+    if bool(failed):  # the one synchronization: what the per-call checks would have raised
+        raise ValueError("generate: a draw failed: the model produced NaN logits (or, γ family, log-scores "
+                         "with NaN/+inf or a row without a token of positive probability)")
     return GenerationResult(x, calls, rows_fed, logit_rows, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One model call of the step loop, with every tensor already on the device.
+
+    ``t``: the schedule step (the draws' step). Cells ``[start, end)`` are fed (positions
+    ``positions`` [1, end - start], mask ``mask`` over them); ``logits_index`` int64 [N]: their rows
+    with logits, row-major over ``[B, end - start]``; ``targets`` int64 [R] (or None on a step whose
+    prediction is discarded): the flat positions ``b·d + i`` sampled, in the order of the logits rows,
+    which are also the rows' identities. γ family: ``sigma`` float32 [B, end - start] (the model's
+    conditioning), and per target ``sigma_now``, ``sigma_next`` float64 and ``final`` bool.
+    ``settled``: the cache length after the call. ``rows_fed``, ``logit_rows``: counters. ``key``:
+    equal for steps whose forward passes are interchangeable up to the tensors above (fed cells, logit
+    row count and the mask's values), for ``StepGraphs``."""
+
+    t: int
+    start: int
+    end: int
+    positions: torch.Tensor
+    mask: hk.masks.IntervalMask
+    logits_index: torch.Tensor
+    targets: torch.Tensor | None
+    sigma: torch.Tensor | None
+    sigma_now: torch.Tensor | None
+    sigma_next: torch.Tensor | None
+    final: torch.Tensor | None
+    settled: int
+    rows_fed: int
+    logit_rows: int
+    key: tuple
+
+
+@dataclass(frozen=True)
+class _Plan:
+    steps: list
+    cells: int  # cells of the sequence fed to the model (d, or d + 1 with the SHIFTED conditioning cell)
+
+
+def _plan_steps(sched, B: int, seed: int, method: str, eta: float, frozen: torch.Tensor, noise, mask_id: int,
+                config: str, context: str, window: str, kv_cache: bool, skip_unchanged: bool,
+                device: torch.device) -> _Plan:
+    """Every model call of a generation, computed on the host before the first one (no model output
+    is needed, see below), with its tensors moved to the device once.
+
+    Which rows change at a step does not depend on the sampled tokens: in the ε family a row's
+    decision (stream 1) depends on whether it is still MASK, and a masked row stops being MASK exactly
+    when it is first resampled (MASK is never drawn); in the γ family every active non-prompt row
+    moves. So the masked state can be tracked here, and the loop needs no host synchronization.
+    """
+    gamma_family = method in GAMMA_METHODS
+    d = sched.length
+    shifted = config == "shifted"
+    cells = d + 1 if shifted else d
+    row_ids = torch.arange(B)[:, None] * d + torch.arange(d)
+    masked = ~frozen  # ε family: a non-prompt position is MASK until its first draw
+    settled = 0  # the cache length, the same for every sequence
+    steps = []
+    # Steps often repeat a tensor (the same window rows, the same mask inside a block): move each
+    # distinct value to the device once. Sharing the mask object also shares its tile maps.
+    on_device: dict = {}
+    masks: dict = {}
+
+    def moved(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = tensor.to(dtype) if dtype is not None else tensor
+        key = (tensor.dtype, tuple(tensor.shape), tensor.contiguous().numpy().tobytes())
+        if key not in on_device:
+            on_device[key] = tensor.to(device)
+        return on_device[key]
+
+    for t in range(sched.num_steps):
+        a, b = sched.split(t)
+        if a == b:
+            continue
+        now, nxt = sched.table[t, a:b], sched.table[t + 1, a:b]
+        active_frozen = frozen[:, a:b]
+        if gamma_family:
+            change = ~active_frozen  # every active position may move; prompt positions never do
+        else:
+            p_transfer = transfer_probability(noise, sched, now, nxt).expand(B, -1)
+            state = torch.where(masked[:, a:b], mask_id, 0)  # only MASK-or-not matters to the decisions
+            change = hk.sampling.acs_decisions(
+                state.reshape(-1), p_transfer.reshape(-1), eta, mask_id, seed, t,
+                row_ids=row_ids[:, a:b].reshape(-1), frozen=active_frozen.reshape(-1)).view(B, b - a)
+            masked[:, a:b] &= ~change
+        idle = not bool(change.any())
+        if idle and skip_unchanged:
+            continue
+        start = settled if kv_cache else 0
+        end = b + 1 if shifted else b
+        n = end - start
+        mask = hk.masks.inference(sched, t, config, context, window).rows(slice(start, None))
+        mask_key = (mask.key_length, torch.cat([mask.prefix_end, mask.window_start, mask.window_end], 1)
+                    .numpy().tobytes())
+        if mask_key not in masks:
+            masks[mask_key] = mask.to(device)
+        mask = masks[mask_key]
+        # Cell a + j predicts position a + j in both configs. An idle step (skip_unchanged=False) computes
+        # the prediction of every active non-prompt row and discards it, as uncached MDLM does.
+        wanted = torch.zeros(B, n, dtype=torch.bool)
+        wanted[:, a - start:b - start] = ~active_frozen if idle else change
+        logits_index = wanted.reshape(-1).nonzero().squeeze(1)
+        targets = sigma = sigma_now = sigma_next = final = None
+        if not idle:
+            targets = moved(row_ids[:, a:b][change])
+        if gamma_family:
+            # σ̄ of the token each cell holds: τ_t of its position (0 for settled and prompt cells)
+            held = torch.where(frozen, 0, sched.table[t].expand(B, -1))
+            held_sigma = level_sigma(noise, sched, held)
+            if shifted:  # cell c holds position c - 1; cell 0 holds the clean conditioning token
+                held_sigma = torch.cat([torch.zeros(B, 1, dtype=torch.float64), held_sigma], 1)
+            sigma = moved(held_sigma[:, start:end], torch.float32)
+            if not idle:
+                sigma_now = moved(level_sigma(noise, sched, now).expand(B, -1)[change])
+                sigma_next = moved(level_sigma(noise, sched, nxt).expand(B, -1)[change])
+                final = moved((nxt == 0).expand(B, -1)[change])
+        if kv_cache:
+            settled = a  # cells [0, a) are settled after this step
+        steps.append(_Step(t, start, end, moved(torch.arange(start, end)[None]), mask, moved(logits_index),
+                           targets, sigma, sigma_now, sigma_next, final, settled, B * n,
+                           logits_index.numel(), (start, end, logits_index.numel(), mask_key)))
+    return _Plan(steps, cells)
 
 
 @contextlib.contextmanager

@@ -106,10 +106,10 @@ def _check_same_shape(context: str, reference_name: str, reference: torch.Tensor
                              f"{tuple(reference.shape)}, got {tuple(tensor.shape)}")
 
 
-def _sigma64(sigma_bar, device, context: str) -> torch.Tensor:
-    """σ̄ as float64 on ``device``, checked non-negative."""
+def _sigma64(sigma_bar, device, context: str, check: bool = True) -> torch.Tensor:
+    """σ̄ as float64 on ``device``, checked non-negative (when ``check``: that reads the values)."""
     sigma = torch.as_tensor(sigma_bar, device=device).to(torch.float64)
-    if sigma.numel() and bool(((sigma < 0) | torch.isnan(sigma)).any()):
+    if check and sigma.numel() and bool(((sigma < 0) | torch.isnan(sigma)).any()):
         raise ValueError(f"{context}: sigma_bar must be >= 0, got values in "
                          f"[{float(sigma.min())}, {float(sigma.max())}]")
     return sigma
@@ -125,7 +125,7 @@ def _k(a: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def gamma_log_score(logits: torch.Tensor, sigma_bar: torch.Tensor, x_t: torch.Tensor | None = None, *,
-                    zero_current: bool = True) -> torch.Tensor:
+                    zero_current: bool = True, check: bool = True) -> torch.Tensor:
     """Log-scores of the γ model from its logits (official ``scale_by_sigma``, notes §3.1.3)::
 
         s = logits - log(e^{σ̄} - 1) - log(V - 1),   then  s[x_t] = 0  (zero_current)
@@ -140,6 +140,8 @@ def gamma_log_score(logits: torch.Tensor, sigma_bar: torch.Tensor, x_t: torch.Te
             (for SHIFTED, the target's σ̄, i.e. the next cell's). Must be > 0 where the result is
             used; σ̄ = 0 is clamped to the smallest float32 normal so the result stays finite.
         x_t: ``[...]`` current (noisy) token of that position; required when ``zero_current``.
+        check: validate σ̄ >= 0 and the token ids; ``False`` skips these checks, which synchronize
+            with the device (for generation loops that validated their inputs once).
 
     Returns:
         float32 ``[..., V]`` (float64 for float64 logits). Computed in float32 rather than the
@@ -151,7 +153,7 @@ def gamma_log_score(logits: torch.Tensor, sigma_bar: torch.Tensor, x_t: torch.Te
     if V < 2:
         raise ValueError(f"{context}: logits must have V >= 2 entries in the last dimension, got {V}")
     acc = _acc_dtype(logits.dtype)
-    sigma = _sigma64(sigma_bar, logits.device, context).clamp_min(torch.finfo(torch.float32).tiny)
+    sigma = _sigma64(sigma_bar, logits.device, context, check).clamp_min(torch.finfo(torch.float32).tiny)
     log_expm1 = sigma + torch.log(-torch.expm1(-sigma))  # log(e^σ̄ - 1) without overflow for large σ̄
     offset = (log_expm1 + math.log(V - 1)).to(acc)
     try:
@@ -163,7 +165,8 @@ def gamma_log_score(logits: torch.Tensor, sigma_bar: torch.Tensor, x_t: torch.Te
         if x_t is None:
             raise ValueError(f"{context}: x_t is required when zero_current=True "
                              "(pass zero_current=False to skip)")
-        _check_tokens("x_t", x_t, V, context)
+        if check:
+            _check_tokens("x_t", x_t, V, context)
         index = x_t.long().expand(score.shape[:-1]).unsqueeze(-1)
         score = score.scatter(-1, index, 0.0)
     return score

@@ -249,10 +249,10 @@ class DiTBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: IntervalMask,
                 cond: torch.Tensor | None = None, kv_cache: hk.KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, check: bool = True) -> torch.Tensor:
         """``h`` ``[B, S, hidden]`` -> same. ``cond`` ``[B, S, cond_dim]`` (γ only). With ``kv_cache``,
         the rows' keys/values are written at cells ``[length, length + S)`` of ``layer`` and the rows
-        attend over cells ``[0, mask.key_length)`` of the cache."""
+        attend over cells ``[0, mask.key_length)`` of the cache (``check``: see ``decode``)."""
         B, S, _ = h.shape
         modulated = self.adaLN_modulation is not None
         if modulated:
@@ -266,7 +266,7 @@ class DiTBlock(nn.Module):
             # One call writes the rows' keys/values at cells [length, length + S) and attends over the
             # cached prefix plus the rows (DESIGN §7); the caller advances the length.
             o = hk.attention.decode(q, kv_cache.k[layer], kv_cache.v[layer], kv_cache.length, k, v, mask,
-                                    backend=self.attention_backend)
+                                    backend=self.attention_backend, check=check)
         else:
             o = hk.attention.attention(q, k, v, mask, backend=self.attention_backend)
         o = self.dropout(self.attn_out(o.reshape(B, S, -1)))
@@ -371,8 +371,9 @@ class DiT(nn.Module):
                           c.head_dim, weight.dtype if dtype is None else dtype,
                           weight.device if device is None else device)
 
-    def _check_kv_cache(self, kv_cache, position_ids: torch.Tensor, B: int, n: int) -> int:
-        """Validate an incremental call; return its key length ``max(length) + n``."""
+    def _check_kv_cache(self, kv_cache, position_ids: torch.Tensor, B: int, n: int, check: bool = True) -> int | None:
+        """Validate an incremental call; return its key length ``max(length) + n`` (None when ``check``
+        is False: the values are not read)."""
         c = self.config
         if not isinstance(kv_cache, hk.KVCache):
             raise TypeError(f"DiT.forward: kv_cache must be an hdlm_kernels.KVCache, got "
@@ -386,6 +387,8 @@ class DiT(nn.Module):
             raise RuntimeError("DiT.forward: the KV-cached forward is inference-only (the cache stores "
                                "detached keys/values); call it under torch.no_grad() or "
                                "torch.inference_mode()")
+        if not check:
+            return None
         cells = kv_cache.length[:, None] + torch.arange(n, device=kv_cache.device)
         if not torch.equal(position_ids.to(device=cells.device, dtype=cells.dtype), cells):
             raise ValueError("DiT.forward: with a kv_cache, position_ids must be the cells the new rows are "
@@ -395,7 +398,8 @@ class DiT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: IntervalMask,
                 sigma: torch.Tensor | None = None, logits_rows: torch.Tensor | None = None,
-                kv_cache: hk.KVCache | None = None) -> torch.Tensor:
+                kv_cache: hk.KVCache | None = None, *, logits_index: torch.Tensor | None = None,
+                check: bool = True) -> torch.Tensor:
         """Logits of the rows in ``logits_rows``.
 
         Full / packed mode (``kv_cache`` None): the ``S`` cells attend each other through ``mask``.
@@ -419,6 +423,13 @@ class DiT(nn.Module):
                 integer ``[B, R]`` -> ``[B, R, V]``; bool ``[B, S]`` -> ``[N, V]`` (the True rows,
                 row-major).
             kv_cache: an ``hk.KVCache`` from :meth:`new_kv_cache` (or equal sizes) for incremental mode.
+            logits_index: instead of ``logits_rows``, int64 ``[N]`` indices of the wanted rows among
+                the ``B·S`` rows in row-major order -> ``[N, V]`` (what a bool ``logits_rows`` selects,
+                without the host synchronization of a boolean index).
+            check: validate tensor values (token ids, the cache positions and lengths, index ranges).
+                ``False`` skips every check that synchronizes with the device, for generation loops
+                that validated their whole plan once (``hdlm_reference.generate``); shapes, dtypes and
+                types are still checked. In incremental mode the key length is then ``mask.key_length``.
 
         Returns:
             raw logits in float32 (float64 for a float64 model).
@@ -429,14 +440,26 @@ class DiT(nn.Module):
             raise ValueError(f"DiT.forward: input_ids must be a tensor [B, S], got {given}")
         B, S = input_ids.shape
         _check_index_tensor("input_ids", input_ids, B, S)
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
+        if check and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
             raise ValueError(f"DiT.forward: input_ids must lie in [0, vocab_size={c.vocab_size}), got values "
                              f"in [{int(input_ids.min())}, {int(input_ids.max())}]")
         position_ids = _check_index_tensor("position_ids", position_ids, B, S)
         if not isinstance(mask, IntervalMask):
             raise TypeError(f"DiT.forward: mask must be an hdlm_kernels.masks.IntervalMask, got "
                             f"{type(mask).__name__}")
-        key_length = S if kv_cache is None else self._check_kv_cache(kv_cache, position_ids, B, S)
+        key_length = S
+        if kv_cache is not None:
+            key_length = self._check_kv_cache(kv_cache, position_ids, B, S, check)
+            key_length = mask.key_length if key_length is None else key_length
+        if logits_index is not None:
+            if logits_rows is not None:
+                raise ValueError("DiT.forward: pass logits_rows or logits_index, not both")
+            if (not isinstance(logits_index, torch.Tensor) or logits_index.dtype != torch.int64
+                    or logits_index.dim() != 1):
+                raise TypeError(f"DiT.forward: logits_index must be an int64 tensor [N], got {logits_index!r}")
+            if check and logits_index.numel() and (int(logits_index.min()) < 0
+                                                   or int(logits_index.max()) >= B * S):
+                raise ValueError(f"DiT.forward: logits_index must lie in [0, B·S = {B * S})")
         mask.check_shapes(S, key_length, B, context="DiT.forward")
         cond = None
         if c.family == "gamma":
@@ -453,6 +476,10 @@ class DiT(nn.Module):
             h = self.vocab_embed(input_ids)
         cos, sin = self.rotary_emb(position_ids)
         for layer, block in enumerate(self.blocks):
-            h = block(h, cos, sin, mask, cond, kv_cache, layer)
-        logits = self.output_layer(_select_rows(h, logits_rows))
+            h = block(h, cos, sin, mask, cond, kv_cache, layer, check)
+        if logits_index is not None:
+            h = h.reshape(B * S, -1).index_select(0, logits_index.to(h.device))
+        else:
+            h = _select_rows(h, logits_rows)
+        logits = self.output_layer(h)
         return logits.to(_compute_dtype(logits.dtype))

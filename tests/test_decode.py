@@ -56,6 +56,26 @@ def test_dense_window_over_per_sequence_prefixes(backend, num_splits):
     assert cache_len.tolist() == [5, 40, 97]
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_unchecked_call_computes_the_same_rows(backend):
+    """check=False (the generation loop's, which validates its plan once) skips only the host sync."""
+    q, k_cache, v_cache, cache_len, k_new, v_new = decode_problem()
+    K = int(cache_len.max()) + q.shape[1]
+    mask = IntervalMask((cache_len[:, None] + 1 + torch.arange(7, device=DEVICE)).int(),
+                        torch.zeros(3, 7, dtype=torch.int32, device=DEVICE),
+                        torch.zeros(3, 7, dtype=torch.int32, device=DEVICE), K)
+    args = (q, k_cache, v_cache, cache_len, k_new, v_new, mask)
+    with torch.no_grad():
+        checked = hk.attention.decode(*args, backend=backend)
+        for b, n in enumerate(cache_len.tolist()):  # the unchecked call must write the rows again
+            k_cache[b, n:n + 7] = 0
+        unchecked = hk.attention.decode(*args, backend=backend, check=False)
+    assert torch.equal(k_cache[1, 40:47], k_new[1])
+    assert torch.equal(checked, unchecked)
+    with pytest.raises(ValueError, match="check=False needs a mask"):
+        hk.attention.decode(*args[:-1], backend=backend, check=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_reencoded_rows_and_window_in_one_call(dtype, num_splits):

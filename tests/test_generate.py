@@ -1,16 +1,20 @@
 """The generation loop: KV-cached generation equals uncached generation token for token, and the
 sampler's bookkeeping follows MDLM / ACS (paper §3.4, App. D)."""
 
+import importlib
 import math
+from collections import Counter
 
 import pytest
 import torch
 from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hdlm_kernels as hk
 from hdlm_reference.generate import generate, transfer_probability
 from hdlm_reference.model import DiT, ModelConfig
 from hdlm_reference.noise import GammaHybrid, LogLinearNoise
+from hdlm_reference.step_graphs import StepGraphs, capture_by_rerunning
 
 BOS = 10
 
@@ -192,7 +196,8 @@ class TrueScoreModel(torch.nn.Module):
         self.register_buffer("p0", p0)
         self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
 
-    def forward(self, input_ids, position_ids, mask, sigma=None, logits_rows=None, kv_cache=None):
+    def forward(self, input_ids, position_ids, mask, sigma=None, logits_rows=None, kv_cache=None, *,
+                logits_index=None, check=True):
         sigma = sigma.double()
         p_mask, p_shuffle, p_keep = self.process.event_probs(sigma)
         n = self.config.vocab_size - 1
@@ -200,6 +205,8 @@ class TrueScoreModel(torch.nn.Module):
         p[..., -1] = p_mask
         log_ratio = p.log() - p.gather(-1, input_ids[..., None]).log()
         logits = log_ratio + (torch.log(torch.expm1(sigma)) + math.log(n))[..., None]
+        if logits_index is not None:  # DiT.forward's row-major selection
+            return logits.reshape(-1, logits.shape[-1])[logits_index]
         return logits[logits_rows]
 
 
@@ -235,3 +242,144 @@ def test_skip_unchanged_false_runs_the_model_on_idle_steps_with_the_same_tokens(
         assert torch.equal(uncached.tokens, cached.tokens)
         assert cached.model_calls < uncached.model_calls == sched.num_steps
         assert uncached.logit_rows > cached.logit_rows == 8  # each position once, plus discarded rows
+
+
+# ---------------------------------------------------------------- the step loop: planned, no host syncs
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that make the host wait for the device (a value read on the host, or an output
+    whose size depends on values), once ``armed``. On the CPU nothing waits, but the same ops would."""
+
+    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
+               torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
+               torch.ops.aten._unique2.default, torch.ops.aten.unique_dim.default,
+               torch.ops.aten.unique_consecutive.default, torch.ops.aten.repeat_interleave.Tensor}
+    BOOL_INDEXED = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
+                    torch.ops.aten.index_put_.default}
+
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.armed:
+            indices = args[1] if func in self.BOOL_INDEXED else ()
+            if func in self.SYNCING or any(i is not None and i.dtype == torch.bool for i in indices):
+                self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method,kv_cache,sampler", [("acs", True, "reference"), ("acs", False, "kernels"),
+                                                     ("analytic", True, "reference"), ("euler", True, "kernels")])
+def test_step_loop_never_waits_for_the_device(model, gamma_model, method, kv_cache, sampler):
+    """From the first model call on, the only host synchronization is the final failure check."""
+    if sampler == "kernels":
+        pytest.importorskip("hdlm_kernels._C")
+    m = gamma_model if method in ("analytic", "euler") else model
+    detector = HostSyncs()
+    hook = m.register_forward_pre_hook(lambda *_: setattr(detector, "armed", True))
+    try:
+        with detector:
+            result = generate(m, hk.schedules.block(16, 4, 3), 2, 5, method=method, kv_cache=kv_cache,
+                              context="causal", prompt=torch.tensor([[1, 2, 3]]), sampler_backend=sampler)
+    finally:
+        hook.remove()
+    assert detector.armed and result.model_calls > 0
+    assert detector.seen == [str(torch.ops.aten._local_scalar_dense.default)]
+
+
+def test_planned_decisions_are_the_decisions_on_the_actual_tokens(model):
+    """The plan tracks only MASK-or-not; the rows each call samples must be exactly those
+    acs_decisions picks from the tokens the model actually sees (ε family, with corrections)."""
+    sched = hk.schedules.block(24, 6, 4)
+    calls = []
+    hook = model.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((args[0].clone(), kwargs["logits_index"].clone())),
+        with_kwargs=True)
+    try:
+        result = generate(model, sched, 3, 11, method="acs", eta=0.3, prompt=torch.tensor([[4, 5]]))
+    finally:
+        hook.remove()
+    noise = LogLinearNoise()
+    row_ids = torch.arange(3)[:, None] * 24 + torch.arange(24)
+    frozen = torch.zeros(3, 24, dtype=torch.bool)
+    frozen[:, :2] = True
+    steps = [t for t in range(sched.num_steps) if sched.split(t)[0] != sched.split(t)[1]]
+    # Replay: walk the schedule; every step with a change must be the next recorded call.
+    call = checked = 0
+    for t in steps:
+        if call == len(calls):
+            break
+        a, b = sched.split(t)
+        tokens = calls[call][0]  # x before step t, as the model saw it (uncached: cells [0, b))
+        p = transfer_probability(noise, sched, sched.table[t, a:b], sched.table[t + 1, a:b]).expand(3, -1)
+        change = hk.sampling.acs_decisions(tokens[:, a:b].reshape(-1), p.reshape(-1), 0.3, model.config.mask_id,
+                                           11, t, row_ids=row_ids[:, a:b].reshape(-1),
+                                           frozen=frozen[:, a:b].reshape(-1)).view(3, b - a)
+        if not change.any():
+            continue  # skipped step: no call recorded
+        wanted = torch.zeros(3, tokens.shape[1], dtype=torch.bool)
+        wanted[:, a:b] = change
+        assert torch.equal(calls[call][1], wanted.reshape(-1).nonzero().squeeze(1)), f"step {t}"
+        call, checked = call + 1, checked + 1
+    assert checked == len(calls) == result.model_calls and checked > 5
+
+
+# ---------------------------------------------------------------- CUDA graphs of the per-step forward
+
+
+def test_step_graphs_replay_with_fresh_inputs_and_release_after_the_last_use():
+    graphs = StepGraphs(Counter({"k": 3, "j": 1}), capture_by_rerunning)
+    double = lambda inputs: inputs["a"] * 2  # noqa: E731
+    outputs = [graphs(key, double, {"a": torch.tensor([float(i)])}).clone()
+               for i, key in enumerate(["k", "j", "k", "k"])]
+    assert [float(o) for o in outputs] == [0.0, 2.0, 4.0, 6.0]
+    assert graphs.replays == 2 and graphs.graphs == {}  # "j" was never captured, "k" released
+    with pytest.raises(RuntimeError, match="used more often than the plan said"):
+        graphs("k", double, {"a": torch.ones(1)})
+
+
+@pytest.mark.parametrize("method,context,config", [("acs", "causal", "aligned"), ("analytic", "causal", "shifted"),
+                                                   ("euler", "block_causal", "aligned")])
+def test_replayed_step_graphs_draw_the_same_tokens(model, gamma_model, monkeypatch, method, context, config):
+    """The bookkeeping of cuda_graphs=True (keys, static inputs, replays), checked on the CPU with the
+    capture twin that re-runs the captured call on the static inputs."""
+    generate_module = importlib.import_module("hdlm_reference.generate")  # the package exports the function
+    replays = []
+
+    def capture(run):
+        replay, output = capture_by_rerunning(run)
+        return (lambda: (replays.append(1), replay())), output
+
+    monkeypatch.setitem(generate_module._GRAPH_CAPTURE, "cpu", capture)
+    m = gamma_model if method in ("analytic", "euler") else model
+    args = (m, hk.schedules.block(16, 4, 3), 2, 9)
+    kwargs = dict(method=method, kv_cache=True, context=context, config=config, bos_id=BOS,
+                  prompt=torch.tensor([[1, 2, 3]]))
+    eager = generate(*args, **kwargs)
+    graphed = generate(*args, **kwargs, cuda_graphs=True)
+    assert torch.equal(graphed.tokens, eager.tokens)
+    assert len(replays) > 0
+
+
+def test_cuda_graphs_need_a_cuda_device(model):
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device; got cpu"):
+        generate(model, hk.schedules.block(16, 4, 3), 1, 0, kv_cache=True, context="causal", cuda_graphs=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["acs", "analytic"])
+def test_cuda_graphs_draw_the_same_tokens_on_the_gpu(method):
+    family = "gamma" if method == "analytic" else "epsilon"
+    torch.manual_seed(0)
+    m = DiT(ModelConfig.preset("tiny", family=family, attention_backend="triton")).cuda().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    args = (m, hk.schedules.block(64, 16, 8), 4, 3)
+    kwargs = dict(method=method, kv_cache=True, context="causal", sampler_backend="kernels")
+    eager = generate(*args, **kwargs)
+    graphed = generate(*args, **kwargs, cuda_graphs=True)
+    assert torch.equal(graphed.tokens, eager.tokens)

@@ -143,6 +143,16 @@ def test_logits_rows_select_rows_of_the_full_forward(family):
         chosen = torch.rand(B, S, generator=torch.Generator().manual_seed(0)) < 0.4
         torch.testing.assert_close(model(ids, pos, mask, sigma, logits_rows=chosen), full[chosen],
                                    rtol=0, atol=1e-12)
+        # the generation loop's form: flat row-major indices, and no value checks
+        index = chosen.reshape(-1).nonzero().squeeze(1)
+        torch.testing.assert_close(model(ids, pos, mask, sigma, logits_index=index, check=False), full[chosen],
+                                   rtol=0, atol=1e-12)
+        with pytest.raises(ValueError, match="pass logits_rows or logits_index, not both"):
+            model(ids, pos, mask, sigma, logits_rows=chosen, logits_index=index)
+        with pytest.raises(TypeError, match=r"logits_index must be an int64 tensor \[N\]"):
+            model(ids, pos, mask, sigma, logits_index=index.int())
+        with pytest.raises(ValueError, match=r"logits_index must lie in \[0, B·S = 20\)"):
+            model(ids, pos, mask, sigma, logits_index=torch.tensor([20]))
 
 
 # -- conditioning and positions ----------------------------------------------------------------------

@@ -66,11 +66,15 @@ def _check_decode_inputs(q, k_cache, v_cache, cache_len, k_new, v_new, mask, con
             raise ValueError(f"{context}: the mask is on {mask.device} but q is on {q.device}")
 
 
-def _write_and_mask(k_cache, v_cache, cache_len, k_new, v_new, mask, context: str):
+def _write_and_mask(k_cache, v_cache, cache_len, k_new, v_new, mask, context: str, check: bool = True):
     """Store the new rows at cells ``[cache_len, cache_len + S)`` and return the mask over the cells
-    ``[0, K)`` that the call reads (``mask`` as given, or a dense window over prefix + rows)."""
+    ``[0, K)`` that the call reads (``mask`` as given, or a dense window over prefix + rows).
+    ``check=False`` (with a mask) skips the validation and its host synchronization."""
     B, S = k_new.shape[:2]
     max_len = k_cache.shape[1]
+    if not check:
+        _write_rows(k_cache, v_cache, cache_len, k_new, v_new)
+        return mask
     ends = cache_len.long() + S
     # One host sync validates both the cache bounds and the mask against the written cells.
     checks = [ends.max(), cache_len.min()]
@@ -85,17 +89,23 @@ def _write_and_mask(k_cache, v_cache, cache_len, k_new, v_new, mask, context: st
     if mask is not None and values[2] > 0:
         raise ValueError(f"{context}: the mask lets a row attend past cache_len + S (cells not written yet); "
                          f"rows may attend cells [0, cache_len[b] + {S}) only")
-    if S:
-        cells = cache_len.long()[:, None] + torch.arange(S, device=cache_len.device)
-        batch = torch.arange(B, device=cache_len.device)[:, None]
-        k_cache[batch, cells] = k_new
-        v_cache[batch, cells] = v_new
+    _write_rows(k_cache, v_cache, cache_len, k_new, v_new)
     if mask is not None:
         return mask
     key_length = values[0]
     prefix_end = ends[:, None].expand(B, S).to(torch.int32)
     empty = torch.zeros_like(prefix_end)
     return IntervalMask(prefix_end, empty, empty, key_length)
+
+
+def _write_rows(k_cache, v_cache, cache_len, k_new, v_new) -> None:
+    """k_cache[b, cache_len[b] + j] = k_new[b, j] (and v), by index, without a host synchronization."""
+    B, S = k_new.shape[:2]
+    if S:
+        cells = cache_len.long()[:, None] + torch.arange(S, device=cache_len.device)
+        batch = torch.arange(B, device=cache_len.device)[:, None]
+        k_cache[batch, cells] = k_new
+        v_cache[batch, cells] = v_new
 
 
 def decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor,
@@ -107,7 +117,8 @@ def decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor,
            k_new: torch.Tensor, v_new: torch.Tensor, mask: IntervalMask | None = None,
-           scale: float | None = None, backend: str = "auto", *, num_splits: int | None = None) -> torch.Tensor:
+           scale: float | None = None, backend: str = "auto", *, num_splits: int | None = None,
+           check: bool = True) -> torch.Tensor:
     """One KV-cached attention call: write ``k_new``/``v_new`` into the cache, attend, return the rows.
 
     Args:
@@ -125,6 +136,10 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
             the rows are too few to fill the GPU), ``"cuda"`` (the ``_C`` kernel), or ``"auto"``
             (triton on CUDA tensors when importable, the reference otherwise).
         num_splits: split-KV count for ``"triton"``/``"cuda"``; None chooses from the GPU's size.
+        check: validate ``cache_len`` and the mask against the cache (overflow, negative lengths, rows
+            that attend unwritten cells) at the cost of one host synchronization. ``False`` skips it
+            and needs a ``mask``: for generation loops that track every length on the host and checked
+            their masks once (``hdlm_reference.generate``); the caller then owns those guarantees.
 
     Returns:
         ``[B, S, H, Dv]`` in q's dtype. Inference only: no autograd.
@@ -148,7 +163,10 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
         cuda_decode = _cuda_decode_fn(q)
     if backend == "triton":
         _triton_module().check_triton_inputs(q, context=context)
-    keys_mask = _write_and_mask(k_cache, v_cache, cache_len, k_new, v_new, mask, context)
+    if not check and mask is None:
+        raise ValueError(f"{context}: check=False needs a mask (without one, the key length is read from "
+                         "cache_len on the host)")
+    keys_mask = _write_and_mask(k_cache, v_cache, cache_len, k_new, v_new, mask, context, check)
     K = keys_mask.key_length
     keys, values = k_cache[:, :K], v_cache[:, :K]
     if backend == "cuda":
