@@ -30,6 +30,14 @@ baseline. Each record carries ``change_frac`` and ``rows_changed`` (the rows ``a
 for our seed and step; the official decisions vary with each round around the same expectation), so a
 cost proportional to the changing rows shows next to the full draw of the gumbel group.
 
+``hybrid_step gamma=... [R x V]`` groups time one γ-hybrid analytic step (paper App. B.4; τ-leaping)
+of ``R`` rows of log-scores (about half the rows MASK, Δσ̄ = 0.05 at σ̄ = 2, γ = 0.01): ``ours_*`` call
+``hk.sampling.hybrid_step`` (the fused form: a max pass, an exact fixed-point sum of ``exp64`` ratios,
+and a race pass with ``log64`` weights and FP64 Gumbel noise, bit-identical across backends);
+``official_analytic`` is the official ``AnalyticPredictor`` recipe (notes §5.2): ``exp`` of the
+log-scores, the interpolated staggered score and the transition row as fp32 ``[R, V]`` tensors, then
+``argmax(probs / (-log(u_fp64 + 1e-10)))`` with float64 ``torch.rand`` of ``[R, V]``, the baseline.
+
 Rates: ``read_bytes`` is the logits one call must read (``R · V ·`` element size for a full draw,
 ``rows_changed · V ·`` element size for an ACS step, the same for every contender of a group);
 ``gbps`` is ``read_bytes`` over the median time and ``elements_per_s`` the logits elements over it
@@ -218,6 +226,87 @@ ACS_CONTENDERS = [acs_ours_cuda, acs_ours_triton, acs_ours_cpp, acs_ours_referen
 ACS_BASELINE = official_acs
 
 
+# -- hybrid_step contenders: problem -> Case --------------------------------------------------------------
+GAMMA = 0.01
+SIGMA_NOW, SIGMA_NEXT = 2.0, 1.95
+
+
+@dataclass(frozen=True)
+class HybridProblem:
+    """One γ-hybrid analytic step: tokens ``x [R]`` (about half MASK) and their log-scores ``[R, V]``."""
+
+    x: torch.Tensor
+    log_score: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def hybrid_problem(logits) -> HybridProblem:
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    x = torch.randint(0, MASK_ID, (ROWS,), generator=g, device=DEVICE)
+    x[torch.randperm(ROWS, generator=g, device=DEVICE)[:ROWS // 2]] = MASK_ID
+    return HybridProblem(x, logits - 10.0)  # log-ratios: most tokens far less likely than the current one
+
+
+def hybrid_ours(p: HybridProblem, backend: str, rounds: int = ROUNDS) -> Case:
+    def probe(tiny):
+        x = torch.zeros(tiny.shape[0], dtype=torch.int64, device=DEVICE)
+        return hk.sampling.hybrid_step(x, tiny, SIGMA_NOW, SIGMA_NEXT, GAMMA, tiny.shape[1] - 1, SEED, STEP,
+                                       backend=backend)
+
+    require(backend, probe)
+    return Case(lambda: hk.sampling.hybrid_step(p.x, p.log_score, SIGMA_NOW, SIGMA_NEXT, GAMMA, MASK_ID, SEED,
+                                                STEP, backend=backend), rounds)
+
+
+def hybrid_ours_cuda(p: HybridProblem) -> Case:
+    return hybrid_ours(p, "cuda")
+
+
+def hybrid_ours_triton(p: HybridProblem) -> Case:
+    return hybrid_ours(p, "triton")
+
+
+def hybrid_ours_cpp(p: HybridProblem) -> Case:
+    return hybrid_ours(p, "cpp")
+
+
+def hybrid_ours_reference(p: HybridProblem) -> Case:
+    return hybrid_ours(p, "reference", SLOW_ROUNDS)
+
+
+def official_analytic(p: HybridProblem) -> Case:
+    """notes/official-implementation.md §5.2, AnalyticPredictor.update_fn on one position per row:
+    QGamma.staggered_score (the linear interpolation of SEDD's absorbing and uniform staggered scores)
+    times QGamma.transp_transition (Eq. 7g's row of x), in fp32, then sample_categorical in float64."""
+    g = generator()
+    n = VOCAB - 1
+    delta = SIGMA_NOW - SIGMA_NEXT
+    e_delta = torch.tensor(delta, device=DEVICE).exp()
+    a, b = torch.tensor(-(1 - GAMMA) * delta).exp().item(), torch.tensor(-GAMMA * delta).exp().item()
+    masked = (p.x == MASK_ID)[:, None]
+    real = torch.nn.functional.one_hot(p.x.clamp(max=n - 1), VOCAB).bool() & ~masked
+
+    def official():
+        score = p.log_score.float().exp()
+        total = score.sum(-1, keepdim=True)
+        absorb = score * e_delta
+        absorb[:, MASK_ID:] += (1 - e_delta) * total
+        uniform = score * e_delta + (1 - e_delta) * (total - score[:, MASK_ID:]) / n
+        uniform[:, MASK_ID:] = score[:, MASK_ID:]
+        staggered = (1 - GAMMA) * absorb + GAMMA * uniform
+        transition = torch.where(masked, 1 - a, a * (1 - b) / n + a * b * real)
+        transition[:, MASK_ID:] = torch.where(masked, 1.0, 0.0)
+        probs = staggered * transition
+        u = torch.rand(probs.shape, generator=g, device=DEVICE, dtype=torch.float64)
+        return torch.argmax(probs / (-torch.log(u + 1e-10)), dim=-1)
+
+    return Case(official)
+
+
+HYBRID_CONTENDERS = [hybrid_ours_cuda, hybrid_ours_triton, hybrid_ours_cpp, hybrid_ours_reference, official_analytic]
+HYBRID_BASELINE = official_analytic
+
+
 
 
 def measure(benchmark, case: Case, group: str, shape: str, rows_read: int, baseline: bool, **notes) -> None:
@@ -260,3 +349,12 @@ def test_acs_step(benchmark, acs_problem, contender):
             f"R={ROWS} V={VOCAB} masked={ROWS // 2} p={P_TRANSFER:g}", p.rows_changed,
             contender is ACS_BASELINE, eta=p.eta, rows_changed=p.rows_changed,
             change_frac=round(p.rows_changed / ROWS, 4))
+
+
+@pytest.mark.parametrize("contender", HYBRID_CONTENDERS, ids=lambda c: c.__name__)
+def test_hybrid_step(benchmark, hybrid_problem, contender):
+    case = contender(hybrid_problem)
+    dtype = str(DTYPE).replace("torch.", "")
+    measure(benchmark, case, f"hybrid_step gamma={GAMMA:g} [{ROWS} x {VOCAB} {dtype}]",
+            f"R={ROWS} V={VOCAB} masked={ROWS // 2} dsigma={SIGMA_NOW - SIGMA_NEXT:g}", ROWS,
+            contender is HYBRID_BASELINE, gamma=GAMMA)
