@@ -199,3 +199,17 @@ def test_invalid_scale_raises():
     (q, k, v), mask = _inputs()
     with pytest.raises(TypeError, match="scale must be a float or None"):
         hk.attention.attention(q, k, v, mask, scale="0.1")
+
+
+def test_a_full_mask_is_dropped_with_the_same_result():
+    """A mask under which every row sees every key runs SDPA without a mask (its fast kernels) and
+    gives what the dense-mask path gives."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 9, 3, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    full = IntervalMask(torch.full((1, 9), 9), torch.zeros(1, 9, dtype=torch.int32),
+                        torch.zeros(1, 9, dtype=torch.int32), 9)
+    assert full.attends_all
+    also_full = IntervalMask(torch.full((1, 9), 4), torch.full((1, 9), 4), torch.full((1, 9), 9), 9)
+    assert not also_full.attends_all  # the flag is a cheap sufficient test, not an exact one
+    reference = hk.attention.attention_ref
+    torch.testing.assert_close(reference(q, k, v, full), reference(q, k, v, also_full), rtol=0, atol=1e-14)

@@ -4,7 +4,6 @@ backend tests)."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 

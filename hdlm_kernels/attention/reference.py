@@ -76,6 +76,10 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Inter
     B, Q, H, _ = q.shape
     if Q == 0 or k.shape[1] == 0:
         return q.new_zeros(B, Q, H, v.shape[3])
+    if mask.attends_all:  # no mask at all: SDPA may then take its flash / memory-efficient kernels
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             scale=scale)
+        return out.transpose(1, 2).contiguous()
     allowed = mask.to_dense()  # [B or 1, Q, K]
     has_key = allowed.any(-1, keepdim=True)
     # Let empty rows attend to every key and zero them afterwards: a row of -inf scores would give

@@ -51,6 +51,9 @@ class IntervalMask:
         self.window_end = window_end.to(torch.int32).contiguous()
         self.key_length = key_length
         self._tiles = {}  # (block_m, block_n) -> MaskTiles, and the BlockMasks; see tiles()
+        # Whether every row attends every key (a full mask, e.g. flat inference): known on the host
+        # from the bounds check, so attention can drop the mask without reading it.
+        self.attends_all = False
         if self.prefix_end.numel():
             self._check_bounds()
 
@@ -61,6 +64,8 @@ class IntervalMask:
             lo, hi = int(value.min()), int(value.max())
             if lo < 0 or hi > K:
                 raise ValueError(f"IntervalMask: {name} must lie in [0, key_length={K}], got values in [{lo}, {hi}]")
+            if name == "prefix_end":
+                self.attends_all = lo == K
         inverted = self.window_start > self.window_end
         if bool(inverted.any()):
             b, q = (int(v) for v in inverted.nonzero()[0])
