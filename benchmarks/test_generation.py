@@ -31,7 +31,10 @@ reference decode; ``sampler_backend="reference"``: the row-chunked PyTorch FP64 
 the fused CUDA/Triton sampler and, on a GPU, the per-step forward replayed as CUDA graphs wherever
 steps repeat their shapes (``cuda_graphs=True``); on a CPU the reference attention with the C++
 sampler). Both paths run the step loop of ``generate``, which never waits for the device.
-The ``_kv`` rows use the KV cache on both paths (the reference path then shows what the cache alone
+On the flat rows (SEDD, MDLM, γ flat) every row attends every cell, and the reference attention then
+calls SDPA without a mask (``IntervalMask.attends_all``), whose FlashAttention-2 kernel on a GPU is what
+SEDD's and MDLM's own code run through the flash-attn package (unmasked varlen); the package itself is
+not used here. The ``_kv`` rows use the KV cache on both paths (the reference path then shows what the cache alone
 buys with dense attention, as the paper's "+ KV-caching" row did); the others use none.
 
 ``extra_info``: ``seconds`` (the median of the timed rounds, synchronized), ``tokens_per_s``
