@@ -383,3 +383,23 @@ def test_cuda_graphs_draw_the_same_tokens_on_the_gpu(method):
     eager = generate(*args, **kwargs)
     graphed = generate(*args, **kwargs, cuda_graphs=True)
     assert torch.equal(graphed.tokens, eager.tokens)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method,attention", [("acs", "triton"), ("analytic", "triton"), ("analytic", "cuda")])
+def test_step_loop_never_waits_for_the_gpu(method, attention):
+    """On a GPU, CUDA's own sync detector: from the first model call on, only the final check syncs."""
+    family = "gamma" if method == "analytic" else "epsilon"
+    torch.manual_seed(0)
+    m = DiT(ModelConfig.preset("tiny", family=family)).cuda().eval()
+    syncs = []
+    hook = m.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("warn"))
+    try:
+        with pytest.warns(UserWarning) as caught:
+            generate(m, hk.schedules.block(64, 16, 8), 4, 3, method=method, kv_cache=True, context="causal",
+                     attention_backend=attention, sampler_backend="kernels")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        hook.remove()
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
