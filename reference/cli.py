@@ -156,14 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="generate text from a trained run",
                                  description="Sample from the newest checkpoint of a run (EMA weights) with its "
-                                 "hyperschedule, ACS and a KV cache; --compare-cache also times it without the cache.")
+                                 "hyperschedule and a KV cache: ACS for ε-family runs, the analytic (τ-leaping) "
+                                 "sampler for γ-family runs; --compare-cache also times it without the cache.")
     sample.add_argument("--run", required=True, help="the --out directory of `hdlm train`")
     sample.add_argument("--num-samples", type=int, default=4)
     sample.add_argument("--length", type=int, help="tokens per sample (default: the training seq_len)")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--method", choices=["acs", "original"], default="acs")
+    sample.add_argument("--method", choices=["acs", "original", "analytic", "euler"],
+                        help="acs (default) or original for ε-family runs; analytic (default) or euler for γ runs")
     sample.add_argument("--eta", type=float, default=0.01, help="ACS correction strength η")
-    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--temperature", type=float, default=1.0, help="of the ε samplers' draws (γ: 1 only)")
+    sample.add_argument("--sampler-backend", default="auto", choices=["auto", "kernels", "reference"],
+                        help="the sampling kernels: auto (the fused kernel of the device, default), kernels "
+                        "(insist on it) or reference (PyTorch); every backend draws the same tokens")
+    sample.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     sample.add_argument("--prompt", help="text the samples start with (frozen)")
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     sample.add_argument("--no-cache", action="store_true", help="do not use the KV cache")
@@ -350,22 +356,32 @@ def _run_sample(args: argparse.Namespace) -> int:
     from .tokenizer import ByteTokenizer
 
     model, objective, train_config, step = load_run(args.run, use_ema=not args.no_ema)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise CliError(f"--device: {error}") from None
+    model = model.to(device)
     length = args.length or int(train_config["seq_len"])
-    if objective.family != "epsilon":
-        raise CliError(f"hdlm sample: the run trained a {objective.family} model; sampling it (the γ analytic "
-                       "sampler) is not available yet, only ε-family runs")
+    method = args.method or ("acs" if objective.family == "epsilon" else "analytic")
+    allowed = ("acs", "original") if objective.family == "epsilon" else ("analytic", "euler")
+    if method not in allowed:
+        raise CliError(f"--method {method} does not sample a {objective.family}-family run; use one of "
+                       f"{', '.join(allowed)}")
     tokenizer = ByteTokenizer()
     sched = objective.schedule_for(length)
     prompt = None
     if args.prompt:
         ids = tokenizer.encode(args.prompt)[:length]
         prompt = torch.tensor([ids], dtype=torch.long)
-    kwargs = dict(method=args.method, eta=args.eta, temperature=args.temperature, prompt=prompt,
+    kwargs = dict(method=method, eta=args.eta, temperature=args.temperature, prompt=prompt,
                   config=objective.config, context=objective.attention_context, window=objective.window,
-                  bos_id=objective.bos_id)
+                  bos_id=objective.bos_id, sampler_backend=args.sampler_backend, device=device)
     use_cache = not args.no_cache and hk.masks.kv_cacheable(sched, objective.config, objective.attention_context)
-    result = generate(model, sched, args.num_samples, args.seed, kv_cache=use_cache, progress=True, **kwargs)
-    print(f"checkpoint step {step}, {sched!r}, method {args.method}, KV cache {'on' if use_cache else 'off'}")
+    try:
+        result = generate(model, sched, args.num_samples, args.seed, kv_cache=use_cache, progress=True, **kwargs)
+    except (ValueError, RuntimeError) as error:  # e.g. a temperature for a γ run, or no fused kernel here
+        raise CliError(str(error)) from None
+    print(f"checkpoint step {step}, {sched!r}, method {method}, KV cache {'on' if use_cache else 'off'}")
     for i, row in enumerate(result.tokens.tolist()):
         print(f"--- sample {i}\n{tokenizer.decode(row)}")
     print(f"{result.tokens.numel()} tokens in {result.seconds:.2f} s ({result.tokens_per_second():.1f} tokens/s), "

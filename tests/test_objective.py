@@ -80,6 +80,24 @@ def test_hdlm_train_then_sample_with_and_without_the_cache(tmp_path, capsys):
     assert out.count("--- sample") == 2
 
 
+def test_hdlm_sample_draws_from_a_gamma_run_with_the_analytic_sampler(tmp_path, capsys):
+    run = tmp_path / "run"
+    status = cli.main(["train", "--preset", "tiny", "--family", "gamma", "--steps", "2", "--out", str(run),
+                       "--seq-len", "16", "--batch-size", "2", "--width", "8", "--no-progress", "--ckpt-every", "2",
+                       "--eval-every", "0", "--val-fraction", "0"])
+    assert status == 0
+    capsys.readouterr()
+    status = cli.main(["sample", "--run", str(run), "--num-samples", "2", "--compare-cache",
+                       "--sampler-backend", "reference"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "method analytic" in out and "identical samples: True" in out and out.count("--- sample") == 2
+    assert cli.main(["sample", "--run", str(run), "--method", "acs"]) == 2
+    assert "--method acs does not sample a gamma-family run; use one of analytic, euler" in capsys.readouterr().err
+    assert cli.main(["sample", "--run", str(run), "--temperature", "0.5"]) == 2
+    assert "temperature must be 1.0 for the γ methods" in capsys.readouterr().err
+
+
 def test_hdlm_sample_reports_a_missing_run(tmp_path, capsys):
     assert cli.main(["sample", "--run", str(tmp_path)]) == 2
     assert "is not a run of `hdlm train`" in capsys.readouterr().err
