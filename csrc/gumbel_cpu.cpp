@@ -6,6 +6,7 @@
 
 #include "gumbel_rule.h"
 #include "log64.h"
+#include "noise_tile.h"
 #include "philox.h"
 
 #include <ATen/Parallel.h>
@@ -20,76 +21,13 @@
 namespace hdlm {
 namespace {
 
-// Exact for every logits dtype: bf16 and fp16 widen exactly to float, float to double.
-template <typename scalar_t>
-inline double logit_to_double(scalar_t x) {
-  return static_cast<double>(static_cast<float>(x));
-}
-
-template <>
-inline double logit_to_double<double>(double x) {
-  return x;
-}
-
 // Below this many tokens in a call the thread hand-off costs more than it saves.
 constexpr int64_t kMinTokensToParallelize = 16384;
-
-// Philox pairs per tile: a row is processed in tiles whose stages are plain loops over arrays, so that
-// the compiler vectorizes Philox and log64 (4 lanes with AVX2) instead of running one long dependency
-// chain per token. 128 pairs keep a tile's buffers (4 KiB) in L1.
-constexpr int kTilePairs = 128;
-
-// x86-64 builds get an AVX2 clone of the vectorized stages, picked at load time (GNU ifunc); AVX2 has
-// no FMA and the sources are compiled with -ffp-contract=off, so both clones round every operation
-// the same way and return the same bits.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define HDLM_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef HDLM_VECTOR_CLONES
-#define HDLM_VECTOR_CLONES
-#endif
 
 struct alignas(64) Tile {
   uint32_t w0[kTilePairs], w1[kTilePairs], w2[kTilePairs], w3[kTilePairs];
   double noise_even[kTilePairs], noise_odd[kTilePairs];  // of the even and the odd element of each pair
 };
-
-// The Philox blocks of `count` consecutive pairs of stream 0, word by word.
-HDLM_VECTOR_CLONES void philox_tile(uint64_t seed, uint64_t step, uint64_t first_pair, int count,
-                                    uint32_t* __restrict w0, uint32_t* __restrict w1, uint32_t* __restrict w2,
-                                    uint32_t* __restrict w3) {
-  for (int p = 0; p < count; ++p) {
-    const PhiloxBlock block = philox_block_for_pair(seed, step, kGumbelStream, first_pair + static_cast<uint64_t>(p));
-    w0[p] = block.w[0];
-    w1[p] = block.w[1];
-    w2[p] = block.w[2];
-    w3[p] = block.w[3];
-  }
-}
-
-// uniform53_from_words (philox.h) in a form the vectorizer takes (there is no vector uint64 -> double
-// conversion before AVX-512): with k = a * 2^26 + b, u = (2k + 1) * 2^-53 = a * 2^-26 + (2b + 1) * 2^-53,
-// where a < 2^26 and 2b + 1 < 2^27 convert from int32 exactly, the products are exact (powers of two)
-// and so is their sum (it is u, a double). Same bits, no rounding anywhere.
-inline double uniform53_from_words_split(uint32_t word_a, uint32_t word_b) {
-  const double high = static_cast<double>(static_cast<int32_t>(word_a >> 6)) * 0x1p-26;
-  const double low = static_cast<double>(static_cast<int32_t>(((word_b >> 6) << 1) | 1u)) * 0x1p-53;
-  return high + low;
-}
-
-// Gumbel noise of the even (w0, w1) and the odd (w2, w3) element of `count` pairs. Separate arrays:
-// interleaved stores (noise[2p], noise[2p + 1]) defeat the vectorizer under -fwrapv (torch's flags),
-// which cannot then prove 2p consecutive.
-HDLM_VECTOR_CLONES void noise_tile(int count, const uint32_t* __restrict w0, const uint32_t* __restrict w1,
-                                   const uint32_t* __restrict w2, const uint32_t* __restrict w3,
-                                   double* __restrict noise_even, double* __restrict noise_odd) {
-  for (int p = 0; p < count; ++p) {
-    noise_even[p] = gumbel_noise(uniform53_from_words_split(w0[p], w1[p]));
-    noise_odd[p] = gumbel_noise(uniform53_from_words_split(w2[p], w3[p]));
-  }
-}
 
 // The winner of one row: logits `row` (column stride `stride_col`), identity `row_id`. Columns reach
 // beats() in increasing order, so the lowest of equal scores is kept.
@@ -109,7 +47,7 @@ Candidate sample_row(const scalar_t* row, int64_t stride_col, int64_t vocab, uin
   };
   if (!params.noise) {  // greedy: no Philox, no log, no division
     for (int64_t column = 0; column < vocab; ++column) {
-      consider(column, logit_to_double(row[column * stride_col]));
+      consider(column, widen_to_double(row[column * stride_col]));
     }
     return best;
   }
@@ -124,10 +62,10 @@ Candidate sample_row(const scalar_t* row, int64_t stride_col, int64_t vocab, uin
     for (int p = 0; p < count; ++p) {
       const int64_t even = 2 * (first + p) - pairs.parity;
       if (even >= 0) {
-        consider(even, gumbel_score(logit_to_double(row[even * stride_col]), tile.noise_even[p], params));
+        consider(even, gumbel_score(widen_to_double(row[even * stride_col]), tile.noise_even[p], params));
       }
       if (even + 1 < vocab) {
-        consider(even + 1, gumbel_score(logit_to_double(row[(even + 1) * stride_col]), tile.noise_odd[p], params));
+        consider(even + 1, gumbel_score(widen_to_double(row[(even + 1) * stride_col]), tile.noise_odd[p], params));
       }
     }
   }

@@ -9,6 +9,7 @@
 // <ATen/cuda/CUDAContext.h>.
 #include "gumbel.h"
 
+#include "block_best.cuh"
 #include "gumbel_rule.h"
 #include "log64.h"
 #include "philox.h"
@@ -25,38 +26,7 @@
 namespace hdlm {
 namespace {
 
-constexpr int kThreadsPerRow = 256;  // one block per row; a multiple of the warp size
-constexpr int kWarpSize = 32;
-constexpr int kWarpsPerRow = kThreadsPerRow / kWarpSize;
-constexpr unsigned kFullWarp = 0xffffffffu;
-
-// Exact for every logits dtype: bf16 and fp16 widen exactly to float, float to double.
-template <typename scalar_t>
-__device__ __forceinline__ double logit_to_double(scalar_t x) {
-  return static_cast<double>(static_cast<float>(x));
-}
-
-template <>
-__device__ __forceinline__ double logit_to_double<double>(double x) {
-  return x;
-}
-
-__device__ __forceinline__ void take_if_better(Candidate& best, const Candidate& challenger) {
-  if (beats(challenger, best)) {
-    best = challenger;
-  }
-}
-
-// The best of the warp's candidates, in lane 0. beats() is a total order, so the shuffle tree gives
-// the same winner as a left-to-right scan.
-__device__ __forceinline__ Candidate warp_best(Candidate best) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const Candidate other{__shfl_down_sync(kFullWarp, best.score, offset),
-                          static_cast<int64_t>(__shfl_down_sync(kFullWarp, static_cast<long long>(best.column), offset))};
-    take_if_better(best, other);
-  }
-  return best;
-}
+using namespace block_best_detail;  // kThreadsPerRow, kWarpSize, kWarpsPerRow, kFullWarp
 
 // Block i samples row i: logits row take[i] (or i), noise of identity row_ids[i]. Thread t owns the
 // row's pairs t, t + 256, ...; pair j holds columns 2j - parity (its even element) and 2j - parity + 1.
@@ -67,8 +37,6 @@ __global__ void __launch_bounds__(kThreadsPerRow)
                          const int64_t* __restrict__ take, const int64_t* __restrict__ row_ids,
                          const uint8_t* __restrict__ excluded, GumbelParams params, int64_t* __restrict__ tokens,
                          double* __restrict__ best_scores) {
-  __shared__ double warp_scores[kWarpsPerRow];
-  __shared__ int64_t warp_columns[kWarpsPerRow];
   const int64_t i = blockIdx.x;
   const int64_t row = take != nullptr ? take[i] : i;
   const scalar_t* row_logits = logits + row * stride_row;
@@ -77,7 +45,7 @@ __global__ void __launch_bounds__(kThreadsPerRow)
   // Columns reach a thread in increasing order, so beats() keeps its lowest of equal scores.
   Candidate best = no_candidate();
   const auto consider = [&](int64_t column, double noise) {
-    double score = gumbel_score(logit_to_double(row_logits[column * stride_col]), noise, params);
+    double score = gumbel_score(widen_to_double(row_logits[column * stride_col]), noise, params);
     if (excluded != nullptr && excluded[column]) {
       score = minus_inf;
     }
@@ -105,21 +73,10 @@ __global__ void __launch_bounds__(kThreadsPerRow)
     }
   }
 
-  best = warp_best(best);
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (lane == 0) {
-    warp_scores[warp] = best.score;
-    warp_columns[warp] = best.column;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    best = lane < kWarpsPerRow ? Candidate{warp_scores[lane], warp_columns[lane]} : no_candidate();
-    best = warp_best(best);
-    if (lane == 0) {
-      tokens[i] = best.column;  // V >= 1: every row has a column
-      best_scores[i] = best.score;
-    }
+  best = block_best(best);
+  if (threadIdx.x == 0) {
+    tokens[i] = best.column;  // V >= 1: every row has a column
+    best_scores[i] = best.score;
   }
 }
 

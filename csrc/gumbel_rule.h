@@ -12,6 +12,17 @@ namespace hdlm {
 
 constexpr uint32_t kGumbelStream = 0;  // DESIGN.md §6: stream 0 = Gumbel noise, element row_id * V + v
 
+// Exact for every logits / log-score dtype: bf16 and fp16 widen exactly to float, float to double.
+template <typename scalar_t>
+HDLM_HOST_DEVICE inline double widen_to_double(scalar_t x) {
+  return static_cast<double>(static_cast<float>(x));
+}
+
+template <>
+HDLM_HOST_DEVICE inline double widen_to_double<double>(double x) {
+  return x;
+}
+
 // How a score is formed, fixed per call: temperature 0 draws no noise (greedy), temperature 1 skips
 // the division (x / 1 == x exactly, as the reference skips it).
 struct GumbelParams {

@@ -8,6 +8,7 @@
 #include "gumbel_rule.h"
 #include "hybrid_rule.h"
 #include "log64.h"
+#include "noise_tile.h"
 #include "philox.h"
 
 #include <ATen/Parallel.h>
@@ -25,22 +26,6 @@ namespace {
 // of one dynamically scheduled chunk of rows.
 constexpr int64_t kMinTokensToParallelize = 16384;
 
-// Philox pairs per tile of the race: the Philox and noise stages are plain loops over arrays, so that the
-// compiler vectorizes them (as in gumbel_cpu.cpp); 128 pairs keep a tile's buffers (6 KiB) in L1.
-constexpr int kTilePairs = 128;
-
-// x86-64 builds get an AVX2 clone of the vectorized stages, picked at load time (GNU ifunc); AVX2 has
-// no FMA and the sources are compiled with -ffp-contract=off, so both clones round every operation
-// the same way and return the same bits.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define HDLM_HYBRID_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef HDLM_HYBRID_VECTOR_CLONES
-#define HDLM_HYBRID_VECTOR_CLONES
-#endif
-
 struct alignas(64) Tile {
   uint32_t w0[kTilePairs], w1[kTilePairs], w2[kTilePairs], w3[kTilePairs];
   // Of the even and the odd element of each pair: noise, and the log weight of the column.
@@ -48,44 +33,13 @@ struct alignas(64) Tile {
   double log_weight_even[kTilePairs], log_weight_odd[kTilePairs];
 };
 
-// The Philox blocks of `count` consecutive pairs of stream 0, word by word.
-HDLM_HYBRID_VECTOR_CLONES void philox_tile(uint64_t seed, uint64_t step, uint64_t first_pair, int count,
-                                           uint32_t* __restrict w0, uint32_t* __restrict w1,
-                                           uint32_t* __restrict w2, uint32_t* __restrict w3) {
-  for (int p = 0; p < count; ++p) {
-    const PhiloxBlock block = philox_block_for_pair(seed, step, kGumbelStream, first_pair + static_cast<uint64_t>(p));
-    w0[p] = block.w[0];
-    w1[p] = block.w[1];
-    w2[p] = block.w[2];
-    w3[p] = block.w[3];
-  }
-}
-
-// uniform53_from_words (philox.h) in a form the vectorizer takes, as in gumbel_cpu.cpp: with
-// k = a * 2^26 + b, u = a * 2^-26 + (2b + 1) * 2^-53, every conversion, product and the sum exact.
-inline double uniform53_from_words_split(uint32_t word_a, uint32_t word_b) {
-  const double high = static_cast<double>(static_cast<int32_t>(word_a >> 6)) * 0x1p-26;
-  const double low = static_cast<double>(static_cast<int32_t>(((word_b >> 6) << 1) | 1u)) * 0x1p-53;
-  return high + low;
-}
-
-// Gumbel noise of the even (w0, w1) and the odd (w2, w3) element of `count` pairs.
-HDLM_HYBRID_VECTOR_CLONES void noise_tile(int count, const uint32_t* __restrict w0, const uint32_t* __restrict w1,
-                                          const uint32_t* __restrict w2, const uint32_t* __restrict w3,
-                                          double* __restrict noise_even, double* __restrict noise_odd) {
-  for (int p = 0; p < count; ++p) {
-    noise_even[p] = gumbel_noise(uniform53_from_words_split(w0[p], w1[p]));
-    noise_odd[p] = gumbel_noise(uniform53_from_words_split(w2[p], w3[p]));
-  }
-}
-
 // The winner of one row: log-scores `row` (column stride `stride_col`), current token `current`,
 // identity `row_id`, constants `c`. Returns the winning (score, column), the score NaN for a bad row.
 template <typename scalar_t>
 Candidate draw_row(const scalar_t* row, int64_t stride_col, int64_t vocab, int64_t current, int64_t mask_id,
                    uint64_t row_id, const HybridCoefficients& c, uint64_t seed, uint64_t step, Tile& tile) {
   const double minus_inf = -std::numeric_limits<double>::infinity();
-  const auto load = [&](int64_t column) { return score_to_double(row[column * stride_col]); };
+  const auto load = [&](int64_t column) { return widen_to_double(row[column * stride_col]); };
 
   // Pass 1: the maximum of the read entries; a NaN or +inf one makes the row bad (nothing later reads
   // the row's log-scores then: they count as -inf, as in the reference).

@@ -16,6 +16,7 @@
 // <ATen/cuda/CUDAContext.h>.
 #include "hybrid.h"
 
+#include "block_best.cuh"
 #include "gumbel_rule.h"
 #include "hybrid_rule.h"
 #include "log64.h"
@@ -32,10 +33,7 @@
 namespace hdlm {
 namespace {
 
-constexpr int kThreadsPerRow = 256;  // one block per row; a multiple of the warp size
-constexpr int kWarpSize = 32;
-constexpr int kWarpsPerRow = kThreadsPerRow / kWarpSize;
-constexpr unsigned kFullWarp = 0xffffffffu;
+using namespace block_best_detail;  // kThreadsPerRow, kWarpSize, kWarpsPerRow, kFullWarp
 
 // The block's maximum, in every thread. Butterfly shuffles leave the warp's maximum in every lane; every
 // thread then folds the warps' maxima in the same order, so all of them hold the same bits. `scratch` is
@@ -72,23 +70,6 @@ __device__ __forceinline__ int64_t block_sum(int64_t value, long long* scratch) 
   return static_cast<int64_t>(sum);
 }
 
-__device__ __forceinline__ void take_if_better(Candidate& best, const Candidate& challenger) {
-  if (beats(challenger, best)) {
-    best = challenger;
-  }
-}
-
-// The best of the warp's candidates, in lane 0. beats() is a total order, so the shuffle tree gives
-// the same winner as a left-to-right scan.
-__device__ __forceinline__ Candidate warp_best(Candidate best) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const Candidate other{__shfl_down_sync(kFullWarp, best.score, offset),
-                          static_cast<int64_t>(__shfl_down_sync(kFullWarp, static_cast<long long>(best.column), offset))};
-    take_if_better(best, other);
-  }
-  return best;
-}
-
 // Block i steps row i: log-scores log_score[i, :], current token x[i], constants coefficients[i, :],
 // noise of identity row_ids[i].
 template <typename scalar_t>
@@ -100,13 +81,11 @@ __global__ void __launch_bounds__(kThreadsPerRow)
   __shared__ double max_scratch[kWarpsPerRow];
   __shared__ long long hi_scratch[kWarpsPerRow];
   __shared__ long long lo_scratch[kWarpsPerRow];
-  __shared__ double warp_scores[kWarpsPerRow];
-  __shared__ int64_t warp_columns[kWarpsPerRow];
   const int64_t i = blockIdx.x;
   const scalar_t* row = log_score + i * stride_row;
   const int64_t current = x[i];
   const double minus_inf = no_candidate().score;
-  const auto load = [&](int64_t column) { return score_to_double(row[column * stride_col]); };
+  const auto load = [&](int64_t column) { return widen_to_double(row[column * stride_col]); };
 
   // Pass 1: the maximum of the read entries and whether one is NaN or +inf. Adjacent threads read
   // adjacent columns, so the loads coalesce for a unit column stride.
@@ -173,22 +152,11 @@ __global__ void __launch_bounds__(kThreadsPerRow)
     }
   }
 
-  best = warp_best(best);
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (lane == 0) {
-    warp_scores[warp] = best.score;
-    warp_columns[warp] = best.column;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    best = lane < kWarpsPerRow ? Candidate{warp_scores[lane], warp_columns[lane]} : no_candidate();
-    best = warp_best(best);
-    if (lane == 0) {
-      const Candidate winner = hybrid_winner(best, bad);
-      tokens[i] = winner.column;
-      best_scores[i] = winner.score;
-    }
+  best = block_best(best);
+  if (threadIdx.x == 0) {
+    const Candidate winner = hybrid_winner(best, bad);
+    tokens[i] = winner.column;
+    best_scores[i] = winner.score;
   }
 }
 

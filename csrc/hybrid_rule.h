@@ -39,17 +39,6 @@ HDLM_HOST_DEVICE inline double minus_infinity() { return log64_detail::double_of
 
 }  // namespace hybrid_detail
 
-// Exact for every log-score dtype: bf16 and fp16 widen exactly to float, float to double.
-template <typename scalar_t>
-HDLM_HOST_DEVICE inline double score_to_double(scalar_t s) {
-  return static_cast<double>(static_cast<float>(s));
-}
-
-template <>
-HDLM_HOST_DEVICE inline double score_to_double<double>(double s) {
-  return s;
-}
-
 // The per-row constants c1..c6 of step_coefficients (the [R, 6] float64 tensor, row-major).
 struct HybridCoefficients {
   double c1, c2, c3, c4, c5, c6;
