@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from sampling_checks import assert_same_draw
 
 from hdlm_kernels import _extension
 from hdlm_kernels.sampling import hybrid as hybrid_module
@@ -105,16 +106,6 @@ def step(case, backend, rows=slice(None)):
     part = case.rows(rows)
     return hybrid_step(part.x, part.log_score, part.now, part.nxt, part.gamma, part.mask_id, part.seed,
                        part.step, row_ids=part.row_ids, method=part.method, final=part.final, backend=backend)
-
-
-def assert_same_draw(ours, expected):
-    (tokens, best), (tokens_ref, best_ref) = ((t.cpu() for t in pair) for pair in (ours, expected))
-    assert tokens.dtype == torch.int64 and best.dtype == torch.float64
-    assert torch.equal(tokens, tokens_ref)
-    # The winning scores bit for bit; NaN (any payload) where the reference has NaN.
-    nan = best_ref.isnan()
-    assert torch.equal(best.isnan(), nan)
-    assert torch.equal(best[~nan].view(torch.int64), best_ref[~nan].view(torch.int64))
 
 
 def assert_cpp_matches_reference(case):

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from sampling_checks import compiled_ptx_ops
 
 pytest.importorskip("triton")
 
@@ -353,20 +354,7 @@ def test_gpu_code_has_no_fma_and_only_exact_float64_literals(tmp_path):
     checks what bit-identity on the GPU rests on: no fused multiply-add, IEEE round-to-nearest float64
     arithmetic, truncating float -> int conversions (exp64's k, the fixed-point digits), and no float64
     constant but exact ones (the coefficients and scales come from a float64 tensor)."""
-    import json
-    import os
-    import subprocess
-
-    import triton.backends
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    found = compiled_ptx_ops(_PTX_SCRIPT, tmp_path)
     assert not [op for op in found["f64"] if op.startswith("fma") or "approx" in op], found["f64"]
     arithmetic = [op for op in found["f64"] if op.split(".")[0] in ("add", "sub", "mul", "div")]
     assert {"add.rn.f64", "sub.rn.f64", "mul.rn.f64", "div.rn.f64"} <= set(arithmetic), found["f64"]

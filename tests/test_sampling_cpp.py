@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from sampling_checks import assert_same_draw
 from hypothesis import given, settings, strategies as st
 
 from hdlm_kernels import _extension
@@ -48,16 +49,6 @@ def draw(backend, logits, seed, step, row_ids=None, temperature=1.0, exclude=Non
     implementation = gumbel_module._IMPLEMENTATIONS[backend]
     return implementation(logits, None if take is None else take.to(device), row_ids.to(device), seed, step,
                           float(temperature), _checked_exclude(exclude, logits.shape[1], device), 64)
-
-
-def assert_same_draw(ours, expected):
-    (tokens, best), (tokens_ref, best_ref) = ((t.cpu() for t in pair) for pair in (ours, expected))
-    assert tokens.dtype == torch.int64 and best.dtype == torch.float64
-    assert torch.equal(tokens, tokens_ref)
-    # The winning scores bit for bit; NaN (any payload) where the reference has NaN.
-    nan = best_ref.isnan()
-    assert torch.equal(best.isnan(), nan)
-    assert torch.equal(best[~nan].view(torch.int64), best_ref[~nan].view(torch.int64))
 
 
 def assert_cpp_matches_reference(logits, seed, step, row_ids=None, temperature=1.0, exclude=None, take=None):

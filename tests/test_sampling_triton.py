@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from sampling_checks import compiled_ptx_ops
 
 pytest.importorskip("triton")
 
@@ -387,20 +388,7 @@ def test_gpu_code_has_no_fma_and_only_exact_float64_literals(tmp_path):
     PTX is built by LLVM and ptxas on the CPU) and checks what bit-identity on the GPU rests on: no
     fused multiply-add, IEEE round-to-nearest float64 arithmetic and division, and no float64 constant
     other than the exact 2^-53, ±1, 2 and ±inf (log64's coefficients come from a float64 tensor)."""
-    import json
-    import os
-    import subprocess
-
-    import triton.backends
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    found = compiled_ptx_ops(_PTX_SCRIPT, tmp_path)
     assert not [op for op in found["f64"] if op.startswith("fma") or "approx" in op], found["f64"]
     arithmetic = [op for op in found["f64"] if op.split(".")[0] in ("add", "sub", "mul", "div")]
     assert "div.rn.f64" in arithmetic and all(".rn." in op for op in arithmetic), found["f64"]

@@ -225,6 +225,18 @@ def _take_if_better(best_val, best_idx, score, col, valid, SENTINEL: tl.constexp
 # --------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _row_winner(best_val, best_idx, SENTINEL: tl.constexpr):
+    """The row's (token, score) from the lanes' bests: a NaN anywhere wins (the lowest NaN column, score
+    NaN); otherwise the maximum, ties to the lowest column."""
+    is_nan = best_val != best_val
+    any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
+    top = tl.max(tl.where(is_nan, float("-inf"), best_val), axis=0)
+    winner = tl.where(any_nan, is_nan, (best_val == top) & (best_idx != SENTINEL))
+    token = tl.min(tl.where(winner, best_idx, SENTINEL), axis=0)
+    return token, tl.where(any_nan, float("nan"), top)
+
+
 @triton.jit(do_not_specialize=["key0", "key1", "step_lo", "temperature_bits"])
 def _gumbel_argmax_kernel(
         LOGITS, TAKE, ROW_IDS, EXCLUDE, CONSTS, TOKENS, BEST,
@@ -291,14 +303,7 @@ def _gumbel_argmax_kernel(
         best_val, best_idx = _take_if_better(best_val, best_idx, s_even, col_even, valid_even, SENTINEL)
         best_val, best_idx = _take_if_better(best_val, best_idx, s_odd, col_odd, valid_odd, SENTINEL)
 
-    # Across lanes: a NaN anywhere is the row's winner (lowest NaN column); otherwise the maximum,
-    # ties to the lowest column.
-    is_nan = best_val != best_val
-    any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
-    top = tl.max(tl.where(is_nan, float("-inf"), best_val), axis=0)
-    winner = tl.where(any_nan, is_nan, (best_val == top) & (best_idx != SENTINEL))
-    token = tl.min(tl.where(winner, best_idx, SENTINEL), axis=0)
-    best = tl.where(any_nan, float("nan"), top)
+    token, best = _row_winner(best_val, best_idx, SENTINEL)
     tl.store(TOKENS + i, token.to(tl.int64))
     tl.store(BEST + i, best.to(tl.float64))
 
@@ -417,13 +422,8 @@ def _hybrid_step_kernel(
                                     ln2_hi, ln2_lo)
             best_val, best_idx = _take_if_better(best_val, best_idx, score, col, valid, SENTINEL)
 
-    # Across lanes as in _gumbel_argmax_kernel (no NaN score arises here: bad rows are flagged instead).
-    is_nan = best_val != best_val
-    any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
-    top_score = tl.max(tl.where(is_nan, float("-inf"), best_val), axis=0)
-    winner = tl.where(any_nan, is_nan, (best_val == top_score) & (best_idx != SENTINEL))
-    token = tl.min(tl.where(winner, best_idx, SENTINEL), axis=0)
-    best = tl.where(any_nan | bad, float("nan"), top_score)
+    token, best = _row_winner(best_val, best_idx, SENTINEL)  # no NaN score here: bad rows are flagged
+    best = tl.where(bad, float("nan"), best)
     tl.store(TOKENS + i, token.to(tl.int64))
     tl.store(BEST + i, best.to(tl.float64))
 
