@@ -106,7 +106,7 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
              prompt_lengths: torch.Tensor | None = None, temperature: float = 1.0,
              eta: float = 0.01, config: str = "aligned", context: str = "block_causal", window: str = "full",
              noise=None, bos_id: int | None = None, attention_backend: str | None = None,
-             sampler_backend: str = "reference", device: torch.device | str | None = None,
+             sampler_backend: str = "auto", device: torch.device | str | None = None,
              skip_unchanged: bool = True, progress: bool = False, cuda_graphs: bool = False) -> GenerationResult:
     """Sample ``batch_size`` sequences of ``sched.length`` tokens (module docstring).
 
@@ -131,9 +131,10 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
         attention_backend: the attention backend of the model's calls (``hk.attention.DECODE_BACKENDS``;
             ``"cuda"`` needs ``kv_cache=True``);
             default: the model's own (``model.config.attention_backend``).
-        sampler_backend: the ``gumbel_argmax`` backend of the draws: ``"reference"``, ``"kernels"`` (the
-            fused kernel of the device, see ``hk.sampling.fused_backend``), ``"auto"`` or a named one;
-            every backend draws the same tokens.
+        sampler_backend: the backend of the draws (``gumbel_argmax`` / ``hybrid_step``): ``"auto"``
+            (default: the fused kernel of the device when there is one, see
+            ``hk.sampling.fused_backend``, else the reference), ``"kernels"`` (insist on it),
+            ``"reference"`` or a named one; every backend draws the same tokens.
         skip_unchanged: skip the model call of a step where no row changes (MDLM's p(x0) caching,
             module docstring); False computes and discards that prediction (the tokens are the same).
         progress: show a tqdm bar over the steps (on stderr).
