@@ -212,6 +212,7 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
         capture = _GRAPH_CAPTURE.get(device.type)
         if capture is None:
             raise ValueError(f"generate: cuda_graphs=True needs a CUDA device; got {device}")
+    started = time.perf_counter()  # planning is part of the generation's time
     plan = _plan_steps(sched, B, seed, method, eta, frozen.cpu(), noise, mask_id, config, context, window,
                        kv_cache, skip_unchanged, device)
     graphs = StepGraphs(Counter(step.key for step in plan.steps), capture) if capture is not None else None
@@ -224,7 +225,6 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
     bos = torch.full((B, 1), bos_id, dtype=torch.long, device=device) if shifted else None
     failed = torch.zeros((), dtype=torch.bool, device=device)  # a draw gumbel_argmax / hybrid_step rejects
     calls = rows_fed = logit_rows = 0
-    started = time.perf_counter()
     # The step loop: everything it needs was computed and put on the device by _plan_steps, so it only
     # enqueues device work and never waits for it (no host synchronization until the end).
     with torch.no_grad(), _attention_backend(model, attention_backend):
@@ -273,7 +273,7 @@ class _Step:
     ``positions`` [1, end - start], mask ``mask`` over them); ``logits_index`` int64 [N]: their rows
     with logits, row-major over ``[B, end - start]``; ``targets`` int64 [R] (or None on a step whose
     prediction is discarded): the flat positions ``b·d + i`` sampled, in the order of the logits rows,
-    which are also the rows' identities. γ family: ``sigma`` float32 [B, end - start] (the model's
+    which are also the rows' identities. γ family: ``sigma`` float32 [B or 1, end - start] (the model's
     conditioning), and per target ``sigma_now``, ``sigma_next`` float64 and ``final`` bool.
     ``settled``: the cache length after the call. ``rows_fed``, ``logit_rows``: counters. ``key``:
     equal for steps whose forward passes are interchangeable up to the tensors above (fed cells, logit
@@ -320,33 +320,41 @@ def _plan_steps(sched, B: int, seed: int, method: str, eta: float, frozen: torch
     row_ids = torch.arange(B)[:, None] * d + torch.arange(d)
     masked = ~frozen  # ε family: a non-prompt position is MASK until its first draw
     settled = 0  # the cache length, the same for every sequence
+    # σ̄ of every level, and every step's transfer probabilities, in one elementwise call each instead
+    # of one per step (the plan of a paper-scale run has 1024 steps).
+    sigma_of_level = level_sigma(noise, sched, torch.arange(sched.num_levels + 1))
+    prompt_free = not bool(frozen.any())
+    p_transfer_table = None if gamma_family else transfer_probability(noise, sched, sched.table[:-1],
+                                                                      sched.table[1:])
     steps = []
-    # Steps often repeat a tensor (the same window rows, the same mask inside a block): move each
-    # distinct value to the device once. Sharing the mask object also shares its tile maps.
-    on_device: dict = {}
+    # Steps often repeat a tensor (the same window rows, the same mask inside a block): build each
+    # distinct one once and move it to the device once, keyed by what determines it. Sharing the mask
+    # object also shares its tile maps.
+    reused: dict = {}
     masks: dict = {}
 
-    def moved(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        tensor = tensor.to(dtype) if dtype is not None else tensor
-        key = (tensor.dtype, tuple(tensor.shape), tensor.contiguous().numpy().tobytes())
-        if key not in on_device:
-            on_device[key] = tensor.to(device)
-        return on_device[key]
+    def moved(key, make) -> torch.Tensor:
+        if key is None:
+            return make().to(device)
+        if key not in reused:
+            reused[key] = make().to(device)
+        return reused[key]
 
     for t in range(sched.num_steps):
         a, b = sched.split(t)
         if a == b:
             continue
+        width = b - a
         now, nxt = sched.table[t, a:b], sched.table[t + 1, a:b]
         active_frozen = frozen[:, a:b]
         if gamma_family:
             change = ~active_frozen  # every active position may move; prompt positions never do
         else:
-            p_transfer = transfer_probability(noise, sched, now, nxt).expand(B, -1)
+            p_transfer = p_transfer_table[t, a:b].expand(B, -1)
             state = torch.where(masked[:, a:b], mask_id, 0)  # only MASK-or-not matters to the decisions
             change = hk.sampling.acs_decisions(
                 state.reshape(-1), p_transfer.reshape(-1), eta, mask_id, seed, t,
-                row_ids=row_ids[:, a:b].reshape(-1), frozen=active_frozen.reshape(-1)).view(B, b - a)
+                row_ids=row_ids[:, a:b].reshape(-1), frozen=active_frozen.reshape(-1)).view(B, width)
             masked[:, a:b] &= ~change
         idle = not bool(change.any())
         if idle and skip_unchanged:
@@ -360,30 +368,43 @@ def _plan_steps(sched, B: int, seed: int, method: str, eta: float, frozen: torch
         if mask_key not in masks:
             masks[mask_key] = mask.to(device)
         mask = masks[mask_key]
-        # Cell a + j predicts position a + j in both configs. An idle step (skip_unchanged=False) computes
-        # the prediction of every active non-prompt row and discards it, as uncached MDLM does.
-        wanted = torch.zeros(B, n, dtype=torch.bool)
-        wanted[:, a - start:b - start] = ~active_frozen if idle else change
-        logits_index = wanted.reshape(-1).nonzero().squeeze(1)
+        # The sampled rows, row-major over [B, width]. In the γ family they are fixed by (a, b) (every
+        # non-prompt active row), so their index tensors are shared by the steps of one window. An idle
+        # step (skip_unchanged=False) computes the prediction of every active non-prompt row and
+        # discards it, as uncached MDLM does.
+        static = gamma_family or idle
+        rows_key = ("rows", a, b, idle)
+        if not static or rows_key not in reused:
+            sampled = (~active_frozen if idle else change).reshape(-1).nonzero().squeeze(1)
+            rows = (sampled.numel(), sampled // width, sampled % width)
+            if static:
+                reused[rows_key] = rows  # host tensors, kept for the next step of this window
+        else:
+            rows = reused[rows_key]
+        count, batch, column = rows
+        # Cell a + j predicts position a + j in both configs.
+        logits_index = moved(("logits", a, b, start) if static else None,
+                             lambda: batch * n + (a - start) + column)
         targets = sigma = sigma_now = sigma_next = final = None
         if not idle:
-            targets = moved(row_ids[:, a:b][change])
+            targets = moved(("targets", a, b) if static else None, lambda: batch * d + a + column)
         if gamma_family:
-            # σ̄ of the token each cell holds: τ_t of its position (0 for settled and prompt cells)
-            held = torch.where(frozen, 0, sched.table[t].expand(B, -1))
-            held_sigma = level_sigma(noise, sched, held)
+            # σ̄ of the token each cell holds: τ_t of its position (0 for settled and prompt cells); one
+            # row shared by the batch when there is no prompt
+            held = sched.table[t][None] if prompt_free else torch.where(frozen, 0, sched.table[t].expand(B, -1))
+            held_sigma = sigma_of_level[held]
             if shifted:  # cell c holds position c - 1; cell 0 holds the clean conditioning token
-                held_sigma = torch.cat([torch.zeros(B, 1, dtype=torch.float64), held_sigma], 1)
-            sigma = moved(held_sigma[:, start:end], torch.float32)
+                held_sigma = torch.cat([held_sigma.new_zeros(held_sigma.shape[0], 1), held_sigma], 1)
+            sigma = moved(None, lambda: held_sigma[:, start:end].to(torch.float32))
             if not idle:
-                sigma_now = moved(level_sigma(noise, sched, now).expand(B, -1)[change])
-                sigma_next = moved(level_sigma(noise, sched, nxt).expand(B, -1)[change])
-                final = moved((nxt == 0).expand(B, -1)[change])
+                sigma_now = moved(None, lambda: sigma_of_level[now][column])
+                sigma_next = moved(None, lambda: sigma_of_level[nxt][column])
+                final = moved(None, lambda: (nxt == 0)[column])
         if kv_cache:
             settled = a  # cells [0, a) are settled after this step
-        steps.append(_Step(t, start, end, moved(torch.arange(start, end)[None]), mask, moved(logits_index),
-                           targets, sigma, sigma_now, sigma_next, final, settled, B * n,
-                           logits_index.numel(), (start, end, logits_index.numel(), mask_key)))
+        steps.append(_Step(t, start, end, moved(("positions", start, end), lambda: torch.arange(start, end)[None]),
+                           mask, logits_index, targets, sigma, sigma_now, sigma_next, final, settled, B * n,
+                           count, (start, end, count, mask_key)))
     return _Plan(steps, cells)
 
 

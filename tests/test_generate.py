@@ -198,7 +198,7 @@ class TrueScoreModel(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, mask, sigma=None, logits_rows=None, kv_cache=None, *,
                 logits_index=None, check=True):
-        sigma = sigma.double()
+        sigma = sigma.double().expand(input_ids.shape)  # [1, S] when the batch shares it, as DiT allows
         p_mask, p_shuffle, p_keep = self.process.event_probs(sigma)
         n = self.config.vocab_size - 1
         p = p_shuffle[..., None] / n + p_keep[..., None] * self.p0

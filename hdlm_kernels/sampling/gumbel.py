@@ -429,6 +429,8 @@ def _checked_row_ids(row_ids, num_rows: int, vocab: int, device: torch.device) -
                 f"row_ids must be <= {limit} for V = {vocab} (element ids row_id * V + v must stay "
                 f"below 2^63); got a maximum of {largest}"
             )
+        if num_rows > 1 and bool((row_ids[1:] > row_ids[:-1]).all()):
+            return row_ids  # increasing, hence distinct: the usual case, without a sort
         distinct = torch.unique(row_ids)
         if distinct.numel() != num_rows:
             counts = torch.bincount(torch.searchsorted(distinct, row_ids))
