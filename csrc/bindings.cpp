@@ -5,6 +5,7 @@
 #include "decode_attention.h"
 #include "gumbel.h"
 #include "hybrid.h"
+#include "log64_cpu.h"
 #include "uniform53.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -10,7 +10,6 @@
 #include <optional>
 #include <string>
 #include <tuple>
-#include <vector>
 
 namespace hdlm {
 
@@ -35,13 +34,6 @@ std::tuple<at::Tensor, at::Tensor> gumbel_argmax_cuda(const at::Tensor& logits, 
                                                       const at::Tensor& row_ids, uint64_t seed, int64_t step,
                                                       double temperature, const std::optional<at::Tensor>& exclude);
 #endif
-
-// log64 (gumbel = false) or gumbel_noise (gumbel = true) of every element of a float64 CPU tensor, for
-// bit-identity tests against hdlm_kernels.sampling.log64; same shape.
-at::Tensor log64_cpu(const at::Tensor& x, bool gumbel);
-
-// The constants of log64.h: the 11 Horner coefficients C[0..10], then LN2_HI and LN2_LO.
-std::vector<double> log64_constants();
 
 // Metadata checks shared by the backends: dtypes, ranks, sizes and devices, named in the errors.
 inline void check_gumbel_args(const at::Tensor& logits, const std::optional<at::Tensor>& take,

@@ -9,7 +9,6 @@
 #include "noise_tile.h"
 #include "philox.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -169,26 +168,6 @@ std::tuple<at::Tensor, at::Tensor> gumbel_argmax_cpu(const at::Tensor& logits, c
       TORCH_CHECK(false, "gumbel_argmax: unsupported logits dtype ", logits.scalar_type());  // checked above
   }
   return {tokens, best};
-}
-
-at::Tensor log64_cpu(const at::Tensor& x, bool gumbel) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kDouble, "log64_cpu: x must be a float64 CPU tensor, got ",
-              x.scalar_type(), " on ", x.device());
-  const at::Tensor x_contiguous = x.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  const double* in = x_contiguous.const_data_ptr<double>();
-  double* result = out.mutable_data_ptr<double>();
-  at::parallel_for(0, x_contiguous.numel(), 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      result[i] = gumbel ? gumbel_noise(in[i]) : log64(in[i]);
-    }
-  });
-  return out;
-}
-
-std::vector<double> log64_constants() {
-  using namespace log64_detail;
-  return {kC0, kC1, kC2, kC3, kC4, kC5, kC6, kC7, kC8, kC9, kC10, kLn2Hi, kLn2Lo};
 }
 
 }  // namespace hdlm

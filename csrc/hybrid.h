@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
-#include <vector>
 
 namespace hdlm {
 
@@ -35,14 +34,6 @@ std::tuple<at::Tensor, at::Tensor> hybrid_step_cuda(const at::Tensor& log_score,
                                                     const at::Tensor& coefficients, const at::Tensor& row_ids,
                                                     int64_t mask_id, uint64_t seed, int64_t step);
 #endif
-
-// exp64 (log64.h) of every element of a float64 CPU tensor, for bit-identity tests against
-// hdlm_kernels.sampling.log64.exp64; same shape.
-at::Tensor exp64_cpu(const at::Tensor& x);
-
-// The constants of exp64 in log64.h: the 14 Horner coefficients E[0..13] = 1/n!, then INV_LN2 and
-// EXP64_MIN.
-std::vector<double> exp64_constants();
 
 // Metadata checks shared by the backends: dtypes, ranks, sizes, devices and the scalars, named in the
 // errors with the expected and the given value.

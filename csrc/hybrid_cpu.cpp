@@ -11,7 +11,6 @@
 #include "noise_tile.h"
 #include "philox.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -205,26 +204,6 @@ std::tuple<at::Tensor, at::Tensor> hybrid_step_cpu(const at::Tensor& log_score, 
       TORCH_CHECK(false, "hybrid_step: unsupported log_score dtype ", log_score.scalar_type());  // checked above
   }
   return {tokens, best};
-}
-
-at::Tensor exp64_cpu(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kDouble, "exp64_cpu: x must be a float64 CPU tensor, got ",
-              x.scalar_type(), " on ", x.device());
-  const at::Tensor x_contiguous = x.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  const double* in = x_contiguous.const_data_ptr<double>();
-  double* result = out.mutable_data_ptr<double>();
-  at::parallel_for(0, x_contiguous.numel(), 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      result[i] = exp64(in[i]);
-    }
-  });
-  return out;
-}
-
-std::vector<double> exp64_constants() {
-  using namespace log64_detail;
-  return {kE0, kE1, kE2, kE3, kE4, kE5, kE6, kE7, kE8, kE9, kE10, kE11, kE12, kE13, kInvLn2, kExp64Min};
 }
 
 }  // namespace hdlm

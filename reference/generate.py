@@ -231,8 +231,13 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
         from tqdm import tqdm  # a declared dependency; imported here so that importing the module stays cheap
 
         for step in tqdm(plan.steps, desc="generate", unit="step", disable=not progress, leave=False):
-            inputs = torch.cat([bos, x], 1) if shifted else x
-            fed = {"input_ids": inputs[:, step.start:step.end], "logits_index": step.logits_index}
+            if not shifted:
+                input_ids = x[:, step.start:step.end]
+            elif step.start > 0:  # cell c holds position c - 1
+                input_ids = x[:, step.start - 1:step.end - 1]
+            else:  # cell 0 is the conditioning token
+                input_ids = torch.cat([bos, x[:, :step.end - 1]], 1)
+            fed = {"input_ids": input_ids, "logits_index": step.logits_index}
             if step.sigma is not None:
                 fed["sigma"] = step.sigma
 

@@ -392,7 +392,6 @@ def test_step_loop_never_waits_for_the_gpu(method, attention):
     family = "gamma" if method == "analytic" else "epsilon"
     torch.manual_seed(0)
     m = DiT(ModelConfig.preset("tiny", family=family)).cuda().eval()
-    syncs = []
     hook = m.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("warn"))
     try:
         with pytest.warns(UserWarning) as caught:

@@ -616,7 +616,8 @@ def corrupt_triton(x0: torch.Tensor, p_mask: torch.Tensor, p_shuffle: torch.Tens
     return x_t, masked.bool(), shuffled.bool()
 
 
-def _elementwise_log(x: torch.Tensor, gumbel: bool, context: str) -> torch.Tensor:
+def _elementwise(kernel, x: torch.Tensor, context: str, **constexprs) -> torch.Tensor:
+    """``kernel`` (an elementwise float64 kernel of this module) over every element of ``x``."""
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float64:
         raise TypeError(f"{context}: x must be a float64 tensor")
     check_triton_device(x, context)
@@ -626,35 +627,24 @@ def _elementwise_log(x: torch.Tensor, gumbel: bool, context: str) -> torch.Tenso
     if numel:
         block = _block(_GPU_BLOCK, _INTERPRETER_BLOCK)
         with _on_device(x):
-            _log64_kernel[(triton.cdiv(numel, block),)](flat, out, _constants(x.device), numel,
-                                                        GUMBEL=gumbel, BLOCK=block, **_launch_options())
+            kernel[(triton.cdiv(numel, block),)](flat, out, _constants(x.device), numel, BLOCK=block,
+                                                 **constexprs, **_launch_options())
     return out.reshape(x.shape)
 
 
 def log64_triton(x: torch.Tensor) -> torch.Tensor:
     """:func:`hdlm_kernels.sampling.log64.log64` in Triton (float64, finite, normal, > 0)."""
-    return _elementwise_log(x, False, "log64")
+    return _elementwise(_log64_kernel, x, "log64", GUMBEL=False)
 
 
 def gumbel_noise_triton(u: torch.Tensor) -> torch.Tensor:
     """:func:`hdlm_kernels.sampling.log64.gumbel_noise` in Triton: -log64(-log64 u)."""
-    return _elementwise_log(u, True, "gumbel_noise")
+    return _elementwise(_log64_kernel, u, "gumbel_noise", GUMBEL=True)
 
 
 def exp64_triton(x: torch.Tensor) -> torch.Tensor:
     """:func:`hdlm_kernels.sampling.log64.exp64` in Triton (float64, x <= 708, -inf allowed)."""
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float64:
-        raise TypeError("exp64: x must be a float64 tensor")
-    check_triton_device(x, "exp64")
-    flat = x.reshape(-1).contiguous()
-    out = torch.empty_like(flat)
-    numel = flat.numel()
-    if numel:
-        block = _block(_GPU_BLOCK, _INTERPRETER_BLOCK)
-        with _on_device(x):
-            _exp64_kernel[(triton.cdiv(numel, block),)](flat, out, _constants(x.device), numel, BLOCK=block,
-                                                        **_launch_options())
-    return out.reshape(x.shape)
+    return _elementwise(_exp64_kernel, x, "exp64")
 
 
 def gumbel_argmax_triton(

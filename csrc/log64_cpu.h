@@ -1,0 +1,24 @@
+// The float64 functions of log64.h applied elementwise to CPU tensors, for the tests that check them
+// bit for bit against their Python twins (hdlm_kernels/sampling/log64.py), and their constants.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace hdlm {
+
+// log64 (gumbel = false) or gumbel_noise (gumbel = true) of every element of a float64 CPU tensor; same shape.
+at::Tensor log64_cpu(const at::Tensor& x, bool gumbel);
+
+// exp64 of every element of a float64 CPU tensor; same shape.
+at::Tensor exp64_cpu(const at::Tensor& x);
+
+// The constants of log64.h: the 11 Horner coefficients C[0..10], then LN2_HI and LN2_LO.
+std::vector<double> log64_constants();
+
+// The constants of exp64 in log64.h: the 14 Horner coefficients E[0..13] = 1/n!, then INV_LN2 and
+// EXP64_MIN.
+std::vector<double> exp64_constants();
+
+}  // namespace hdlm
