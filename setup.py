@@ -1,4 +1,4 @@
-"""Build script of hdlm-kernels (DESIGN.md §11).
+"""Build script of hdlm-kernels (docs/architecture.md, "The compiled extension").
 
 Metadata lives in pyproject.toml; this file adds what a static file cannot say: the optional
 extension ``hdlm_kernels._C`` built against the torch that is already installed (hence

@@ -9,7 +9,7 @@
 #include "uniform53.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "hdlm-kernels compiled operators (DESIGN.md §6); use them through hdlm_kernels.sampling";
+  m.doc() = "hdlm-kernels compiled operators (docs/sampling-stream.md); use them through hdlm_kernels.sampling";
 
 #ifdef HDLM_WITH_CUDA
   m.attr("with_cuda") = pybind11::bool_(true);

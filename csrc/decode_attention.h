@@ -1,4 +1,4 @@
-// Declaration of the CUDA decode-attention operator (DESIGN.md §4, §7) shared by the bindings and the
+// Declaration of the CUDA decode-attention operator (docs/attention.md) shared by the bindings and the
 // backend. There is no CPU twin in C++: on the CPU, hdlm_kernels.attention.decode uses the reference.
 #pragma once
 

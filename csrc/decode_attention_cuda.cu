@@ -1,4 +1,4 @@
-// CUDA decode attention (DESIGN.md §4, §7): the rows computed at one sampler step (re-encoded settled
+// CUDA decode attention (docs/attention.md): the rows computed at one sampler step (re-encoded settled
 // rows plus the active window) attend the KV cache under the two-interval mask.
 //
 // Decode is bound by reading K and V once, so the kernel is organized around the key tiles:

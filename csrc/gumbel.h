@@ -1,4 +1,4 @@
-// Declarations of the FP64 Gumbel-max operators (DESIGN.md §6) shared by the bindings and the backends;
+// Declarations of the FP64 Gumbel-max operators (docs/sampling-stream.md) shared by the bindings and the backends;
 // the per-token arithmetic lives in gumbel_rule.h and log64.h.
 #pragma once
 

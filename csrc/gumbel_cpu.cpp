@@ -1,4 +1,4 @@
-// CPU backend of FP64 Gumbel-max (DESIGN.md §6): OpenMP over the sampled rows, each row walked once in
+// CPU backend of FP64 Gumbel-max (docs/sampling-stream.md): OpenMP over the sampled rows, each row walked once in
 // column order, in tiles of Philox pairs (one Philox block feeds two columns). Bit-identical to the
 // reference backend because the arithmetic is the shared header code (philox.h, log64.h,
 // gumbel_rule.h), compiled without FMA contraction (-ffp-contract=off, setup.py).

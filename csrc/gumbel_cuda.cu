@@ -1,4 +1,4 @@
-// CUDA backend of FP64 Gumbel-max (DESIGN.md §6): one thread block per sampled row; each thread walks
+// CUDA backend of FP64 Gumbel-max (docs/sampling-stream.md): one thread block per sampled row; each thread walks
 // the row's Philox pairs with a block-sized stride (one Philox block feeds two adjacent columns), keeps
 // its best (score, column), and the block reduces them with the rule of gumbel_rule.h. The arithmetic
 // is the header code the CPU backend compiles too (philox.h, log64.h, gumbel_rule.h), with every float64

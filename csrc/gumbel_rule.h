@@ -1,5 +1,5 @@
 // What the CPU and CUDA backends of gumbel_argmax share, header-only so that both compile the same
-// code (DESIGN.md §6): the score of one token and the rule that picks a row's winner, both as in the
+// code (docs/sampling-stream.md): the score of one token and the rule that picks a row's winner, both as in the
 // reference backend (hdlm_kernels/sampling/gumbel.py, _gumbel_argmax_reference).
 #pragma once
 
@@ -10,7 +10,7 @@
 
 namespace hdlm {
 
-constexpr uint32_t kGumbelStream = 0;  // DESIGN.md §6: stream 0 = Gumbel noise, element row_id * V + v
+constexpr uint32_t kGumbelStream = 0;  // docs/sampling-stream.md: stream 0 = Gumbel noise, element row_id * V + v
 
 // Exact for every logits / log-score dtype: bf16 and fp16 widen exactly to float, float to double.
 template <typename scalar_t>

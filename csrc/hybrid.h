@@ -1,6 +1,6 @@
-// Declarations of the fused γ-hybrid step operators (hdlm_kernels/sampling/hybrid.py, "The fused form";
-// DESIGN.md §6) shared by the bindings and the backends; the per-row and per-token arithmetic lives in
-// hybrid_rule.h, gumbel_rule.h and log64.h.
+// Declarations of the fused γ-hybrid step operators (docs/hybrid-step.md, "The fused form") shared by
+// the bindings and the backends; the per-row and per-token arithmetic lives in hybrid_rule.h,
+// gumbel_rule.h and log64.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>

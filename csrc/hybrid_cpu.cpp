@@ -1,4 +1,4 @@
-// CPU backend of the fused γ-hybrid step (hdlm_kernels/sampling/hybrid.py, "The fused form"; DESIGN.md §6):
+// CPU backend of the fused γ-hybrid step (docs/hybrid-step.md, "The fused form"):
 // OpenMP over the rows, each row read three times through its strides (max, fixed-point sum, race), the
 // race in tiles of Philox pairs (one Philox block feeds two columns) as gumbel_cpu.cpp. Bit-identical to
 // the reference backend because the arithmetic is the shared header code (hybrid_rule.h, gumbel_rule.h,

@@ -1,4 +1,4 @@
-// CUDA backend of the fused γ-hybrid step (hdlm_kernels/sampling/hybrid.py, "The fused form"; DESIGN.md §6):
+// CUDA backend of the fused γ-hybrid step (docs/hybrid-step.md, "The fused form"):
 // one thread block per row, three passes over the row's log-scores read through their strides, each
 // thread taking a block-sized stride of columns:
 //   pass 1  the maximum of the read entries and the bad flag, reduced over the block (max is exact);

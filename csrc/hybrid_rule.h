@@ -1,5 +1,5 @@
 // What the CPU and CUDA backends of hybrid_step share, header-only so that both compile the same code
-// (DESIGN.md §6): the per-row and per-token arithmetic of the fused γ-hybrid step, operation by operation
+// (docs/hybrid-step.md): the per-row and per-token arithmetic of the fused γ-hybrid step, operation by operation
 // as the reference backend (hdlm_kernels/sampling/hybrid.py, module docstring "The fused form", _weights
 // and _hybrid_step_reference). Every float64 operation is one correctly rounded IEEE operation
 // (log64.h's add_rn / sub_rn / mul_rn, never fused), in the reference's order, so the weights, scores and

@@ -1,5 +1,5 @@
 // The float64 logarithm and exponential of hdlm_kernels/sampling/log64.py, operation by operation, and
-// the Gumbel noise built on the logarithm (DESIGN.md §6). Header-only so that the C++ CPU path and the
+// the Gumbel noise built on the logarithm (docs/log64.md). Header-only so that the C++ CPU path and the
 // CUDA path compile the very same recipe, which the torch, NumPy and Triton twins follow too: every step is exact (bit
 // extraction, Sterbenz subtraction, int -> double) or one correctly rounded IEEE operation, in one
 // fixed order, so every backend returns the same bits.

@@ -1,5 +1,5 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) and the
-// float64 uniform stream of DESIGN.md §6. Header-only so that the C++ CPU path and the CUDA path
+// float64 uniform stream of docs/sampling-stream.md. Header-only so that the C++ CPU path and the CUDA path
 // compile the very same code and therefore produce bit-identical draws.
 #pragma once
 
@@ -59,7 +59,7 @@ HDLM_HOST_DEVICE inline PhiloxBlock philox4x32_10(uint32_t c0, uint32_t c1, uint
 }
 
 // The Philox block that holds elements 2n and 2n + 1 of stream `stream` at sampler step `step`.
-// Only the low 32 bits of `step` enter the counter (DESIGN §6): a run never takes 2^32 steps.
+// Only the low 32 bits of `step` enter the counter (docs/sampling-stream.md): a run never takes 2^32 steps.
 HDLM_HOST_DEVICE inline PhiloxBlock philox_block_for_pair(uint64_t seed, uint64_t step, uint32_t stream,
                                                           uint64_t n) {
   return philox4x32_10(static_cast<uint32_t>(n), static_cast<uint32_t>(n >> 32), stream,

@@ -1,4 +1,4 @@
-// Declarations of the uniform53 operators (DESIGN.md §6) shared by the bindings and the backends.
+// Declarations of the uniform53 operators (docs/sampling-stream.md) shared by the bindings and the backends.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-// CPU backend of the uniform53 stream (DESIGN.md §6); the arithmetic lives in philox.h.
+// CPU backend of the uniform53 stream (docs/sampling-stream.md); the arithmetic lives in philox.h.
 #include "uniform53.h"
 
 #include "philox.h"

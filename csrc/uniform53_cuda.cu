@@ -1,4 +1,4 @@
-// CUDA backend of the uniform53 stream (DESIGN.md §6); the arithmetic lives in philox.h, shared with
+// CUDA backend of the uniform53 stream (docs/sampling-stream.md); the arithmetic lives in philox.h, shared with
 // the CPU backend, so both return bit-identical doubles. Only c10/ATen core headers here: neither
 // <torch/extension.h> (pybind11 and the autograd API would dominate nvcc's compile time) nor
 // <ATen/cuda/CUDAContext.h> (it needs the cuBLAS/cuSPARSE headers, absent from a bare toolkit).

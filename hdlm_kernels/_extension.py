@@ -8,6 +8,7 @@ import error with what the build recorded in ``_build_info.json`` (see setup.py)
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -61,18 +62,27 @@ def cuda_missing_reason() -> str:
     return f"hdlm_kernels._C was built without CUDA (the CUDA build {outcome}: {reason})"
 
 
-def require_extension(feature: str, backend: str = "cpp") -> ModuleType:
-    """Returns _C, or raises RuntimeError naming `feature`, `backend` ("cpp" or "cuda") and the reason."""
-    reason = cuda_missing_reason() if backend == "cuda" else missing_reason
-    if not reason:
-        return _C
-    if backend == "cuda":
-        needed = "hdlm_kernels._C built with CUDA"
-        rebuild = "HDLM_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation . (needs a CUDA torch and nvcc)"
-    else:
-        needed = "hdlm_kernels._C"
-        rebuild = "pip install --no-build-isolation . (needs a C++ compiler)"
-    raise RuntimeError(
-        f"{feature} with backend={backend!r} needs {needed}, which is unavailable: {reason}. "
-        f"Use backend='reference', or reinstall with `{rebuild}`."
-    )
+def operator_probe(operator_name: str, device_kind: str) -> Callable[[str], str]:
+    """The availability probe (``hdlm_kernels.backends``) of the ``_C`` operator ``operator_name``,
+    which runs tensors of ``device_kind`` ("cpu" or "cuda") only."""
+    where = "CPU" if device_kind == "cpu" else "CUDA"
+
+    def probe(kind: str) -> str:
+        if kind != device_kind:
+            return f"hdlm_kernels._C.{operator_name} runs on {where} tensors only"
+        reason = cuda_missing_reason() if device_kind == "cuda" else missing_reason
+        if reason:
+            return reason
+        if not hasattr(_C, operator_name):
+            return (f"hdlm_kernels._C has no {operator_name} (it was built from older sources); reinstall with "
+                    "`pip install --no-build-isolation .`")
+        if device_kind == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU is visible"
+        return ""
+
+    return probe
+
+
+def operator_loader(operator_name: str) -> Callable[[], Callable]:
+    """The loader (``hdlm_kernels.backends``) of the ``_C`` operator ``operator_name``."""
+    return lambda: getattr(_C, operator_name)

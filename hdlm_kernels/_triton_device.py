@@ -1,8 +1,12 @@
 """Where the package's Triton kernels can run: CUDA tensors when they were compiled for the GPU, CPU
 tensors when they were built for the Triton interpreter (``TRITON_INTERPRET=1`` set before their module
-was imported). One check, shared by the attention and the sampling kernels."""
+was imported). One check and one availability probe, shared by the attention and the sampling kernels."""
 
 from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
 
 import torch
 
@@ -25,3 +29,36 @@ def check_triton_device(tensor: torch.Tensor, context: str, interpreted: bool) -
         raise RuntimeError(f"{context}: backend='triton' runs on CUDA tensors, or on CPU tensors under the "
                            "Triton interpreter (set TRITON_INTERPRET=1 before the first backend='triton' "
                            f"call); the tensors are on {tensor.device}")
+
+
+def triton_probe(module_name: str) -> Callable[[str], str]:
+    """The availability probe (``hdlm_kernels.backends``) of the Triton kernels in ``module_name``.
+
+    The kernels are built for the GPU or for the interpreter when their module is imported; until then
+    the environment decides, so the probe does not import them (importing the package never imports
+    triton)."""
+
+    def probe(kind: str) -> str:
+        try:
+            import triton  # noqa: F401
+        except Exception as error:  # noqa: BLE001 - a broken triton install is "unavailable", with the reason
+            return f"triton is not importable ({type(error).__name__}: {error})"
+        module = sys.modules.get(module_name)
+        if module is not None:
+            interpreted = module.interpreted()
+        else:
+            interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                return "no CUDA GPU is visible"
+            if interpreted:
+                return ("the Triton kernels were built for the interpreter (TRITON_INTERPRET=1), which runs CPU "
+                        "tensors only")
+            return ""
+        if kind == "cpu":
+            return "" if interpreted else ("runs on CUDA tensors, or on CPU tensors under the Triton interpreter "
+                                           "(set TRITON_INTERPRET=1 before the first use)")
+        return f"runs on CUDA tensors (or CPU tensors under the interpreter), not on {kind}"
+
+    return probe
+

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks.inference import CONFIGS, CONTEXTS, WINDOWS, check_choice, context_block_size, prefix_ends
+from .checks import CONFIGS, CONTEXTS, WINDOWS, check_choice
+from .masks.inference import context_block_size, prefix_ends
 from .masks.interval_mask import IntervalMask
 from .schedules import Hyperschedule
 

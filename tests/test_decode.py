@@ -118,7 +118,7 @@ def test_one_query_row_and_an_empty_prefix():
      "cache_len must be an integer tensor of shape \\[B=3\\]"),
     (lambda a: {**a, "k_new": a["k_new"][:, :3]}, ValueError, "k_new and v_new must have shapes"),
     (lambda a: {**a, "v_cache": a["v_cache"].double()}, TypeError, "v_cache must have q's dtype"),
-    (lambda a: {**a, "backend": "fast"}, ValueError, "unknown backend 'fast'.*'cuda'"),
+    (lambda a: {**a, "backend": "fast"}, ValueError, "decode has no backend 'fast'; its backends are .*'cuda'"),
     (lambda a: {**a, "num_splits": 0}, ValueError, "num_splits must be None or an int >= 1"),
 ])
 def test_invalid_inputs_raise_clear_errors(change, error, message):
@@ -133,7 +133,7 @@ def test_decode_is_inference_only_and_cuda_needs_a_gpu():
     with pytest.raises(RuntimeError, match="inference-only"):
         hk.attention.decode(q.requires_grad_(), k_cache, v_cache, cache_len, k_new, v_new)
     if DEVICE.type == "cpu":
-        with torch.no_grad(), pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="decode: backend='cuda' cannot run on cpu tensors"):
             hk.attention.decode(q, k_cache, v_cache, cache_len, k_new, v_new, backend="cuda")
 
 
@@ -220,3 +220,51 @@ def test_bf16_generation_step_agrees_wherever_the_gumbel_margin_exceeds_the_logi
               for name in logits}
     assert decided.float().mean() > 0.9  # the rule must cover most rows to mean anything
     assert torch.equal(tokens[backend][decided], tokens["reference"][decided])
+
+
+# -- torch.compile -----------------------------------------------------------------------------------------
+
+def _compile_problem():
+    q, k_cache, v_cache, cache_len, k_new, v_new = decode_problem()
+    S = q.shape[1]
+    ends = (cache_len[:, None] + torch.arange(1, S + 1, device=DEVICE)).to(torch.int32)  # causal over the rows
+    mask = IntervalMask(ends, torch.zeros_like(ends), torch.zeros_like(ends), int(cache_len.max()) + S)
+    return q, k_cache, v_cache, cache_len, k_new, v_new, mask
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("check", [True, False])
+def test_decode_compiles_without_graph_breaks(backend, check):
+    # decode is the custom op hdlm_kernels::decode (it writes the cache in place): torch.compile traces through
+    # it with its fake implementation, and the compiled call writes and attends exactly as the eager one.
+    problem = _compile_problem()
+    q, k_cache, v_cache, cache_len, k_new, v_new, mask = problem
+    eager_cache = (k_cache.clone(), v_cache.clone())
+    with torch.no_grad():
+        expected = hk.attention.decode(q, *eager_cache, cache_len, k_new, v_new, mask, backend=backend)
+
+        @torch.compile(fullgraph=True, backend="aot_eager")
+        def step(q, k_cache, v_cache, cache_len, k_new, v_new, mask):
+            return hk.attention.decode(q, k_cache, v_cache, cache_len, k_new, v_new, mask, backend=backend,
+                                       check=check) * 2
+
+        got = step(*problem)
+    assert torch.equal(got, expected * 2)
+    assert torch.equal(k_cache, eager_cache[0]) and torch.equal(v_cache, eager_cache[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_decode_compiles_without_graph_breaks_on_the_gpu(backend):
+    test_decode_compiles_without_graph_breaks(backend, check=False)
+
+
+def test_the_op_finds_the_callers_mask_and_its_tile_maps():
+    # The custom op takes the mask's tensors; IntervalMask.of_tensors finds the caller's mask again, so the
+    # tile map built once per mask is reused by every layer's call instead of being rebuilt per call.
+    *_, mask = _compile_problem()
+    tiles = mask.tiles(16, 16)
+    same = IntervalMask.of_tensors(mask.prefix_end, mask.window_start, mask.window_end, mask.key_length)
+    assert same is mask and same.tiles(16, 16) is tiles
+    other = IntervalMask.of_tensors(mask.prefix_end.clone(), mask.window_start, mask.window_end, mask.key_length)
+    assert other is not mask and torch.equal(other.prefix_end, mask.prefix_end)

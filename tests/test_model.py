@@ -119,8 +119,19 @@ def test_preset_options():
         ModelConfig.preset("huge")
     with pytest.raises(ValueError, match="unknown family 'delta'"):
         ModelConfig.preset("tiny", family="delta")
-    with pytest.raises(ValueError, match="unknown attention_backend 'fast'"):
+    with pytest.raises(ValueError, match="ModelConfig.attention_backend: attention has no backend 'fast'; its "
+                                         "backends are 'auto', 'kernels', 'reference', 'flex', 'triton'"):
         ModelConfig.preset("tiny", attention_backend="fast")
+
+
+def test_backends_are_refused_where_configured_when_the_op_lacks_them():
+    # "cuda" is a decode backend only: the model's uncached attention cannot take it, its KV-cached calls can.
+    with pytest.raises(ValueError, match="ModelConfig.attention_backend: attention has no backend 'cuda'"):
+        ModelConfig.preset("tiny", attention_backend="cuda")
+    config = ModelConfig.preset("tiny", decode_backend="cuda")
+    assert (config.attention_backend, config.decode_backend) == ("reference", "cuda")
+    with pytest.raises(ValueError, match="ModelConfig.decode_backend: decode has no backend 'cudnn'"):
+        ModelConfig.preset("tiny", decode_backend="cudnn")
     with pytest.raises(ValueError, match="must be an even integer"):
         ModelConfig(vocab_size=10, hidden_size=12, num_layers=1, num_heads=4)
 
@@ -361,6 +372,11 @@ def test_use_attention_backend_routes_every_block():
     model = DiT(ModelConfig.preset("tiny"))
     assert model.use_attention_backend("flex") is model
     assert model.config.attention_backend == "flex"
-    assert all(block.attention_backend == "flex" for block in model.blocks)
-    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+    assert all(block.attention_backend == block.decode_backend == "flex" for block in model.blocks)
+    model.use_attention_backend("reference", decode_backend="cuda")
+    assert (model.config.attention_backend, model.config.decode_backend) == ("reference", "cuda")
+    assert all((b.attention_backend, b.decode_backend) == ("reference", "cuda") for b in model.blocks)
+    with pytest.raises(ValueError, match="DiT.use_attention_backend: attention has no backend 'cudnn'"):
         model.use_attention_backend("cudnn")
+    with pytest.raises(ValueError, match="DiT.use_attention_backend: attention has no backend 'cuda'"):
+        model.use_attention_backend("cuda")

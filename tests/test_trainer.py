@@ -277,6 +277,20 @@ def test_cli_help(capsys):
     assert "--preset" in capsys.readouterr().out
 
 
+def test_cli_backend_flags_are_refused_at_parse_time_naming_the_op(capsys):
+    # The names come from the backend registry: "cuda" is a decode backend, not an attention one.
+    parser = cli.build_parser()
+    assert parser.parse_args(["train", "--attention-backend", "triton"]).attention_backend == "triton"
+    assert parser.parse_args(["sample", "--run", "r", "--attention-backend", "cuda"]).attention_backend == "cuda"
+    for argv, message in ((["train", "--attention-backend", "cuda"], "attention has no backend 'cuda'"),
+                          (["sample", "--run", "r", "--sampler-backend", "gpu"], "gumbel_argmax has no backend 'gpu'"),
+                          (["sample", "--run", "r", "--attention-backend", "fast"], "decode has no backend 'fast'")):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 def test_cli_train_without_model_module_fails_clearly(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "hdlm_reference.model", None)  # as if the module did not exist
     status = cli.main(["train", "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress"])

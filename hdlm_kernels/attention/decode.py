@@ -1,4 +1,4 @@
-"""KV-cached decode attention (DESIGN §7): the rows computed this generation step attend over the
+"""KV-cached decode attention (docs/attention.md): the rows computed this generation step attend over the
 cached settled prefix plus themselves, and their keys/values are written into the cache in place.
 
 ``decode(q, k_cache, v_cache, cache_len, k_new, v_new, mask=None)`` is what
@@ -15,14 +15,17 @@ are never read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from .. import _extension, backends
+from .._triton_device import triton_probe
 from ..masks.interval_mask import IntervalMask
+from .flex import attention_flex, flex_probe
+from .reference import attention_ref, check_attention_inputs
 
-__all__ = ["decode", "decode_ref", "DECODE_BACKENDS"]
-
-DECODE_BACKENDS = ("auto", "reference", "flex", "triton", "cuda")
-"""Backend names ``decode`` accepts."""
+__all__ = ["decode", "decode_ref"]
 
 
 def _check_decode_inputs(q, k_cache, v_cache, cache_len, k_new, v_new, mask, context: str):
@@ -132,9 +135,10 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
             ``IntervalMask`` with ``[1 or B, S]`` rows over cache cells, attending only cells below
             ``cache_len[b] + S`` (checked).
         scale: softmax scale, ``1/sqrt(D)`` when None.
-        backend: ``"reference"`` (SDPA with the dense mask), ``"flex"``, ``"triton"`` (split-KV when
-            the rows are too few to fill the GPU), ``"cuda"`` (the ``_C`` kernel), or ``"auto"``
-            (triton on CUDA tensors when importable, the reference otherwise).
+        backend: a name of ``hdlm_kernels.backends.names("decode")``: ``"reference"`` (SDPA with the
+            dense mask), ``"flex"``, ``"triton"`` (split-KV when the rows are too few to fill the GPU),
+            ``"cuda"`` (the ``_C`` kernel), ``"auto"`` (the fused kernel of q's device when available:
+            triton, else cuda; the reference otherwise) or ``"kernels"``.
         num_splits: split-KV count for ``"triton"``/``"cuda"``; None chooses from the GPU's size.
         check: validate ``cache_len`` and the mask against the cache (overflow, negative lengths, rows
             that attend unwritten cells) at the cost of one host synchronization. ``False`` skips it
@@ -144,12 +148,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
     Returns:
         ``[B, S, H, Dv]`` in q's dtype. Inference only: no autograd.
     """
-    from . import _triton_importable, _triton_module, attention
-
     context = "decode"
-    if not isinstance(backend, str) or backend not in DECODE_BACKENDS:
-        raise ValueError(f"{context}: unknown backend {backend!r}; expected one of "
-                         f"{', '.join(map(repr, DECODE_BACKENDS))}")
+    backends.check_name("decode", backend, context)
     _check_decode_inputs(q, k_cache, v_cache, cache_len, k_new, v_new, mask, context)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_new, v_new)):
         raise RuntimeError(f"{context}: decode is inference-only (the cache is written in place); call it "
@@ -157,41 +157,89 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or num_splits < 1):
         raise ValueError(f"{context}: num_splits must be None or an int >= 1, got {num_splits!r}")
-    if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" and _triton_importable() else "reference"
-    if backend == "cuda":
-        cuda_decode = _cuda_decode_fn(q)
-    if backend == "triton":
-        _triton_module().check_triton_inputs(q, context=context)
     if not check and mask is None:
         raise ValueError(f"{context}: check=False needs a mask (without one, the key length is read from "
                          "cache_len on the host)")
+    if mask is None:
+        intervals, key_length = (None, None, None), 0
+    else:
+        intervals, key_length = (mask.prefix_end, mask.window_start, mask.window_end), mask.key_length
+    return _decode_op(q, k_cache, v_cache, cache_len, k_new, v_new, *intervals, key_length, scale, backend,
+                      num_splits, check)
+
+
+def _decode_checked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor,
+                    k_new: torch.Tensor, v_new: torch.Tensor, prefix_end: torch.Tensor | None,
+                    window_start: torch.Tensor | None, window_end: torch.Tensor | None, key_length: int,
+                    scale: float | None, backend: str, num_splits: int | None, check: bool) -> torch.Tensor:
+    """The body of the custom op ``hdlm_kernels::decode`` (arguments' metadata checked by ``decode``)."""
+    context = "decode"
+    mask = None if prefix_end is None else IntervalMask.of_tensors(prefix_end, window_start, window_end, key_length)
+    implementation = backends.select("decode", backend, q.device, context)
+    # Refuse what the kernels cannot take (dtype, head dim, ...) before the cache is written.
+    getattr(implementation.function(), "check_inputs", _no_check)(q, context=context)
     keys_mask = _write_and_mask(k_cache, v_cache, cache_len, k_new, v_new, mask, context, check)
     K = keys_mask.key_length
-    keys, values = k_cache[:, :K], v_cache[:, :K]
-    if backend == "cuda":
-        return cuda_decode(q, keys, values, keys_mask, scale, num_splits)
-    if backend == "triton":
-        return _triton_module().attention_split_kv_triton(q, keys, values, keys_mask, scale, num_splits)[0]
-    return attention(q, keys, values, keys_mask, scale, backend=backend)  # "reference" or "flex"
+    return implementation(q, k_cache[:, :K], v_cache[:, :K], keys_mask, scale, num_splits)
 
 
-def _cuda_decode_fn(q: torch.Tensor):
-    """The CUDA kernel's launcher, or a clear error saying why it cannot run here."""
-    from .._extension import require_extension
+_decode_op = torch.library.custom_op(
+    "hdlm_kernels::decode", _decode_checked, mutates_args=("k_cache", "v_cache"),
+    schema="(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_len, Tensor k_new, Tensor v_new, "
+           "Tensor? prefix_end, Tensor? window_start, Tensor? window_end, int key_length, float? scale, "
+           "str backend, int? num_splits, bool check) -> Tensor")
 
-    if q.device.type != "cuda":
-        raise RuntimeError(f"decode: backend='cuda' needs CUDA tensors, got {q.device}")
-    _C = require_extension("decode attention (backend='cuda')", "cuda")
-    if not hasattr(_C, "decode_attention_cuda"):
-        raise RuntimeError("decode: backend='cuda' needs an hdlm_kernels._C with decode_attention_cuda; this "
-                           "build predates it, reinstall hdlm-kernels")
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_len, k_new, v_new, prefix_end, window_start, window_end, key_length, scale,
+      backend, num_splits, check):
+    return q.new_empty(*q.shape[:3], v_cache.shape[3])
+
+
+def _no_check(q: torch.Tensor, context: str) -> None:
+    """Implementations without input checks of their own."""
+
+
+# ---------------------------------------------------------------- implementations
+# Each takes (q, keys, values, mask over the keys, scale, num_splits) after the rows were written.
+
+
+def _decode_reference(q, keys, values, mask: IntervalMask, scale, num_splits):
+    return attention_ref(q, keys, values, mask, check_attention_inputs(q, keys, values, mask, scale, "decode"))
+
+
+def _decode_flex(q, keys, values, mask: IntervalMask, scale, num_splits):
+    return attention_flex(q, keys, values, mask, check_attention_inputs(q, keys, values, mask, scale, "decode"))
+
+
+def _decode_triton() -> Callable:
+    from . import triton_attention  # imports triton and builds the kernels (for the interpreter or the GPU)
 
     def run(q, keys, values, mask: IntervalMask, scale, num_splits):
-        from .reference import check_attention_inputs
+        return triton_attention.attention_split_kv_triton(q, keys, values, mask, scale, num_splits)[0]
 
+    run.check_inputs = triton_attention.check_triton_inputs
+    return run
+
+
+def _decode_cuda() -> Callable:
+    operator = _extension.operator_loader("decode_attention_cuda")()
+
+    def run(q, keys, values, mask: IntervalMask, scale, num_splits):
         scale = check_attention_inputs(q, keys, values, mask, scale, context="decode")
-        return _C.decode_attention_cuda(q, keys, values, mask.prefix_end, mask.window_start, mask.window_end,
-                                        scale, 0 if num_splits is None else num_splits)
+        return operator(q, keys, values, mask.prefix_end, mask.window_start, mask.window_end, scale,
+                        0 if num_splits is None else num_splits)
 
     return run
+
+
+backends.register("decode", "reference", summary="write, then SDPA over the cache with the dense mask, any device",
+                  load=lambda: _decode_reference)
+backends.register("decode", "flex", summary="FlexAttention over the cache (compiled on CUDA)", probe=flex_probe,
+                  load=lambda: _decode_flex)
+backends.register("decode", "triton", summary="split-KV flash-decoding over the tile map", fused=True,
+                  auto_devices=("cuda",), probe=triton_probe("hdlm_kernels.attention.triton_attention"),
+                  load=_decode_triton)
+backends.register("decode", "cuda", summary="CUDA (csrc/decode_attention_cuda.cu)", fused=True,
+                  auto_devices=("cuda",), probe=_extension.operator_probe("decode_attention_cuda", "cuda"),
+                  load=_decode_cuda)

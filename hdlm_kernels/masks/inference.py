@@ -25,21 +25,13 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import CONFIGS, CONTEXTS, WINDOWS, check_choice
 from ..schedules import Hyperschedule
 from .interval_mask import IntervalMask
 
+# CONFIGS, CONTEXTS, WINDOWS and check_choice live in hdlm_kernels.checks; the names stay importable here.
 __all__ = ["inference", "kv_cacheable", "CONFIGS", "CONTEXTS", "WINDOWS", "check_choice",
            "context_block_size", "prefix_ends"]
-
-CONFIGS = ("aligned", "shifted")
-CONTEXTS = ("causal", "block_causal", "full")
-WINDOWS = ("full", "causal")
-
-
-def check_choice(name: str, value, choices, context: str) -> str:
-    if value not in choices:
-        raise ValueError(f"{context}: unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
-    return value
 
 
 def context_block_size(sched: Hyperschedule) -> int:

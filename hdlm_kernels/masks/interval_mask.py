@@ -1,4 +1,5 @@
-"""``IntervalMask``: every hyperschedule attention mask as two key intervals per query row (DESIGN §4).
+"""``IntervalMask``: every hyperschedule attention mask as two key intervals per query row
+(docs/conventions.md, "Masks").
 
 Row ``q`` may attend key ``k`` iff ``k < prefix_end[q]`` or ``window_start[q] <= k < window_end[q]``.
 That covers causal and block-causal prefixes, the dense active window over the settled prefix,
@@ -7,9 +8,12 @@ SHIFTED's next-position key, and every interval of the packed training layout (p
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Sequence
 
 import torch
+
+from .tiles import MaskTiles
 
 __all__ = ["IntervalMask"]
 
@@ -56,6 +60,19 @@ class IntervalMask:
         self.attends_all = False
         if self.prefix_end.numel():
             self._check_bounds()
+        _LIVE_MASKS[id(self.prefix_end)] = self
+
+    @classmethod
+    def of_tensors(cls, prefix_end: torch.Tensor, window_start: torch.Tensor, window_end: torch.Tensor,
+                   key_length: int) -> "IntervalMask":
+        """The live mask that holds exactly these tensors (with its tile maps and BlockMasks), or a new
+        one built from them. Custom ops take a mask's tensors, not the mask: this finds the mask again
+        on the other side, so that its caches survive the crossing."""
+        mask = _LIVE_MASKS.get(id(prefix_end))
+        if (mask is not None and mask.prefix_end is prefix_end and mask.window_start is window_start
+                and mask.window_end is window_end and mask.key_length == key_length):
+            return mask
+        return cls(prefix_end, window_start, window_end, key_length)
 
     def _check_bounds(self) -> None:
         K = self.key_length
@@ -164,8 +181,6 @@ class IntervalMask:
 
         Computed once per tile shape and kept: a model calls attention with one mask in every layer,
         forward and backward. (Masks are values: do not modify their tensors in place.)"""
-        from .tiles import MaskTiles
-
         key = (block_m, block_n)
         if key not in self._tiles:
             self._tiles[key] = MaskTiles.from_mask(self, block_m, block_n)
@@ -212,3 +227,8 @@ class IntervalMask:
     def __repr__(self) -> str:
         return (f"IntervalMask(batch={self.batch}, num_rows={self.num_rows}, key_length={self.key_length}, "
                 f"device={self.device})")
+
+
+# Every mask by the id of its prefix_end tensor, for IntervalMask.of_tensors. Weak: a mask lives as long
+# as its owner keeps it, and an id reused after its death is caught by the identity checks.
+_LIVE_MASKS: "weakref.WeakValueDictionary[int, IntervalMask]" = weakref.WeakValueDictionary()

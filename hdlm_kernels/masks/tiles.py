@@ -6,6 +6,10 @@ Conventions follow FlexAttention's ``BlockMask`` exactly (so :meth:`MaskTiles.to
 attended (tiles that stick out past the last query or key are padded with blocked elements, so they
 are never full), *partial* when some but not all are, and index lists hold the tile numbers in
 ascending order followed by the unused ones.
+
+The functions take an ``IntervalMask`` (they read its interval tensors, ``num_rows`` and
+``key_length``) but do not import it: the mask imports this module to build and keep its tile maps,
+and imports flow one way.
 """
 
 from __future__ import annotations
@@ -13,8 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from .interval_mask import IntervalMask
 
 __all__ = ["MaskTiles", "TileBounds"]
 
@@ -78,7 +80,7 @@ class MaskTiles:
     bounds: TileBounds
 
     @staticmethod
-    def from_mask(mask: IntervalMask, block_m: int = 128, block_n: int = 128) -> "MaskTiles":
+    def from_mask(mask: "IntervalMask", block_m: int = 128, block_n: int = 128) -> "MaskTiles":
         for name, value in (("block_m", block_m), ("block_n", block_n)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MaskTiles: {name} must be a positive int, got {value!r}")
@@ -115,7 +117,7 @@ class MaskTiles:
             seq_lengths=(self.num_rows, self.key_length))
 
 
-def _canonical_intervals(mask: IntervalMask):
+def _canonical_intervals(mask: "IntervalMask"):
     # Rewrite each row as two disjoint intervals [0, p) and [s, e) with s > p unless empty, so that
     # a tile covered by the two intervals together is recognised as covered.
     p = mask.prefix_end.long()
@@ -128,7 +130,7 @@ def _canonical_intervals(mask: IntervalMask):
     return p, torch.where(keep, s, zero), torch.where(keep, e, zero), keep
 
 
-def _tile_occupancy(mask: IntervalMask, block_m: int, block_n: int):
+def _tile_occupancy(mask: "IntervalMask", block_m: int, block_n: int):
     """Bool ``[B or 1, num_q_tiles, num_kv_tiles]`` twice: tiles touched by some row, and tiles fully
     covered by every one of their ``block_m`` rows."""
     B, Q = mask.prefix_end.shape
@@ -157,7 +159,7 @@ def _tile_occupancy(mask: IntervalMask, block_m: int, block_n: int):
     return touched, full
 
 
-def _tile_bounds(mask: IntervalMask, block_m: int) -> TileBounds:
+def _tile_bounds(mask: "IntervalMask", block_m: int) -> TileBounds:
     B, Q = mask.prefix_end.shape
     num_q_tiles = _cdiv(Q, block_m)
     padded = num_q_tiles * block_m

@@ -1,4 +1,4 @@
-"""Fused sampling and its random stream (DESIGN.md §6).
+"""Fused sampling and its random stream (docs/sampling-stream.md).
 
 Every sampler draws its randomness from one Philox4x32-10 stream, exposed here as ``uniform53`` so
 that tests can check each backend against the independent NumPy twin ``uniform53_ref``.
@@ -7,7 +7,8 @@ the adaptive correction sampler's update (stream 1 decides, stream 0 samples); `
 reverse step of the γ-hybrid process (analytic τ-leaping or Euler, drawn on stream 0); ``corrupt`` is
 the forward noise of training (stream 2). Each has a ``_ref`` twin. ``gumbel_argmax_deferred`` and
 ``hybrid_step_deferred`` draw the same tokens without synchronizing with the host (they report bad
-rows in a device flag instead of raising), for generation loops.
+rows in a device flag instead of raising), for generation loops. Every op's implementations are
+registered with ``hdlm_kernels.backends``.
 """
 
 from .acs import acs_apply, acs_decisions, acs_plan, acs_step, acs_step_ref

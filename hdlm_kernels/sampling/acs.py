@@ -1,4 +1,4 @@
-"""The adaptive correction sampler (ACS) update, one step over flattened rows (DESIGN.md §6).
+"""The adaptive correction sampler (ACS) update, one step over flattened rows (docs/sampling-stream.md).
 
 Paper §3.4 and App. D, Alg. 4 (Alg. 3, MDLM's original sampler, is eta = 0). Per row r, with one
 uniform u1 from stream 1 of the sampling stream at element row_ids[r]:
@@ -7,17 +7,17 @@ uniform u1 from stream 1 of the sampling stream at element row_ids[r]:
     masked row (x == mask_id):   resampled when u1 < p_transfer
     unmasked row:                resampled when u1 < eta * (1 - p_transfer)      (the correction)
 
-(DESIGN.md §6 names frozen rows only among the unmasked ones; the rows a caller freezes, prompt and
-settled positions, are never masked, and a frozen row that changed would not be frozen.)
+(The rows a caller freezes, prompt and settled positions, are never masked, and a frozen row that
+changed would not be frozen.)
 
 A resampled row draws a token from the model's prediction at that row, softmax(logits / temperature)
 with MASK removed, by ``gumbel_argmax`` (stream 0, same row_id); every other row keeps its token. The
-official ``full_diff`` ACS does the same with two separate FP64 draws (notes/official-implementation.md
-§5.1); one draw per row suffices because a row is either masked or not. Unlike the official code, MASK
+official ``full_diff`` ACS does the same with two separate FP64 draws (docs/official-differences.md);
+one draw per row suffices because a row is either masked or not. Unlike the official code, MASK
 is never sampled.
 
 The decisions do not depend on the logits, so a generation loop computes logits only for the rows
-that change (notes/kernel-landscape.md §4.4), in two phases::
+that change, in two phases::
 
     rows = acs_plan(x, p, eta, mask_id, seed, step, row_ids, frozen)       # int64 [K], before logits
     logits = lm_head(hidden[rows])                                         # [K, V]
@@ -26,31 +26,33 @@ that change (notes/kernel-landscape.md §4.4), in two phases::
 or in one call with every row's logits (``acs_step``, which returns a new tensor), or from a bool
 mask (``acs_decisions``) with ``acs_step(..., logits_rows=rows)``.
 
-``acs_step_ref`` is the direct twin used by the tests.
+``acs_step_ref`` is the direct twin used by the tests. The draws run on the Gumbel-max
+implementations, registered with ``hdlm_kernels.backends`` under op ``acs`` too.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from .gumbel import (
-    _check_winners,
-    _checked_chunk_rows,
-    _checked_exclude,
-    _checked_logits,
-    _checked_row_ids,
-    _checked_temperature,
-    _implementation,
-    _stream_uniforms,
-    gumbel_argmax_ref,
+from .. import backends
+from ..checks import integer, seed_and_step
+from .arguments import (
+    check_row_id_values,
+    check_winners,
+    checked_chunk_rows,
+    checked_logits,
+    checked_row_ids,
+    checked_temperature,
 )
-from .philox import SEED_LIMIT, _integer, uniform53_ref
+from .constants import DECISION_STREAM
+from .gumbel import draw as gumbel_draw
+from .gumbel import gumbel_argmax_ref, register_draw_backends
+from .philox import stream_uniforms, uniform53_ref
 
-DECISION_STREAM = 1  # DESIGN.md §6: stream 1 = per-row decisions, element e = row_id
+__all__ = ["acs_apply", "acs_decisions", "acs_plan", "acs_step", "acs_step_ref"]
 
 
 def acs_decisions(
@@ -63,7 +65,7 @@ def acs_decisions(
     row_ids: torch.Tensor | None = None,
     frozen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Which rows one ACS step resamples (DESIGN.md §6); needs no logits.
+    """Which rows one ACS step resamples (docs/sampling-stream.md); needs no logits.
 
     Args:
         x: [R] integer tensor, the current tokens of the flattened rows (e.g. [B, d] flattened).
@@ -84,13 +86,13 @@ def acs_decisions(
         bool tensor [R] on x's device: True where ``acs_step`` replaces the token.
     """
     x = _checked_tokens(x)
-    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
-    step = _integer("step", step, 0, None, "an int >= 0")
+    seed, step = seed_and_step(seed, step)
     mask_id = _checked_mask_id(mask_id)
     eta = _checked_eta(eta)
     p_transfer = _checked_p_transfer(p_transfer, x.shape[0], x.device)
     # The decision uses only u1, so its Gumbel elements can be checked later against the real V.
-    row_ids = _checked_row_ids(row_ids, x.shape[0], 1, x.device)
+    row_ids = checked_row_ids(row_ids, x.shape[0], x.device)
+    check_row_id_values(row_ids, 1)
     frozen = _checked_frozen(frozen, x.shape[0], x.device)
     return _decisions(x, p_transfer, eta, mask_id, seed, step, row_ids, frozen)
 
@@ -162,7 +164,7 @@ def acs_step(
     *,
     logits_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One ACS update of the flattened rows x (paper §3.4, App. D Alg. 4; DESIGN.md §6).
+    """One ACS update of the flattened rows x (paper §3.4, App. D Alg. 4; docs/sampling-stream.md).
 
     The rows chosen by ``acs_decisions`` (same arguments) get a token drawn by ``gumbel_argmax`` from
     their logits with MASK excluded (noise from stream 0 at element row_id * V + v, so a row's token
@@ -174,7 +176,8 @@ def acs_step(
             - logits_rows None: [R, V], one row per row of x (rows that do not change are never read);
             - logits_rows given: [K, V], row k being the logits of row logits_rows[k] of x.
         temperature: float >= 0 of the Gumbel-max draw; 0 = greedy.
-        backend: the gumbel_argmax backend ("auto", "reference", "cpp", "triton", "cuda").
+        backend: a name of ``hdlm_kernels.backends.names("acs")`` (the Gumbel-max implementations:
+            "auto", "kernels", "reference", "cpp", "triton", "cuda").
         logits_rows: None, or an integer tensor [K] of distinct row numbers in [0, R) of x (not
             row_ids) that ``logits`` holds, in any order; it must include every row that changes
             (``acs_decisions(...).nonzero().squeeze(1)`` is the smallest choice) and may include more,
@@ -254,31 +257,33 @@ class _Draw(NamedTuple):
     row_ids: torch.Tensor
     temperature: float
     exclude: torch.Tensor
-    implementation: Callable
+    backend: str
 
 
 def _checked_draw(op, x, logits, mask_id, seed, step, row_ids, temperature, backend) -> _Draw:
     """The checks ``acs_step`` and ``acs_apply`` share, all made before any work (the backend too)."""
-    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
-    step = _integer("step", step, 0, None, "an int >= 0")
+    seed, step = seed_and_step(seed, step)
     mask_id = _checked_mask_id(mask_id)
-    logits = _checked_logits(logits)
+    logits = checked_logits(logits)
     if logits.device != x.device:
         raise ValueError(f"logits must be on x's device {x.device}; got a tensor on {logits.device}")
     vocab = logits.shape[1]
-    row_ids = _checked_row_ids(row_ids, x.shape[0], vocab, x.device)
-    temperature = _checked_temperature(temperature)
+    row_ids = checked_row_ids(row_ids, x.shape[0], x.device)
+    check_row_id_values(row_ids, vocab)
+    temperature = checked_temperature(temperature)
     if not 0 <= mask_id < vocab:
         raise ValueError(f"mask_id must be a token id in [0, V) = [0, {vocab}) of logits; got {mask_id}")
-    exclude = _checked_exclude(mask_id, vocab, x.device)
-    return _Draw(logits, mask_id, seed, step, row_ids, temperature, exclude, _implementation(backend, op, x.device))
+    exclude = torch.tensor([mask_id], dtype=torch.int64, device=x.device)  # in [0, V), just checked
+    backends.select("acs", backend, x.device, op)  # refuses a backend that cannot run, before any work
+    return _Draw(logits, mask_id, seed, step, row_ids, temperature, exclude, backend)
 
 
 def _draw_rows(draw: _Draw, rows: torch.Tensor, take: torch.Tensor | None) -> torch.Tensor:
     """Tokens of ``rows`` of x (positions), from logits rows ``take`` (None: logits row k is rows[k])."""
-    tokens, best = draw.implementation(draw.logits, take, draw.row_ids[rows], draw.seed, draw.step,
-                                       draw.temperature, draw.exclude, _checked_chunk_rows(None, draw.logits.shape[1]))
-    _check_winners(best, positions=rows)
+    tokens, best = gumbel_draw(draw.logits, take, draw.row_ids[rows], draw.seed, draw.step, draw.temperature,
+                               draw.exclude, checked_chunk_rows(None, draw.logits.shape[1]), draw.backend,
+                               check=False)
+    check_winners(best, positions=rows)
     return tokens
 
 
@@ -286,7 +291,7 @@ def _decisions(x, p_transfer, eta, mask_id, seed, step, row_ids, frozen) -> torc
     """bool [R]; arguments checked. p_transfer: float or float64 [R] on x's device."""
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=x.device)
-    u1 = _stream_uniforms(seed, step, DECISION_STREAM, row_ids)
+    u1 = stream_uniforms(seed, step, DECISION_STREAM, row_ids)
     masked = x == mask_id
     # The thresholds, in float64 and in this order ((1 - p) rounded, then times eta), are part of
     # the contract: every backend must form them the same way to make identical decisions. u1 lies
@@ -355,7 +360,7 @@ def _checked_tokens(x) -> torch.Tensor:
 
 
 def _checked_mask_id(mask_id) -> int:
-    return _integer("mask_id", mask_id, 0, None, "an int >= 0 (the MASK token id)")
+    return integer("mask_id", mask_id, 0, None, "an int >= 0 (the MASK token id)")
 
 
 def _checked_eta(eta) -> float:
@@ -406,3 +411,6 @@ def _checked_frozen(frozen, num_rows: int, device) -> torch.Tensor | None:
     if tuple(frozen.shape) != (num_rows,):
         raise ValueError(f"frozen must have shape [R] = [{num_rows}]; got shape {tuple(frozen.shape)}")
     return frozen.to(device)
+
+
+register_draw_backends("acs")

@@ -1,4 +1,4 @@
-"""Forward corruption for training, drawn from stream 2 of the sampling stream (DESIGN.md §6).
+"""Forward corruption for training, drawn from stream 2 of the sampling stream (docs/sampling-stream.md).
 
 Every noise process of the paper (absorb, uniform, the γ-hybrid of Eq. 7g, the ε-hybrid of §3.2)
 reduces, per position, to three events with per-position probabilities: *mask* (x_t = MASK),
@@ -20,23 +20,25 @@ once in float64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .philox import SEED_LIMIT, _integer, _integer_tensor, uniform53
+from .. import backends
+from .._triton_device import triton_probe
+from ..checks import integer, integer_tensor, seed_and_step
+from .constants import CORRUPTION_STREAM
+from .philox import stream_uniforms
 
-__all__ = ["corrupt", "corrupt_ref", "CORRUPTION_STREAM", "BACKENDS"]
-
-CORRUPTION_STREAM = 2  # DESIGN.md §6: stream 2 = token substitution in the forward noise process
-BACKENDS = ("auto", "reference", "triton")
+__all__ = ["corrupt", "corrupt_ref"]
 
 
 def _checked(x0, p_mask, p_shuffle, num_tokens, mask_id, seed, step, row_ids):
     if not isinstance(x0, torch.Tensor) or x0.dtype.is_floating_point or x0.dtype == torch.bool:
         raise TypeError(f"corrupt: x0 must be an integer tensor of token ids, got {getattr(x0, 'dtype', type(x0))}")
-    num_tokens = _integer("num_tokens", num_tokens, 1, 2**31, "an int in [1, 2^31)")
-    mask_id = _integer("mask_id", mask_id, 0, 2**31, "an int in [0, 2^31)")
-    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
-    step = _integer("step", step, 0, None, "an int >= 0")
+    num_tokens = integer("num_tokens", num_tokens, 1, 2**31, "an int in [1, 2^31)")
+    mask_id = integer("mask_id", mask_id, 0, 2**31, "an int in [0, 2^31)")
+    seed, step = seed_and_step(seed, step)
     probabilities = []
     for name, p in (("p_mask", p_mask), ("p_shuffle", p_shuffle)):
         if not isinstance(p, torch.Tensor) or not p.dtype.is_floating_point:
@@ -51,7 +53,7 @@ def _checked(x0, p_mask, p_shuffle, num_tokens, mask_id, seed, step, row_ids):
     if row_ids is None:
         row_ids = torch.arange(x0.numel(), device=x0.device)
     else:
-        row_ids = _integer_tensor("row_ids", row_ids, "an integer tensor with x0's shape")
+        row_ids = integer_tensor("row_ids", row_ids, "an integer tensor with x0's shape")
         if tuple(row_ids.shape) != tuple(x0.shape):
             raise ValueError(f"corrupt: row_ids must have x0's shape {tuple(x0.shape)}, got {tuple(row_ids.shape)}")
         row_ids = row_ids.to(device=x0.device, dtype=torch.int64)
@@ -75,38 +77,25 @@ def corrupt(x0: torch.Tensor, p_mask: torch.Tensor, p_shuffle: torch.Tensor, num
         seed: int in [0, 2^64); step: int >= 0 (e.g. the optimizer step).
         row_ids: integer tensor shaped like x0 of absolute position identities (default: the flat
             index); a position's draw depends only on (seed, step, row_id) and its own inputs.
-        backend: ``"reference"`` (torch + the Philox stream), ``"triton"`` (one fused pass; CUDA tensors,
-            or CPU tensors under the Triton interpreter), or ``"auto"`` (triton on CUDA tensors).
+        backend: a name of ``hdlm_kernels.backends.names("corrupt")``: ``"reference"`` (torch + the
+            Philox stream), ``"triton"`` (one fused pass; CUDA tensors, or CPU tensors under the Triton
+            interpreter), ``"auto"`` (the fused kernel of x0's device when available, else the
+            reference) or ``"kernels"``.
 
     Returns:
         ``(x_t, masked, shuffled)``: int64 and two bool tensors shaped like ``x0``.
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"corrupt: backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    backends.check_name("corrupt", backend, "corrupt")
     shape = x0.shape if isinstance(x0, torch.Tensor) else None
     args = _checked(x0, p_mask, p_shuffle, num_tokens, mask_id, seed, step, row_ids)
-    if backend == "auto":
-        backend = "triton" if x0.device.type == "cuda" and _triton_importable() else "reference"
-    if backend == "triton":
-        from . import triton_sampling
-
-        x_t, masked, shuffled = triton_sampling.corrupt_triton(*args, CORRUPTION_STREAM)
-    else:
-        x_t, masked, shuffled = _corrupt_reference(*args)
+    implementation = backends.select("corrupt", backend, x0.device, "corrupt")
+    x_t, masked, shuffled = implementation(*args)
     return x_t.reshape(shape), masked.reshape(shape), shuffled.reshape(shape)
 
 
-def _triton_importable() -> bool:
-    try:
-        from . import triton_sampling  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _corrupt_reference(x0, p_mask, p_shuffle, num_tokens, mask_id, seed, step, row_ids):
-    u_event = uniform53(seed, step, CORRUPTION_STREAM, 2 * row_ids)
-    u_token = uniform53(seed, step, CORRUPTION_STREAM, 2 * row_ids + 1)
+    u_event = stream_uniforms(seed, step, CORRUPTION_STREAM, 2 * row_ids)
+    u_token = stream_uniforms(seed, step, CORRUPTION_STREAM, 2 * row_ids + 1)
     real = x0 != mask_id
     masked = real & (u_event < p_mask)
     shuffled = real & ~masked & (u_event < p_mask + p_shuffle)
@@ -119,3 +108,16 @@ def corrupt_ref(x0: torch.Tensor, p_mask: torch.Tensor, p_shuffle: torch.Tensor,
                 mask_id: int, seed: int, step: int, row_ids: torch.Tensor | None = None):
     """Reference twin of :func:`corrupt` (the torch path); same arguments without ``backend``."""
     return corrupt(x0, p_mask, p_shuffle, num_tokens, mask_id, seed, step, row_ids, backend="reference")
+
+
+def _corrupt_triton() -> Callable:
+    from . import triton_corrupt  # imports triton and builds the kernels (for the interpreter or the GPU)
+
+    return lambda *arguments: triton_corrupt.corrupt_triton(*arguments, CORRUPTION_STREAM)
+
+
+backends.register("corrupt", "reference", summary="torch and the Philox stream, any device",
+                  load=lambda: _corrupt_reference)
+backends.register("corrupt", "triton", summary="Triton (hdlm_kernels/sampling/triton_corrupt.py): one fused pass",
+                  fused=True, auto_devices=("cuda",), probe=triton_probe("hdlm_kernels.sampling.triton_corrupt"),
+                  load=_corrupt_triton)

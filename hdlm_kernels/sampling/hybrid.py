@@ -1,5 +1,5 @@
 """One reverse step of the γ-hybrid SEDD process: Tweedie τ-leaping ("analytic") and Euler
-(paper §3.2, App. A Eq. 7g, App. B.4; DESIGN.md §5-§6).
+(paper §3.2, App. A Eq. 7g, App. B.4; docs/hybrid-step.md).
 
 Conventions (as ``hdlm_reference.noise``): ids ``0 .. V-1``, ``M = mask_id``, the ``N = V-1`` other
 ids are real tokens. Matrices act on columns: ``e^{σQ}[y, x] = p(x_t = y | x_0 = x)``,
@@ -43,7 +43,7 @@ weights this module samples from; no ``e^{Δ}`` remains, so nothing overflows fo
     x = M:    w_y = (1-A)·(r_y - (1-B)·S/N),   w_M = B·(A - (1-A)·S)
     x real:   w_y = ((1-B)/N + B·δ_xy)·(r_y - (1-B)·S/N),   w_M = 0
 
-The official code (notes §3.1.2) instead interpolates SEDD's absorbing and uniform staggered scores
+The official code (docs/official-differences.md) instead interpolates SEDD's absorbing and uniform staggered scores
 linearly with the FULL Δ in both, ``(1-γ)·stag_A(Δ) + γ·stag_U(Δ)``, which agrees with the exact
 form above only to first order in Δ.
 
@@ -60,7 +60,7 @@ not need normalized weights), so a row's draw depends only on ``(seed, step, row
 own inputs. γ = 0 is SEDD's absorbing sampler (a real token never changes; a MASK stays or
 unmasks), γ = 1 SEDD's uniform one.
 
-Differences from the official γ samplers (notes §5.2):
+Differences from the official γ samplers (docs/official-differences.md):
 
 1. Exact hybrid staggered score (Eq. 7g at -Δ, ``(1-γ)Δ`` / ``γΔ`` split) instead of the linear
    interpolation of the two single-graph formulas with the full Δ.
@@ -70,7 +70,7 @@ Differences from the official γ samplers (notes §5.2):
 3. Negative weights are clamped to 0. The official passes them to its exponential race
    ``argmax probs / Exp(1)``, where a negative weight loses to every positive one but, on a row
    without a positive weight, a negatively weighted token still wins.
-4. The draw is FP64 Gumbel-max on the Philox stream keyed by row identity (DESIGN §6), only for the
+4. The draw is FP64 Gumbel-max on the Philox stream keyed by row identity (docs/sampling-stream.md), only for the
    rows passed in (the active ones), in row chunks with no ``[R, V]`` float64 tensor; the official
    draws ``rand_like`` fp64 over all ``[B, L, V]`` (with ``u + 1e-10``) and discards the inactive rows.
    Weights are computed in float64 (official: fp32 from bf16 log-scores).
@@ -115,39 +115,41 @@ normalized step distribution ``[R, V]`` (float64, for tests and inspection only)
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 
-from .gumbel import (
-    GUMBEL_STREAM,
-    LOGITS_DTYPES,
-    _checked_chunk_rows,
-    _check_index_tensor,
-    _checked_row_ids,
-    _compiled_backend,
-    _implementation,
-    _stream_uniforms,
-    gumbel_argmax_ref,
+from .. import _extension, backends
+from .._triton_device import triton_probe
+from ..checks import integer, seed_and_step
+from .arguments import (
+    check_index_tensor,
+    check_row_id_values,
+    checked_chunk_rows,
+    checked_logits,
+    checked_row_ids,
+    signed64,
+    unsigned64,
 )
-from .log64 import EXP64_MIN, exp64, expm1_64, gumbel_noise, log64
-from .philox import SEED_LIMIT, _integer
+from .constants import (
+    EXP64_MIN,
+    FIXED_HI_SCALE,
+    FIXED_HI_UNIT,
+    FIXED_LO_SCALE,
+    FIXED_LO_UNIT,
+    GUMBEL_STREAM,
+    SMALLEST_WEIGHT,
+)
+from .gumbel import compiled_without_chunk_rows, gumbel_argmax_ref
+from .log64 import exp64, expm1_64, gumbel_noise, log64
+from .philox import stream_uniforms
 
 METHODS = ("analytic", "euler")
 
-__all__ = ["hybrid_step", "hybrid_step_deferred", "hybrid_step_ref", "hybrid_probs", "hybrid_probs_ref", "step_coefficients", "METHODS"]
-
-# The fixed-point sum of a row's scaled ratios r' in [0, 1] (module docstring, "The fused form"): two
-# int64 accumulators of trunc(r' · 2^32) and of the next 31 bits, exact for any order of additions
-# and any V < 2^31 (V · 2^32 < 2^63 and V · 2^31 < 2^62).
-FIXED_HI_SCALE = 2.0**32
-FIXED_LO_SCALE = 2.0**31
-FIXED_HI_UNIT = 2.0**-32
-FIXED_LO_UNIT = 2.0**-63
-SMALLEST_WEIGHT = 2.0**-1022  # weights below (subnormal or <= 0) count as 0: log64 needs normal inputs
-
+__all__ = ["hybrid_step", "hybrid_step_deferred", "hybrid_step_ref", "hybrid_probs", "hybrid_probs_ref",
+           "step_coefficients", "METHODS"]
 
 
 def hybrid_step(
@@ -183,9 +185,10 @@ def hybrid_step(
             ``"euler"`` (first order in Δ).
         final: bool or bool tensor [R]: rows that must not end on MASK (their last step, level 0
             next). Rows with ``sigma_next == 0`` are final whatever this says.
-        backend: "auto" (the fused kernel of x's device, see ``hk.sampling.fused_backend``, else the
-            reference), "kernels" (the fused kernel or RuntimeError), "reference", "cpp", "triton" or
-            "cuda"; every backend returns the same tokens (the fused form of the module docstring).
+        backend: a name of ``hdlm_kernels.backends.names("hybrid_step")``: "auto" (the fused kernel of
+            x's device when available, else the reference), "kernels" (the fused kernel or
+            RuntimeError), "reference", "cpp", "triton" or "cuda"; every backend returns the same
+            tokens (the fused form of the module docstring).
         chunk_rows: rows per chunk of the reference backend (float64 temporaries of chunk_rows·V·8
             bytes); default as ``gumbel_argmax``. Does not change the result.
 
@@ -198,15 +201,13 @@ def hybrid_step(
     """
     x, log_score, now, nxt, gamma, mask_id, method, final = _checked_inputs(
         "hybrid_step", x, log_score, sigma_now, sigma_next, gamma, mask_id, method, final)
-    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
-    step = _integer("step", step, 0, None, "an int >= 0")
+    seed, step = seed_and_step(seed, step)
     num_rows, vocab = log_score.shape
-    row_ids = _checked_row_ids(row_ids, num_rows, vocab, x.device)
-    chunk_rows = _checked_chunk_rows(chunk_rows, vocab)
-    implementation = _implementation(backend, "hybrid_step", x.device, _IMPLEMENTATIONS)  # before any work
-    coefficients = step_coefficients(x, now, nxt, gamma, mask_id, vocab, method, final)
-    tokens, best = implementation(log_score, x, coefficients, row_ids, mask_id, seed, step, chunk_rows)
-    _check_drawn(best)
+    row_ids = checked_row_ids(row_ids, num_rows, x.device)
+    chunk_rows = checked_chunk_rows(chunk_rows, vocab)
+    backends.check_name("hybrid_step", backend, "hybrid_step")
+    tokens, _ = _hybrid_step_op(x, log_score, now, nxt, final, gamma, mask_id, method, signed64(seed), step, row_ids,
+                                chunk_rows, backend, True)
     return tokens
 
 
@@ -239,17 +240,46 @@ def hybrid_step_deferred(
         caller synchronizes anyway, e.g. at the end of generation.
     """
     x, log_score, now, nxt, gamma, mask_id, method, final = _checked_inputs(
-        "hybrid_step_deferred", x, log_score, sigma_now, sigma_next, gamma, mask_id, method, final,
-        values=False)
-    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
-    step = _integer("step", step, 0, None, "an int >= 0")
-    _check_index_tensor("row_ids", row_ids, x.device, x.shape[0])
-    num_rows, vocab = log_score.shape
-    implementation = _implementation(backend, "hybrid_step", x.device, _IMPLEMENTATIONS)
-    coefficients = step_coefficients(x, now, nxt, gamma, mask_id, vocab, method, final)
-    tokens, best = implementation(log_score, x, coefficients, row_ids, mask_id, seed, step,
-                                  _checked_chunk_rows(None, vocab))
+        "hybrid_step_deferred", x, log_score, sigma_now, sigma_next, gamma, mask_id, method, final)
+    seed, step = seed_and_step(seed, step)
+    check_index_tensor("row_ids", row_ids, x.device, x.shape[0])
+    backends.check_name("hybrid_step", backend, "hybrid_step_deferred")
+    tokens, best = _hybrid_step_op(x, log_score, now, nxt, final, gamma, mask_id, method, signed64(seed), step,
+                                   row_ids, checked_chunk_rows(None, log_score.shape[1]), backend, False)
     return tokens, (torch.isnan(best) | (best == -torch.inf)).any()
+
+
+def _hybrid_step_checked(x: torch.Tensor, log_score: torch.Tensor, sigma_now: torch.Tensor,
+                         sigma_next: torch.Tensor, final: torch.Tensor, gamma: float, mask_id: int, method: str,
+                         seed: int, step: int, row_ids: torch.Tensor, chunk_rows: int, backend: str,
+                         check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body of the custom op ``hdlm_kernels::hybrid_step``: the value checks (when ``check``), the
+    per-row constants, the implementation, and the check of the drawn rows."""
+    implementation = backends.select("hybrid_step", backend, x.device, "hybrid_step")  # before any work
+    vocab = log_score.shape[1]
+    if check:
+        _check_values("hybrid_step", x, vocab, sigma_now, sigma_next)
+        check_row_id_values(row_ids, vocab)
+    final = final | (sigma_next == 0)
+    coefficients = step_coefficients(x, sigma_now, sigma_next, gamma, mask_id, vocab, method, final)
+    tokens, best = implementation(log_score, x, coefficients, row_ids, mask_id, unsigned64(seed), step, chunk_rows)
+    if check:
+        _check_drawn(best)
+    return tokens, best
+
+
+_hybrid_step_op = torch.library.custom_op(
+    "hdlm_kernels::hybrid_step", _hybrid_step_checked, mutates_args=(),
+    schema="(Tensor x, Tensor log_score, Tensor sigma_now, Tensor sigma_next, Tensor final, float gamma, "
+           "int mask_id, str method, int seed, int step, Tensor row_ids, int chunk_rows, str backend, bool check) "
+           "-> (Tensor, Tensor)")
+
+
+@_hybrid_step_op.register_fake
+def _(x, log_score, sigma_now, sigma_next, final, gamma, mask_id, method, seed, step, row_ids, chunk_rows,
+      backend, check):
+    return (torch.empty(x.shape[0], dtype=torch.int64, device=x.device),
+            torch.empty(x.shape[0], dtype=torch.float64, device=x.device))
 
 
 def hybrid_probs(
@@ -266,6 +296,8 @@ def hybrid_probs(
     tests and inspection). Same arguments as ``hybrid_step``."""
     x, log_score, now, nxt, gamma, mask_id, method, final = _checked_inputs(
         "hybrid_probs", x, log_score, sigma_now, sigma_next, gamma, mask_id, method, final)
+    _check_values("hybrid_probs", x, log_score.shape[1], now, nxt)
+    final = final | (nxt == 0)
     coefficients = step_coefficients(x, now, nxt, gamma, mask_id, log_score.shape[1], method, final)
     weights, bad = _weights(log_score, x, coefficients, mask_id)
     _check_drawn(torch.where(bad, torch.nan, weights.sum(1)).log())  # NaN or -inf (no weight) rows raise
@@ -444,7 +476,7 @@ def _hybrid_step_reference(log_score, x, coefficients, row_ids, mask_id, seed, s
         scores = torch.where(positive, log64(weights.masked_fill_(~positive, 1.0)), -torch.inf)
         del weights, positive
         elements = row_ids[part, None] * vocab + columns
-        scores.add_(gumbel_noise(_stream_uniforms(seed, step, GUMBEL_STREAM, elements)))
+        scores.add_(gumbel_noise(stream_uniforms(seed, step, GUMBEL_STREAM, elements)))
         del elements
         torch.max(scores, dim=1, out=(best[part], tokens[part]))  # ties to the lowest id
         best[part].masked_fill_(bad, torch.nan)
@@ -452,27 +484,25 @@ def _hybrid_step_reference(log_score, x, coefficients, row_ids, mask_id, seed, s
     return tokens, best
 
 
-def _hybrid_step_triton(log_score, x, coefficients, row_ids, mask_id, seed, step, chunk_rows):
-    """The Triton backend (:mod:`.triton_sampling`): one program per row, three passes over it."""
-    try:
-        from . import triton_sampling
-    except ImportError as error:
-        raise RuntimeError(
-            f"hybrid_step with backend='triton' needs triton, which is not importable ({error})") from error
-    return triton_sampling.hybrid_step_triton(log_score, x, coefficients, row_ids, mask_id, seed, step)
+def _hybrid_step_triton() -> Callable:
+    from . import triton_hybrid  # imports triton and builds the kernels (for the interpreter or the GPU)
+
+    return lambda *arguments: triton_hybrid.hybrid_step_triton(*arguments[:-1])
 
 
-# The backends of hybrid_step, named as gumbel_argmax's; each takes the reference backend's arguments
-# and returns the same pair.
-_IMPLEMENTATIONS: dict = {
-    "reference": _hybrid_step_reference,
-    "cpp": _compiled_backend("cpp", "cpu", "hybrid_step_cpu", "The C++ backend (csrc/hybrid_cpu.cpp).",
-                             "hybrid_step", "log_score"),
-    "cuda": _compiled_backend("cuda", "cuda", "hybrid_step_cuda", "The CUDA backend (csrc/hybrid_cuda.cu).",
-                              "hybrid_step", "log_score"),
-}
-if importlib.util.find_spec("triton") is not None:
-    _IMPLEMENTATIONS["triton"] = _hybrid_step_triton
+# The implementations of hybrid_step, named as gumbel_argmax's; each takes the reference backend's
+# arguments and returns the same pair.
+backends.register("hybrid_step", "reference", summary="torch float64 in chunks of rows, any device",
+                  load=lambda: _hybrid_step_reference)
+backends.register("hybrid_step", "cpp", summary="C++ (csrc/hybrid_cpu.cpp): OpenMP over rows", fused=True,
+                  auto_devices=("cpu",), probe=_extension.operator_probe("hybrid_step_cpu", "cpu"),
+                  load=compiled_without_chunk_rows("hybrid_step_cpu"))
+backends.register("hybrid_step", "cuda", summary="CUDA (csrc/hybrid_cuda.cu): one thread block per row", fused=True,
+                  auto_devices=("cuda",), probe=_extension.operator_probe("hybrid_step_cuda", "cuda"),
+                  load=compiled_without_chunk_rows("hybrid_step_cuda"))
+backends.register("hybrid_step", "triton", summary="Triton (hdlm_kernels/sampling/triton_hybrid.py): one program "
+                  "per row, three passes", fused=True, auto_devices=("cuda",),
+                  probe=triton_probe("hdlm_kernels.sampling.triton_hybrid"), load=_hybrid_step_triton)
 
 
 def _check_drawn(best: torch.Tensor) -> None:
@@ -491,22 +521,13 @@ def _check_drawn(best: torch.Tensor) -> None:
         )
 
 
-def _checked_inputs(op, x, log_score, sigma_now, sigma_next, gamma, mask_id, method, final, values=True):
-    """Validates and converts: x int64 [R], log_score [R, V] (detached), sigmas float64 [R],
-    gamma float, mask_id int, method str, final bool [R] (already OR-ed with sigma_next == 0).
-    ``values=False`` skips the checks of tensor values (token range, σ̄ order and finiteness), the ones
-    that synchronize with the device."""
+def _checked_inputs(op, x, log_score, sigma_now, sigma_next, gamma, mask_id, method, final):
+    """Checks the metadata and converts: x int64 [R], log_score [R, V] (detached), sigmas float64 [R],
+    gamma float, mask_id int, method str, final bool [R]. The tensors' values (token range, σ̄ order
+    and finiteness) are checked by ``_check_values``, inside the op."""
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"{op}: method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
-    if not isinstance(log_score, torch.Tensor):
-        raise TypeError(f"{op}: log_score must be a floating tensor [R, V]; got {type(log_score).__name__}")
-    if log_score.dtype not in LOGITS_DTYPES:
-        raise TypeError(f"{op}: log_score must have dtype bfloat16, float16, float32 or float64; "
-                        f"got {log_score.dtype}")
-    if log_score.dim() != 2 or log_score.shape[1] < 2:
-        raise ValueError(f"{op}: log_score must have shape [R, V] with V >= 2; got shape "
-                         f"{tuple(log_score.shape)}")
-    log_score = log_score.detach()
+    log_score = checked_logits(log_score, "log_score", op, min_vocab=2)
     num_rows, vocab = log_score.shape
     device = log_score.device
     if not isinstance(x, torch.Tensor):
@@ -519,22 +540,14 @@ def _checked_inputs(op, x, log_score, sigma_now, sigma_next, gamma, mask_id, met
     if x.device != device:
         raise ValueError(f"{op}: log_score must be on x's device {x.device}; got a tensor on {device}")
     x = x.to(torch.int64)
-    if values and num_rows and (int(x.min()) < 0 or int(x.max()) >= vocab):
-        raise ValueError(f"{op}: x must hold token ids in [0, V) = [0, {vocab}); got values in "
-                         f"[{int(x.min())}, {int(x.max())}]")
-    mask_id = _integer("mask_id", mask_id, 0, vocab, f"an int in [0, V) = [0, {vocab}) (the MASK id)")
+    mask_id = integer("mask_id", mask_id, 0, vocab, f"an int in [0, V) = [0, {vocab}) (the MASK id)")
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
         raise TypeError(f"{op}: gamma must be a float in [0, 1]; got {gamma!r} ({type(gamma).__name__})")
     if not 0.0 <= float(gamma) <= 1.0:
         raise ValueError(f"{op}: gamma must be a float in [0, 1]; got {gamma!r}")
     gamma = float(gamma)
-    now = _checked_sigma(op, "sigma_now", sigma_now, num_rows, device, values)
-    nxt = _checked_sigma(op, "sigma_next", sigma_next, num_rows, device, values)
-    above = nxt > now
-    if values and bool(above.any()):
-        row = int(above.nonzero()[0, 0])
-        raise ValueError(f"{op}: sigma_next must be <= sigma_now (a reverse step lowers the noise); "
-                         f"row {row} has sigma_now {float(now[row])} and sigma_next {float(nxt[row])}")
+    now = _checked_sigma(op, "sigma_now", sigma_now, num_rows, device)
+    nxt = _checked_sigma(op, "sigma_next", sigma_next, num_rows, device)
     if isinstance(final, torch.Tensor):
         if final.dtype != torch.bool:
             raise TypeError(f"{op}: final must be a bool or a bool tensor [R]; got dtype {final.dtype}")
@@ -548,11 +561,29 @@ def _checked_inputs(op, x, log_score, sigma_now, sigma_next, gamma, mask_id, met
         final = torch.full((num_rows,), final, dtype=torch.bool, device=device)
     else:
         raise TypeError(f"{op}: final must be a bool or a bool tensor [R]; got {type(final).__name__}")
-    return x, log_score, now, nxt, gamma, mask_id, method, final | (nxt == 0)
+    return x, log_score, now, nxt, gamma, mask_id, method, final
 
 
-def _checked_sigma(op, name, value, num_rows, device, values=True) -> torch.Tensor:
-    """float64 [R] on device; finite and >= 0 (checked when ``values``)."""
+def _check_values(op, x: torch.Tensor, vocab: int, now: torch.Tensor, nxt: torch.Tensor) -> None:
+    """The value checks of the γ step (one host synchronization each): tokens in [0, V), σ̄ finite and
+    >= 0, sigma_next <= sigma_now."""
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+        raise ValueError(f"{op}: x must hold token ids in [0, V) = [0, {vocab}); got values in "
+                         f"[{int(x.min())}, {int(x.max())}]")
+    for name, value in (("sigma_now", now), ("sigma_next", nxt)):
+        bad = ~(torch.isfinite(value) & (value >= 0))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{op}: {name} must be finite and >= 0; row {row} holds {float(value[row])}")
+    above = nxt > now
+    if bool(above.any()):
+        row = int(above.nonzero()[0, 0])
+        raise ValueError(f"{op}: sigma_next must be <= sigma_now (a reverse step lowers the noise); "
+                         f"row {row} has sigma_now {float(now[row])} and sigma_next {float(nxt[row])}")
+
+
+def _checked_sigma(op, name, value, num_rows, device) -> torch.Tensor:
+    """float64 [R] on device (its values are checked by ``_check_values``)."""
     if isinstance(value, torch.Tensor):
         if not value.dtype.is_floating_point:
             raise TypeError(f"{op}: {name} must be a float or a floating tensor [R]; got dtype {value.dtype}")
@@ -566,8 +597,4 @@ def _checked_sigma(op, name, value, num_rows, device, values=True) -> torch.Tens
         value = torch.full((num_rows,), float(value), dtype=torch.float64, device=device)
     else:
         raise TypeError(f"{op}: {name} must be a float or a floating tensor [R]; got {type(value).__name__}")
-    bad = ~(torch.isfinite(value) & (value >= 0))
-    if values and bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{op}: {name} must be finite and >= 0; row {row} holds {float(value[row])}")
     return value

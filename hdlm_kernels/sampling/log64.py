@@ -1,5 +1,6 @@
 """The float64 logarithm and exponential every sampling backend uses, so that Gumbel noise and the
-γ-hybrid step's weights are bit-identical on the torch reference, NumPy, C++, CUDA and Triton (DESIGN.md §6).
+γ-hybrid step's weights are bit-identical on the torch reference, NumPy, C++, CUDA and Triton
+(docs/log64.md).
 
 Library logs are not: glibc, torch's vectorized CPU log, CUDA's ``log`` and libdevice differ in the
 last bit for a fraction of inputs, which can flip a Gumbel-max draw. Here the logarithm is spelled
@@ -31,42 +32,33 @@ and the negated maximum, clamped). ``expm1_64`` (accurate ``e^x - 1`` near 0, fo
 constants of the step) is ``x · (F[13] x^13 + ... + F[0])`` with ``F[n] = 1 / (n + 1)!`` for
 ``|x| < ln 2 / 2``, and ``exp64(x) - 1`` beyond.
 
-The C++/CUDA twin is ``csrc/log64.h``; the Triton twin lives with the Triton sampling kernels.
+``log64``, ``exp64`` and ``gumbel_noise`` are ops with backends (``hdlm_kernels.backends``): the torch
+reference (the default: it is the formula every backend follows), C++ (``csrc/log64_cpu.cpp``, the
+functions of ``csrc/log64.h``) and Triton (:mod:`.triton_stream`); the kernels exist so that tests can
+check each backend's arithmetic against the reference bit for bit. The NumPy twins (``*_numpy``) are
+independent rewrites for the same purpose.
 """
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from .. import _extension, backends
+from .._triton_device import triton_probe
+from .constants import EXP64_COEFFICIENTS, EXP64_MIN, HALF_LN2, INV_LN2, LN2_HI, LN2_LO, LOG64_COEFFICIENTS
+
 __all__ = ["log64", "log64_numpy", "gumbel_noise", "gumbel_noise_numpy", "exp64", "exp64_numpy", "expm1_64",
            "LOG64_COEFFICIENTS", "EXP64_COEFFICIENTS", "EXP64_MIN", "INV_LN2", "LN2_HI", "LN2_LO"]
-
-# 1 / (2k + 1), k = 0..10, each the correctly rounded double of the fraction.
-LOG64_COEFFICIENTS = tuple(float(np.float64(1.0) / np.float64(2 * k + 1)) for k in range(11))
-# ln 2 split so that e · LN2_HI is exact for |e| < 2^11 (LN2_HI has 32 trailing zero bits).
-LN2_HI = float.fromhex("0x1.62e42fee00000p-1")
-LN2_LO = float.fromhex("0x1.a39ef35793c76p-33")
-
-# 1 / n!, n = 0..14, each the correctly rounded double of the fraction (exp64 uses E[0..13], expm1_64
-# E[1..14]).
-EXP64_COEFFICIENTS = tuple(float(Fraction(1, math.factorial(n))) for n in range(15))
-INV_LN2 = float.fromhex("0x1.71547652b82fep+0")  # 1 / ln 2, correctly rounded
-EXP64_MIN = -708.0  # exp64 is 0 below (k >= -1021 above, so p · 2^k stays normal)
-_HALF_LN2 = float.fromhex("0x1.62e42fefa39efp-2")  # ln 2 / 2: expm1_64 switches from series to exp64 at it
 
 _MANTISSA_MASK = (1 << 52) - 1
 _EXPONENT_ONE = 1023 << 52          # the bit pattern of 1.0
 _SQRT2_BITS = 0x3FF6A09E667F3BCD   # the bit pattern of √2 rounded down; m above it is halved
 
 
-def log64(x: torch.Tensor) -> torch.Tensor:
-    """Natural log of a float64 tensor (finite, normal, > 0) by the recipe of the module docstring."""
-    if x.dtype != torch.float64:
-        raise TypeError(f"log64: x must be float64, got {x.dtype}")
+def _log64_torch(x: torch.Tensor) -> torch.Tensor:
     bits = x.view(torch.int64)
     exponent = (bits >> 52) - 1023
     mantissa_bits = (bits & _MANTISSA_MASK) | _EXPONENT_ONE       # m in [1, 2)
@@ -102,9 +94,8 @@ def log64_numpy(x: np.ndarray) -> np.ndarray:
     return e * LN2_HI + (e * LN2_LO + (s + s) * p)
 
 
-def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
-    """g = -log(-log u) with :func:`log64`, for float64 uniforms in (0, 1)."""
-    return -log64(-log64(u))
+def _gumbel_noise_torch(u: torch.Tensor) -> torch.Tensor:
+    return -_log64_torch(-_log64_torch(u))
 
 
 def gumbel_noise_numpy(u: np.ndarray) -> np.ndarray:
@@ -112,10 +103,7 @@ def gumbel_noise_numpy(u: np.ndarray) -> np.ndarray:
     return -log64_numpy(-log64_numpy(u))
 
 
-def exp64(x: torch.Tensor) -> torch.Tensor:
-    """e^x of a float64 tensor (x <= 708, -inf allowed) by the recipe of the module docstring."""
-    if x.dtype != torch.float64:
-        raise TypeError(f"exp64: x must be float64, got {x.dtype}")
+def _exp64_torch(x: torch.Tensor) -> torch.Tensor:
     live = x >= EXP64_MIN
     x = torch.where(live, x, 0.0)  # keeps k in range; the result is replaced by 0 below
     t = x * INV_LN2
@@ -149,9 +137,65 @@ def expm1_64(x: torch.Tensor) -> torch.Tensor:
     """e^x - 1 of a float64 tensor (x <= 708), accurate near 0 (module docstring)."""
     if x.dtype != torch.float64:
         raise TypeError(f"expm1_64: x must be float64, got {x.dtype}")
-    small = x.abs() < _HALF_LN2
+    small = x.abs() < HALF_LN2
     y = torch.where(small, x, 0.0)
     q = torch.full_like(y, EXP64_COEFFICIENTS[14])
     for c in EXP64_COEFFICIENTS[13:0:-1]:
         q = q * y + c
-    return torch.where(small, y * q, exp64(x) - 1.0)
+    return torch.where(small, y * q, _exp64_torch(x) - 1.0)
+
+
+def log64(x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+    """Natural log of a float64 tensor (finite, normal, > 0) by the recipe of the module docstring.
+
+    backend: a name of ``hdlm_kernels.backends.names("log64")``; every backend returns the same bits."""
+    return _float64_function("log64", x, backend)
+
+
+def gumbel_noise(u: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+    """g = -log(-log u) with :func:`log64`, for float64 uniforms in (0, 1)."""
+    return _float64_function("gumbel_noise", u, backend)
+
+
+def exp64(x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+    """e^x of a float64 tensor (x <= 708, -inf allowed) by the recipe of the module docstring."""
+    return _float64_function("exp64", x, backend)
+
+
+def _float64_function(op: str, x: torch.Tensor, backend: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float64:
+        raise TypeError(f"{op}: x must be a float64 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    return backends.select(op, backend, x.device, op)(x)
+
+
+_REFERENCE: dict[str, Callable] = {"log64": _log64_torch, "gumbel_noise": _gumbel_noise_torch, "exp64": _exp64_torch}
+
+
+def _triton(name: str) -> Callable[[], Callable]:
+    def load() -> Callable:
+        from . import triton_stream  # imports triton and builds the kernels
+
+        return getattr(triton_stream, name)
+
+    return load
+
+
+def _cpp_log64(gumbel: bool) -> Callable[[], Callable]:
+    def load() -> Callable:
+        operator = _extension._C.log64_cpu
+        return lambda x: operator(x, gumbel)
+
+    return load
+
+
+_CPP = {"log64": ("log64_cpu", _cpp_log64(False)), "gumbel_noise": ("log64_cpu", _cpp_log64(True)),
+        "exp64": ("exp64_cpu", _extension.operator_loader("exp64_cpu"))}
+for _op, _reference in _REFERENCE.items():
+    backends.register(_op, "reference", summary="torch float64 (this module's recipe), any device",
+                      load=lambda function=_reference: function)
+    backends.register(_op, "cpp", summary="C++ (csrc/log64.h)", fused=True, auto_devices=("cpu",),
+                      probe=_extension.operator_probe(_CPP[_op][0], "cpu"), load=_CPP[_op][1])
+    backends.register(_op, "triton", summary="Triton (hdlm_kernels/sampling/triton_stream.py)", fused=True,
+                      auto_devices=("cuda",), probe=triton_probe("hdlm_kernels.sampling.triton_stream"),
+                      load=_triton(f"{_op}_triton"))
+del _op, _reference

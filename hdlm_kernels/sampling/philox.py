@@ -1,20 +1,24 @@
-"""The sampling random stream of DESIGN.md §6: Philox4x32-10 and its float64 uniforms.
+"""The sampling random stream (docs/sampling-stream.md): Philox4x32-10 and its float64 uniforms.
 
-``uniform53`` runs on the compiled backends (C++ on CPU tensors, CUDA on GPU tensors) and on the Triton
-kernels of :mod:`.triton_sampling` (``backend="triton"``).
-``philox4x32_10_ref`` and ``uniform53_ref`` are their reference twins, written independently in
-NumPy uint64 arithmetic so that tests can check the kernels against them bit for bit.
+``uniform53`` is an op with backends (``hdlm_kernels.backends``): the NumPy reference, C++ on CPU
+tensors, CUDA and Triton (:mod:`.triton_stream`) on GPU tensors; it runs as the custom op
+``hdlm_kernels::uniform53``, so ``torch.compile`` traces through it. ``philox4x32_10_ref`` and
+``uniform53_ref`` are the reference twins, written independently in NumPy uint64 arithmetic so that
+tests can check the kernels against them bit for bit.
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .. import _extension
+from .. import _extension, backends
+from .._triton_device import triton_probe
+from ..checks import integer, integer_tensor, seed_and_step
+from .arguments import signed64, unsigned64
+from .constants import SEED_LIMIT, STREAM_LIMIT, WORD_LIMIT
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _PHILOX_M0 = np.uint64(0xD2511F53)
@@ -23,10 +27,7 @@ _PHILOX_W0 = np.uint64(0x9E3779B9)
 _PHILOX_W1 = np.uint64(0xBB67AE85)
 _PHILOX_ROUNDS = 10
 
-BACKENDS = ("auto", "cpp", "cuda", "reference", "triton")
-SEED_LIMIT = 2**64
-STREAM_LIMIT = 2**32
-_WORD_LIMIT = 2**32
+__all__ = ["SEED_LIMIT", "philox4x32_10", "philox4x32_10_ref", "stream_uniforms", "uniform53", "uniform53_ref"]
 
 
 def philox4x32_10_ref(counter, key) -> np.ndarray:
@@ -57,12 +58,17 @@ def philox4x32_10_ref(counter, key) -> np.ndarray:
 
 
 def uniform53_ref(seed: int, step: int, stream: int, index) -> torch.Tensor:
-    """Reference twin of ``uniform53``, in NumPy (DESIGN.md §6).
+    """Reference twin of ``uniform53``, in NumPy (docs/sampling-stream.md).
 
     index: integer tensor (or array-like) of element ids >= 0, any shape. Returns float64 tensor of
     the same shape, on index's device (computed on the CPU).
     """
-    return _uniform53_numpy(*_validated(seed, step, stream, index))
+    seed, step = seed_and_step(seed, step)
+    stream = integer("stream", stream, 0, STREAM_LIMIT, "an int in [0, 2^32)")
+    index = integer_tensor("index", index, "an integer tensor of element ids").to(torch.int64)
+    if index.numel() and int(index.min()) < 0:
+        raise ValueError(f"index must hold element ids >= 0; got a minimum of {int(index.min())}")
+    return _uniform53_numpy(seed, step & 0xFFFFFFFF, stream, index)
 
 
 def _uniform53_numpy(seed: int, step: int, stream: int, index: torch.Tensor) -> torch.Tensor:
@@ -92,7 +98,7 @@ def _uniform53_numpy(seed: int, step: int, stream: int, index: torch.Tensor) -> 
 
 
 def uniform53(seed: int, step: int, stream: int, index: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Float64 uniforms of the sampling stream (DESIGN.md §6), one per element id in ``index``.
+    """Float64 uniforms of the sampling stream (docs/sampling-stream.md), one per element id in ``index``.
 
     Element e of stream ``stream`` at sampler step ``step`` under ``seed`` comes from the
     Philox4x32-10 block of counter (n & 0xffffffff, n >> 32, stream, step & 0xffffffff), n = e >> 1,
@@ -105,26 +111,56 @@ def uniform53(seed: int, step: int, stream: int, index: torch.Tensor, backend: s
         step: int >= 0; only its low 32 bits enter the counter.
         stream: int in [0, 2^32); 0 Gumbel noise, 1 per-row decisions, 2 token substitution.
         index: integer tensor of element ids >= 0, any shape (int32 and smaller are widened to int64).
-        backend: "auto" (CUDA for CUDA tensors; C++ for CPU tensors, or the reference when the
-            extension is not built), "cpp", "cuda", "reference" or "triton" (CUDA tensors, or CPU
-            tensors under the Triton interpreter: TRITON_INTERPRET=1 set before its first use). A
-            requested backend that is unavailable raises RuntimeError; it never falls back to another
-            one.
+        backend: a name of ``hdlm_kernels.backends.names("uniform53")``: "auto" (the fused kernel of
+            index's device: C++ on CPU tensors, CUDA or Triton on GPU tensors; else the reference),
+            "kernels" (insist on it), "reference" (NumPy), "cpp", "cuda" or "triton" (CUDA tensors, or
+            CPU tensors under the Triton interpreter). A named backend that cannot run raises
+            RuntimeError; it never falls back to another one. Every backend returns the same bits.
 
     Returns:
         float64 tensor with index's shape, on index's device.
     """
-    seed, step, stream, index = _validated(seed, step, stream, index)
-    backend = _resolved_backend(backend, index)
-    if backend == "reference":
-        return _uniform53_numpy(seed, step, stream, index)
-    if backend == "triton":
-        return _triton_sampling("uniform53").uniform53_triton(seed, step, stream, index)
-    if backend == "cpp":
-        _require_device(index, "cpu", backend)
-        return _extension.require_extension("uniform53", "cpp").uniform53_cpu(seed, step, stream, index)
-    _require_device(index, "cuda", backend)
-    return _extension.require_extension("uniform53", "cuda").uniform53_cuda(seed, step, stream, index)
+    seed, step = seed_and_step(seed, step)
+    stream = integer("stream", stream, 0, STREAM_LIMIT, "an int in [0, 2^32)")
+    index = integer_tensor("index", index, "an integer tensor of element ids")
+    if index.dtype == torch.uint64:  # ids >= 2^63 would turn negative as int64: the op checks the values
+        index = index.view(torch.int64) if index.is_contiguous() else index.contiguous().view(torch.int64)
+    index = index.to(torch.int64)
+    backends.check_name("uniform53", backend, "uniform53")
+    return _uniform53_op(signed64(seed), step & 0xFFFFFFFF, stream, index, backend, True)
+
+
+def stream_uniforms(seed: int, step: int, stream: int, elements: torch.Tensor) -> torch.Tensor:
+    """``uniform53`` for the references of the other ops, without its checks: ``elements`` are int64 ids
+    >= 0 that the caller built from checked row ids.
+
+    Always "auto" (the fused kernel of the device, else the NumPy reference): every ``uniform53``
+    backend returns the same bits (tests/test_uniform53.py), so this choice never changes a draw; it only
+    keeps the reference samplers fast."""
+    implementation = backends.select("uniform53", backends.AUTO, elements.device)
+    return implementation(seed, step & 0xFFFFFFFF, stream, elements)
+
+
+def _uniform53_checked(seed: int, step: int, stream: int, index: torch.Tensor, backend: str,
+                       check: bool) -> torch.Tensor:
+    seed = unsigned64(seed)
+    if check and index.numel() > 0:
+        smallest = int(index.min())
+        if smallest < 0:
+            raise ValueError(f"index must hold element ids in [0, 2^63); got a minimum of {smallest}"
+                             + (" (ids >= 2^63 read as negative int64)" if smallest < -(2**62) else ""))
+    implementation = backends.select("uniform53", backend, index.device, "uniform53")
+    return implementation(seed, step, stream, index)
+
+
+_uniform53_op = torch.library.custom_op(
+    "hdlm_kernels::uniform53", _uniform53_checked, mutates_args=(),
+    schema="(int seed, int step, int stream, Tensor index, str backend, bool check) -> Tensor")
+
+
+@_uniform53_op.register_fake
+def _(seed, step, stream, index, backend, check):
+    return torch.empty(index.shape, dtype=torch.float64, device=index.device)
 
 
 def philox4x32_10(
@@ -132,90 +168,14 @@ def philox4x32_10(
 ) -> tuple[int, int, int, int]:
     """Philox4x32-10 of one counter (4 ints in [0, 2^32)) under one key (2 ints in [0, 2^32)).
 
-    backend: "auto" (C++ when the extension is built, else the reference), "cpp" or "reference".
+    backend: a name of ``hdlm_kernels.backends.names("philox4x32_10")``: "auto" (C++ when the
+    extension is built, else the reference), "kernels", "cpp" or "reference".
     Returns the 4 output words as Python ints.
     """
     counter = _words("counter", counter, 4)
     key = _words("key", key, 2)
-    if backend not in ("auto", "cpp", "reference"):
-        raise ValueError(f"backend must be one of 'auto', 'cpp', 'reference'; got {backend!r}")
-    if backend == "cpp" or (backend == "auto" and _extension._C is not None):
-        words = _extension.require_extension("philox4x32_10", "cpp").philox4x32_10(counter, key)
-    else:
-        words = philox4x32_10_ref(counter, key).tolist()
+    words = backends.select("philox4x32_10", backend, "cpu", "philox4x32_10")(counter, key)
     return tuple(int(w) for w in words)
-
-
-def _resolved_backend(backend: str, index: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-    if backend != "auto":
-        return backend
-    if index.device.type == "cuda":
-        return "cuda"
-    if index.device.type == "cpu":
-        return "cpp" if _extension._C is not None else "reference"
-    return "reference"
-
-
-def _triton_sampling(op: str):
-    """The Triton sampling module, imported on first use (importing it imports triton and builds the
-    kernels, for the interpreter when TRITON_INTERPRET=1)."""
-    try:
-        from . import triton_sampling
-    except ImportError as error:
-        raise RuntimeError(
-            f"{op} with backend='triton' needs triton, which is not importable ({error})"
-        ) from error
-    return triton_sampling
-
-
-def _require_device(index: torch.Tensor, device_type: str, backend: str) -> None:
-    if index.device.type != device_type:
-        raise ValueError(
-            f"index must be on {device_type} for backend={backend!r}; got a tensor on {index.device}"
-        )
-
-
-def _validated(seed, step, stream, index) -> tuple[int, int, int, torch.Tensor]:
-    """Checks the arguments of uniform53 and returns (seed, step, stream, int64 index)."""
-    seed = _integer("seed", seed, 0, SEED_LIMIT, "an int in [0, 2^64)")
-    step = _integer("step", step, 0, None, "an int >= 0")
-    stream = _integer("stream", stream, 0, STREAM_LIMIT, "an int in [0, 2^32)")
-    index = _integer_tensor("index", index, "an integer tensor of element ids")
-    if index.dtype == torch.uint64 and index.numel() > 0 and bool((index.to(torch.int64) < 0).any()):
-        raise ValueError("index must hold element ids in [0, 2^63); got values >= 2^63")
-    index = index.to(torch.int64)
-    if index.numel() > 0:
-        smallest = int(index.min())
-        if smallest < 0:
-            raise ValueError(f"index must hold element ids >= 0; got a minimum of {smallest}")
-    return seed, step & 0xFFFFFFFF, stream, index
-
-
-def _integer_tensor(name: str, value, expected: str) -> torch.Tensor:
-    """``value`` as a tensor of an integer dtype: tensors pass through, arrays and sequences are
-    converted; anything else, or a bool/floating/complex dtype, raises a TypeError naming ``name``."""
-    if not isinstance(value, torch.Tensor):
-        if isinstance(value, np.ndarray) or (isinstance(value, Sequence) and not isinstance(value, (str, bytes))):
-            value = torch.as_tensor(np.asarray(value))
-        else:
-            raise TypeError(f"{name} must be {expected}; got {type(value).__name__}")
-    if value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex:
-        raise TypeError(f"{name} must be {expected}; got dtype {value.dtype}")
-    return value
-
-
-def _integer(name: str, value, low: int, high: int | None, expected: str) -> int:
-    if isinstance(value, (bool, float, torch.Tensor)):  # bools and 0-d int tensors pass operator.index
-        raise TypeError(f"{name} must be {expected}; got {value!r} ({type(value).__name__})")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be {expected}; got {value!r} ({type(value).__name__})") from None
-    if value < low or (high is not None and value >= high):
-        raise ValueError(f"{name} must be {expected}; got {value}")
-    return value
 
 
 def _words(name: str, values, count: int) -> list[int]:
@@ -224,4 +184,34 @@ def _words(name: str, values, count: int) -> list[int]:
         raise TypeError(f"{name} must be {expected}; got {type(values).__name__}")
     if len(values) != count:
         raise ValueError(f"{name} must be {expected}; got {len(values)} values")
-    return [_integer(f"{name}[{i}]", v, 0, _WORD_LIMIT, "an int in [0, 2^32)") for i, v in enumerate(values)]
+    return [integer(f"{name}[{i}]", v, 0, WORD_LIMIT, "an int in [0, 2^32)") for i, v in enumerate(values)]
+
+
+# ---------------------------------------------------------------- backends
+
+
+def _uniform53_triton() -> Callable:
+    from . import triton_stream  # imports triton and builds the kernels (for the interpreter or the GPU)
+
+    return triton_stream.uniform53_triton
+
+
+def _philox_reference(counter: list[int], key: list[int]) -> list[int]:
+    return philox4x32_10_ref(counter, key).tolist()
+
+
+backends.register("uniform53", "reference", summary="NumPy uint64 Philox (uniform53_ref's arithmetic), any device",
+                  load=lambda: _uniform53_numpy)
+backends.register("uniform53", "cpp", summary="C++ (csrc/uniform53_cpu.cpp)", fused=True, auto_devices=("cpu",),
+                  probe=_extension.operator_probe("uniform53_cpu", "cpu"),
+                  load=_extension.operator_loader("uniform53_cpu"))
+backends.register("uniform53", "cuda", summary="CUDA (csrc/uniform53_cuda.cu)", fused=True, auto_devices=("cuda",),
+                  probe=_extension.operator_probe("uniform53_cuda", "cuda"),
+                  load=_extension.operator_loader("uniform53_cuda"))
+backends.register("uniform53", "triton", summary="Triton (hdlm_kernels/sampling/triton_stream.py)", fused=True,
+                  auto_devices=("cuda",), probe=triton_probe("hdlm_kernels.sampling.triton_stream"),
+                  load=_uniform53_triton)
+backends.register("philox4x32_10", "reference", summary="NumPy uint64 arithmetic", load=lambda: _philox_reference)
+backends.register("philox4x32_10", "cpp", summary="C++ (csrc/philox.h)", fused=True, auto_devices=("cpu",),
+                  probe=_extension.operator_probe("philox4x32_10", "cpu"),
+                  load=_extension.operator_loader("philox4x32_10"))
