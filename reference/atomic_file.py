@@ -26,6 +26,9 @@ def atomic_write(path: str | os.PathLike, *, temp_prefix: str | None = None, suf
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix or f".{path.name}.", suffix=suffix)
     try:
+        # mkstemp creates the file 0600; the result should be as readable as any file this process
+        # writes (0644 under the usual umask 022), e.g. a run shared with other users
+        os.chmod(temp_name, 0o666 & ~_current_umask())
         with os.fdopen(descriptor, "wb") as f:
             yield f
             f.flush()
@@ -35,6 +38,12 @@ def atomic_write(path: str | os.PathLike, *, temp_prefix: str | None = None, suf
         Path(temp_name).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(mask)
+    return mask
 
 
 def fsync_directory(directory: Path) -> None:

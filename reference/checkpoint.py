@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,13 @@ import torch
 from .atomic_file import atomic_write
 
 __all__ = [
+    "CheckpointReadError",
     "capture_rng_state",
     "checkpoint_path",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_newest_intact_checkpoint",
     "prune_checkpoints",
     "restore_rng_state",
     "save_checkpoint",
@@ -67,12 +70,45 @@ def save_checkpoint(state: dict, directory: str | os.PathLike, step: int, keep_l
     return final
 
 
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file exists but cannot be read (truncated, corrupt, or not a checkpoint)."""
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """The dict saved by :func:`save_checkpoint` (tensors mapped to ``map_location``)."""
+    """The dict saved by :func:`save_checkpoint` (tensors mapped to ``map_location``). Raises
+    FileNotFoundError for a missing file and :class:`CheckpointReadError` naming the file for one that
+    cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a bad file
+        raise CheckpointReadError(f"checkpoint {str(path)!r} cannot be read (truncated or corrupt): "
+                                  f"{type(error).__name__}: {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointReadError(f"checkpoint {str(path)!r} does not hold a dict (got {type(state).__name__})")
+    return state
+
+
+def load_newest_intact_checkpoint(directory: str | os.PathLike,
+                                  map_location: str | torch.device = "cpu") -> tuple[Path, dict] | None:
+    """``(path, state)`` of the newest checkpoint in ``directory`` that can be read, or None when there is
+    none at all. A newer one that cannot be read is skipped with a warning naming it (the file is left
+    as it is); when none can be read, :class:`CheckpointReadError` lists them."""
+    found = list_checkpoints(directory)
+    errors = []
+    for _, path in reversed(found):
+        try:
+            state = load_checkpoint(path, map_location)
+        except CheckpointReadError as error:
+            errors.append(str(error))
+            warnings.warn(f"{error}; falling back to the newest intact checkpoint", stacklevel=2)
+            continue
+        return path, state
+    if errors:
+        raise CheckpointReadError(f"no checkpoint in {str(directory)!r} can be read: " + "; ".join(errors))
+    return None
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -115,6 +115,7 @@ from hdlm_kernels.masks import IntervalMask
 from hdlm_kernels.masks.inference import CONFIGS, CONTEXTS, WINDOWS, check_choice
 from hdlm_kernels.schedules import Hyperschedule
 
+from . import conditioning as C
 from . import losses as L
 from . import noise as N
 
@@ -258,7 +259,7 @@ def nll_bound(model, tokens: torch.Tensor, sched: Hyperschedule, *, num_samples:
               generator: torch.Generator | None = None, family: str | None = None, gamma: float | None = None,
               config: str = "aligned", context: str = "block_causal", window: str = "full",
               bos_id: int | None = None, time: str = "continuous", time_warp: bool = False,
-              noise=None) -> SequenceBound:
+              noise=None, conditioning: str | None = None) -> SequenceBound:
     """Monte-Carlo upper bound on ``-log p_θ(y)`` of each sequence of ``tokens`` (module docstring).
 
     Args:
@@ -284,7 +285,12 @@ def nll_bound(model, tokens: torch.Tensor, sched: Hyperschedule, *, num_samples:
         time_warp: draw the time inside each step through the arcsine change of variable (module
             docstring: finite variance, less skew, but a larger error at small M); ``False`` (default)
             draws it uniformly. Both are unbiased.
-        noise: σ̄ schedule of the γ family (default ``LogLinearNoise()``, the trainer's); unused for ε.
+        noise: σ̄ schedule of the γ family (default: the model's recorded ``model.noise``, else
+            ``LogLinearNoise()``, the trainer's); unused for ε.
+        conditioning: ``"paper"`` or ``"official"`` (default: the model's recorded
+            ``model.conditioning``, else ``"paper"``): the γ family's time along the level path and the
+            σ̄ fed to clean cells (:func:`hdlm_reference.conditioning.process_time`); the official map
+            gives the bound of the official sampler's path. Unused for ε.
 
     Returns:
         :class:`SequenceBound` (nats per sequence, float64, on the CPU).
@@ -341,8 +347,13 @@ def nll_bound(model, tokens: torch.Tensor, sched: Hyperschedule, *, num_samples:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
             raise ValueError(f"{context_name}: the gamma family needs gamma in [0, 1], got {gamma!r}")
         process = _sedd_process(V, float(gamma))
-        noise = noise if noise is not None else N.LogLinearNoise()
-        sigma_max = float(noise(torch.ones((), dtype=torch.float64))[0])
+        if noise is None:
+            noise = getattr(model, "noise", None) or N.LogLinearNoise()
+        if conditioning is None:
+            conditioning = getattr(model, "conditioning", "paper")
+        top = torch.tensor(float(sched.num_levels), dtype=torch.float64)
+        sigma_max = float(noise(C.process_time(conditioning, top, sched.num_levels)[0])[0])
+        clean_sigma = C.sigma_table(conditioning, noise, sched.num_levels).clean
         prior += d * prior_nll(process, sigma_max)
 
     device = _model_device(model)
@@ -384,12 +395,20 @@ def nll_bound(model, tokens: torch.Tensor, sched: Hyperschedule, *, num_samples:
                     x = torch.where(masked, mask_id, y[:, :width])
                     sigma_cells = None
                 else:
-                    sigma64, dsigma64 = noise(level / levels_top)
+                    if conditioning == "paper":
+                        sigma64, dsigma64 = noise(level / levels_top)
+                        weight = torch.where(moving, drop / levels_top * dsigma64, 0.0)
+                    else:
+                        time64, rate = C.process_time(conditioning, level, levels_top)
+                        sigma64, dsigma64 = noise(time64)
+                        weight = torch.where(moving, drop * rate * dsigma64, 0.0)
                     # stored in float32 as the trainer does, and sampled from the stored value
                     sigma = torch.where(level == 0, 0.0, sigma64).to(torch.float32)
-                    weight = torch.where(moving, drop / levels_top * dsigma64, 0.0)
                     x = process.sample(y[:, :width], sigma, generator)
-                    sigma_cells = torch.cat([torch.zeros(B, 1), sigma], 1) if shifted else sigma
+                    # clean cells are fed the conditioning's clean σ̄ (0 for "paper")
+                    sigma_cells = torch.where(level == 0, clean_sigma, sigma).to(torch.float32)
+                    if shifted:
+                        sigma_cells = torch.cat([torch.full((B, 1), clean_sigma, dtype=torch.float32), sigma_cells], 1)
                 inputs = torch.cat([torch.full((B, 1), bos_id, dtype=torch.long), x], 1) if shifted else x
                 num_cells = width + 1 if shifted else width
                 step_masks = [_step_mask(masks, sched, int(step), config, context, window) for step in t]

@@ -33,6 +33,8 @@ no token changed, and every active position may change at every step (there is n
 "does this row change" draw), so no prediction can be reused. Settled cells are fed with σ̄ = 0 in
 both the cached and the uncached path, so their cached keys/values are exactly what an uncached call
 computes.
+That is the ``"paper"`` conditioning; ``conditioning="official"`` feeds the σ̄ the official sampler
+feeds instead (the published checkpoints, :mod:`hdlm_reference.conditioning`).
 
 Special cases: γ = 0 on ``hk.schedules.flat`` (all positions at level 𝒯 - t) is SEDD's absorbing
 diffusion with its analytic (τ-leaping) or Euler sampler; ε = 0 on ``flat`` with ``method="original"``
@@ -96,16 +98,19 @@ def level_sigma(noise, sched: hk.schedules.Hyperschedule, levels: torch.Tensor) 
     at level 0 (clean, even for a schedule with ``σ̄(0) > 0``). Computed as the training noise does
     (``hdlm_reference.losses``: float64 time, σ̄ stored in float32), so the model is conditioned on
     the very values it was trained on; the float32 value widened back is used everywhere (model
-    input, score offset and the step's Δ)."""
-    sigma, _ = noise(levels.to(torch.float64) / sched.num_levels)
-    return torch.where(levels == 0, 0.0, sigma).to(torch.float32).to(torch.float64)
+    input, score offset and the step's Δ). The ``"paper"`` conditioning's table
+    (:func:`hdlm_reference.conditioning.sigma_table`)."""
+    from .conditioning import sigma_table
+
+    return sigma_table("paper", noise, sched.num_levels).active[levels]
 
 
 def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: int, *, method: str = "acs",
              kv_cache: bool = False, prompt: torch.Tensor | None = None,
              prompt_lengths: torch.Tensor | None = None, temperature: float = 1.0,
              eta: float = 0.01, config: str = "aligned", context: str = "block_causal", window: str = "full",
-             noise=None, bos_id: int | None = None, attention_backend: str | None = None,
+             noise=None, conditioning: str | None = None, bos_id: int | None = None,
+             attention_backend: str | None = None,
              sampler_backend: str = "auto", device: torch.device | str | None = None,
              skip_unchanged: bool = True, progress: bool = False, cuda_graphs: bool = False) -> GenerationResult:
     """Sample ``batch_size`` sequences of ``sched.length`` tokens (module docstring).
@@ -126,15 +131,21 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
             ``prompt[b, :prompt_lengths[b]]`` (each in ``[0, P]``); the rest of the row is padding and
             its positions are generated.
         config, context, window: as in ``hk.masks.inference``.
-        noise: the σ̄ schedule (default ``hdlm_reference.noise.LogLinearNoise()``).
+        noise: the σ̄ schedule (default: the model's recorded ``model.noise`` when it has one, as
+            :func:`hdlm_reference.load_pretrained` records for official checkpoints, else
+            ``hdlm_reference.noise.LogLinearNoise()``).
+        conditioning: the σ̄ a γ model is fed per cell, ``"paper"`` or ``"official"``
+            (:mod:`hdlm_reference.conditioning`); default: the model's recorded ``model.conditioning``
+            when it has one, else ``"paper"``. No effect on the ε family.
         bos_id: the conditioning token x̂^-1 for ``config="shifted"``.
-        attention_backend: the attention backend of the model's calls (``hk.attention.DECODE_BACKENDS``;
-            ``"cuda"`` needs ``kv_cache=True``);
-            default: the model's own (``model.config.attention_backend``).
-        sampler_backend: the backend of the draws (``gumbel_argmax`` / ``hybrid_step``): ``"auto"``
-            (default: the fused kernel of the device when there is one, see
-            ``hk.sampling.fused_backend``, else the reference), ``"kernels"`` (insist on it),
-            ``"reference"`` or a named one; every backend draws the same tokens.
+        attention_backend: the backend of the model's attention calls: with ``kv_cache=True`` a name of
+            ``hk.backends.names("decode")`` (the calls are ``decode`` calls; ``"cuda"`` included),
+            else of ``hk.backends.names("attention")``; default: the model's own
+            (``model.config.decode_backend`` / ``attention_backend``).
+        sampler_backend: the backend of the draws, a name of ``hk.backends.names("gumbel_argmax")``
+            (ε methods) or ``names("hybrid_step")`` (γ methods): ``"auto"`` (default: the fused
+            kernel of the device when there is one, else the reference), ``"kernels"`` (insist on
+            it), ``"reference"`` or a named one; every backend draws the same tokens.
         skip_unchanged: skip the model call of a step where no row changes (MDLM's p(x0) caching,
             module docstring); False computes and discards that prediction (the tokens are the same).
         progress: show a tqdm bar over the steps (on stderr).
@@ -145,6 +156,7 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
     Returns:
         :class:`GenerationResult` with ``tokens`` LongTensor [B, d] (never MASK).
     """
+    from .conditioning import check_conditioning, sigma_table
     from .losses import gamma_log_score
     from .noise import LogLinearNoise
 
@@ -171,6 +183,11 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
     shifted = config == "shifted"
     if shifted and (isinstance(bos_id, bool) or not isinstance(bos_id, int)):
         raise ValueError(f"generate: config='shifted' needs bos_id, got {bos_id!r}")
+    if attention_backend is not None:
+        hk.backends.check_name("decode" if kv_cache else "attention", attention_backend,
+                               f"generate(kv_cache={kv_cache}).attention_backend")
+    hk.backends.check_name("hybrid_step" if method in GAMMA_METHODS else "gumbel_argmax", sampler_backend,
+                           "generate.sampler_backend")
     if kv_cache and not hk.masks.kv_cacheable(sched, config, context):
         raise ValueError(f"generate: kv_cache=True is not exact for a {sched.kind} schedule with config={config!r} "
                          f"and context={context!r} (settled rows would change); use kv_cache=False or "
@@ -178,7 +195,11 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
     if sched.length > model.config.max_length:
         raise ValueError(f"generate: sched.length {sched.length} exceeds the model's max_length "
                          f"{model.config.max_length}")
-    noise = LogLinearNoise() if noise is None else noise
+    if conditioning is None:
+        conditioning = getattr(model, "conditioning", "paper")
+    check_conditioning(conditioning, "generate")
+    if noise is None:
+        noise = getattr(model, "noise", None) or LogLinearNoise()
     eta = eta if method == "acs" else 0.0
     device = torch.device(device) if device is not None else next(model.parameters()).device
     B, d, V = batch_size, sched.length, model.config.vocab_size
@@ -213,8 +234,9 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
         if capture is None:
             raise ValueError(f"generate: cuda_graphs=True needs a CUDA device; got {device}")
     started = time.perf_counter()  # planning is part of the generation's time
-    plan = _plan_steps(sched, B, seed, method, eta, frozen.cpu(), noise, mask_id, config, context, window,
-                       kv_cache, skip_unchanged, device)
+    sigmas = sigma_table(conditioning, noise, sched.num_levels) if gamma_family else None
+    plan = _plan_steps(sched, B, seed, method, eta, frozen.cpu(), noise, sigmas, mask_id, config, context,
+                       window, kv_cache, skip_unchanged, device)
     graphs = StepGraphs(Counter(step.key for step in plan.steps), capture) if capture is not None else None
     cache = None
     if kv_cache:
@@ -227,7 +249,7 @@ def generate(model, sched: hk.schedules.Hyperschedule, batch_size: int, seed: in
     calls = rows_fed = logit_rows = 0
     # The step loop: everything it needs was computed and put on the device by _plan_steps, so it only
     # enqueues device work and never waits for it (no host synchronization until the end).
-    with torch.no_grad(), _attention_backend(model, attention_backend):
+    with torch.no_grad(), _attention_backend(model, attention_backend, kv_cache):
         from tqdm import tqdm  # a declared dependency; imported here so that importing the module stays cheap
 
         for step in tqdm(plan.steps, desc="generate", unit="step", disable=not progress, leave=False):
@@ -307,8 +329,8 @@ class _Plan:
     cells: int  # cells of the sequence fed to the model (d, or d + 1 with the SHIFTED conditioning cell)
 
 
-def _plan_steps(sched, B: int, seed: int, method: str, eta: float, frozen: torch.Tensor, noise, mask_id: int,
-                config: str, context: str, window: str, kv_cache: bool, skip_unchanged: bool,
+def _plan_steps(sched, B: int, seed: int, method: str, eta: float, frozen: torch.Tensor, noise, sigmas,
+                mask_id: int, config: str, context: str, window: str, kv_cache: bool, skip_unchanged: bool,
                 device: torch.device) -> _Plan:
     """Every model call of a generation, computed on the host before the first one (no model output
     is needed, see below), with its tensors moved to the device once.
@@ -325,9 +347,9 @@ def _plan_steps(sched, B: int, seed: int, method: str, eta: float, frozen: torch
     row_ids = torch.arange(B)[:, None] * d + torch.arange(d)
     masked = ~frozen  # ε family: a non-prompt position is MASK until its first draw
     settled = 0  # the cache length, the same for every sequence
-    # σ̄ of every level, and every step's transfer probabilities, in one elementwise call each instead
-    # of one per step (the plan of a paper-scale run has 1024 steps).
-    sigma_of_level = level_sigma(noise, sched, torch.arange(sched.num_levels + 1))
+    # σ̄ of every level (``sigmas``, from the conditioning; γ family), and every step's transfer
+    # probabilities, in one elementwise call each instead of one per step (the plan of a paper-scale
+    # run has 1024 steps).
     prompt_free = not bool(frozen.any())
     p_transfer_table = None if gamma_family else transfer_probability(noise, sched, sched.table[:-1],
                                                                       sched.table[1:])
@@ -397,13 +419,13 @@ def _plan_steps(sched, B: int, seed: int, method: str, eta: float, frozen: torch
             # σ̄ of the token each cell holds: τ_t of its position (0 for settled and prompt cells); one
             # row shared by the batch when there is no prompt
             held = sched.table[t][None] if prompt_free else torch.where(frozen, 0, sched.table[t].expand(B, -1))
-            held_sigma = sigma_of_level[held]
+            held_sigma = sigmas.of_cells(held)
             if shifted:  # cell c holds position c - 1; cell 0 holds the clean conditioning token
-                held_sigma = torch.cat([held_sigma.new_zeros(held_sigma.shape[0], 1), held_sigma], 1)
+                held_sigma = torch.cat([held_sigma.new_full((held_sigma.shape[0], 1), sigmas.clean), held_sigma], 1)
             sigma = moved(None, lambda: held_sigma[:, start:end].to(torch.float32))
             if not idle:
-                sigma_now = moved(None, lambda: sigma_of_level[now][column])
-                sigma_next = moved(None, lambda: sigma_of_level[nxt][column])
+                sigma_now = moved(None, lambda: sigmas.active[now][column])
+                sigma_next = moved(None, lambda: sigmas.active[nxt][column])
                 final = moved(None, lambda: (nxt == 0)[column])
         if kv_cache:
             settled = a  # cells [0, a) are settled after this step
@@ -414,14 +436,18 @@ def _plan_steps(sched, B: int, seed: int, method: str, eta: float, frozen: torch
 
 
 @contextlib.contextmanager
-def _attention_backend(model, backend: str | None):
-    """Run the enclosed model calls with ``backend`` (None: the model's own), then restore it."""
+def _attention_backend(model, backend: str | None, kv_cache: bool):
+    """Run the enclosed model calls with ``backend`` (None: the model's own) for their ``decode`` calls
+    (``kv_cache``) or ``attention`` calls, then restore the model's own."""
     if backend is None:
         yield
         return
-    previous = model.config.attention_backend
-    model.use_attention_backend(backend)
+    previous = (model.config.attention_backend, model.config.decode_backend)
+    if kv_cache:
+        model.use_attention_backend(previous[0], decode_backend=backend)
+    else:
+        model.use_attention_backend(backend, decode_backend=previous[1])
     try:
         yield
     finally:
-        model.use_attention_backend(previous)
+        model.use_attention_backend(*previous)

@@ -58,8 +58,11 @@ class ModelConfig:
         family: ``"epsilon"`` or ``"gamma"`` (see the module docstring).
         gamma: the γ of the hybrid process, used by the weighted token embedding (γ family only).
         dropout: dropout probability on both residual branches in training mode.
-        attention_backend: backend name passed to :func:`hdlm_kernels.attention.attention` and, for
-            KV-cached calls, :func:`hdlm_kernels.attention.decode` (``"cuda"`` exists for decoding only).
+        attention_backend: the ``hdlm_kernels.attention.attention`` backend of the calls without a KV
+            cache (training, uncached inference): a name of ``hk.backends.names("attention")``.
+        decode_backend: the ``hdlm_kernels.attention.decode`` backend of KV-cached calls, a name of
+            ``hk.backends.names("decode")`` (which has ``"cuda"`` besides the attention backends);
+            None: ``attention_backend``.
         rotary_base: rotary frequency base.
     """
 
@@ -75,6 +78,7 @@ class ModelConfig:
     dropout: float = 0.1
     attention_backend: str = "reference"
     rotary_base: float = 10_000.0
+    decode_backend: str | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_ratio", "cond_dim",
@@ -95,9 +99,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: dropout must be in [0, 1), got {self.dropout}")
         if not self.gamma >= 0.0:
             raise ValueError(f"ModelConfig: gamma must be >= 0, got {self.gamma}")
-        if self.attention_backend not in hk.attention.DECODE_BACKENDS:
-            raise ValueError(f"ModelConfig: unknown attention_backend {self.attention_backend!r}; "
-                             f"expected one of {', '.join(map(repr, hk.attention.DECODE_BACKENDS))}")
+        hk.backends.check_name("attention", self.attention_backend, "ModelConfig.attention_backend")
+        if self.decode_backend is not None:
+            hk.backends.check_name("decode", self.decode_backend, "ModelConfig.decode_backend")
 
     @property
     def head_dim(self) -> int:
@@ -232,6 +236,7 @@ class DiTBlock(nn.Module):
         hidden = config.hidden_size
         self.num_heads = config.num_heads
         self.attention_backend = config.attention_backend
+        self.decode_backend = config.decode_backend or config.attention_backend
         self.norm1 = LayerNorm(hidden)
         self.attn_qkv = nn.Linear(hidden, 3 * hidden, bias=False)
         self.attn_out = nn.Linear(hidden, hidden, bias=False)
@@ -266,7 +271,7 @@ class DiTBlock(nn.Module):
             # One call writes the rows' keys/values at cells [length, length + S) and attends over the
             # cached prefix plus the rows (DESIGN §7); the caller advances the length.
             o = hk.attention.decode(q, kv_cache.k[layer], kv_cache.v[layer], kv_cache.length, k, v, mask,
-                                    backend=self.attention_backend, check=check)
+                                    backend=self.decode_backend, check=check)
         else:
             o = hk.attention.attention(q, k, v, mask, backend=self.attention_backend)
         o = self.dropout(self.attn_out(o.reshape(B, S, -1)))
@@ -348,16 +353,19 @@ class DiT(nn.Module):
         self.output_layer = FinalLayer(config.hidden_size, config.vocab_size)
         self.sigma_map = SigmaEmbedder(config.cond_dim) if config.family == "gamma" else None
 
-    def use_attention_backend(self, backend: str) -> "DiT":
-        """Route every block's attention through ``backend`` (one of ``hk.attention.DECODE_BACKENDS``;
-        ``"cuda"`` serves KV-cached calls only), e.g. to compare the reference with a kernel on the same
-        weights; returns the model."""
-        if backend not in hk.attention.DECODE_BACKENDS:
-            raise ValueError(f"DiT.use_attention_backend: unknown backend {backend!r}; expected one of "
-                             f"{', '.join(map(repr, hk.attention.DECODE_BACKENDS))}")
+    def use_attention_backend(self, backend: str, decode_backend: str | None = None) -> "DiT":
+        """Route every block's uncached attention through ``backend`` (a name of
+        ``hk.backends.names("attention")``) and its KV-cached calls through ``decode_backend`` (a name
+        of ``hk.backends.names("decode")``; None: ``backend``), e.g. to compare the reference with a
+        kernel on the same weights; returns the model."""
+        hk.backends.check_name("attention", backend, "DiT.use_attention_backend")
+        if decode_backend is not None:
+            hk.backends.check_name("decode", decode_backend, "DiT.use_attention_backend")
         self.config.attention_backend = backend
+        self.config.decode_backend = decode_backend
         for block in self.blocks:
             block.attention_backend = backend
+            block.decode_backend = decode_backend or backend
         return self
 
     def new_kv_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,

@@ -74,11 +74,15 @@ class PhiloxStream:
     """A counter-based randomness source for :meth:`sample`, in place of a ``torch.Generator``: the
     events of position ``i`` of the call (flat index) come from stream 2 at row id ``i`` under
     ``(seed, step)`` (``hk.sampling.corrupt``), so they are reproducible on any device and backend.
-    ``backend``: ``hk.sampling.corrupt``'s (``"auto"``: the fused Triton kernel on CUDA tensors)."""
+    ``backend``: ``hk.sampling.corrupt``'s, a name of ``hk.backends.names("corrupt")`` (``"auto"``:
+    the fused Triton kernel on CUDA tensors when available, else the reference)."""
 
     seed: int
     step: int
     backend: str = "auto"
+
+    def __post_init__(self):
+        hk.backends.check_name("corrupt", self.backend, "PhiloxStream.backend")
 
 
 OFFICIAL_LOGLINEAR_EPS = 5e-3

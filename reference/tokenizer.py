@@ -27,7 +27,9 @@ __all__ = ["ByteTokenizer"]
 class ByteTokenizer:
     """UTF-8 bytes as ids ``0..255``, MASK = ``256``, end-of-document = byte ``0x00``."""
 
+    kind = "byte"
     num_bytes = 256
+    num_tokens = 256
     mask_id = 256
     eos_id = 0
     vocab_size = 257

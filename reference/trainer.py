@@ -30,7 +30,7 @@ Differences from the official loop (§8 of the notes), on purpose:
 
 Output directory (``config.out_dir``):
 
-* ``config.json``: the configuration of the first run;
+* ``config.json``: the configuration of the run (written when it starts fresh; a resume keeps it);
 * ``metrics.jsonl``: one JSON object per line. Training records: ``step`` (steps completed), ``loss`` and
   the loss_fn metrics (means over the micro-batches and ranks of the logging window), ``lr`` (of the last
   step), ``grad_norm`` (before clipping, mean over the window), ``tokens`` (seen so far), ``tokens_per_s``
@@ -68,8 +68,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import (capture_rng_state, checkpoint_path, latest_checkpoint, load_checkpoint,
-                         restore_rng_state, save_checkpoint)
+from .checkpoint import (capture_rng_state, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         load_newest_intact_checkpoint, restore_rng_state, save_checkpoint)
 from .atomic_file import atomic_write
 from .data import RandomWindowSampler, TokenDataset
 
@@ -445,11 +445,24 @@ class _Run:
 
     def _find_resume_checkpoint(self, resume: bool) -> Path | None:
         found = latest_checkpoint(self.checkpoint_dir) if self.ctx.is_main else None
-        found = self.ctx.broadcast_object(str(found) if found else None)
         if found and not resume:
             raise ValueError(f"train: resume=False but {str(self.checkpoint_dir)!r} already holds "
                              f"checkpoints (newest {found}); resume, or choose another TrainConfig.out_dir")
+        if found and self.ctx.is_main:
+            found = self._newest_intact_checkpoint()
+        found = self.ctx.broadcast_object(str(found) if found else None)
         return Path(found) if found else None
+
+    def _newest_intact_checkpoint(self) -> Path:
+        """The newest checkpoint that can be read. A newer unreadable one (a truncated copy, a failing
+        disk) is named in a warning and renamed ``*.unreadable`` so that pruning never keeps it in place
+        of a good one; nothing is deleted."""
+        found = load_newest_intact_checkpoint(self.checkpoint_dir)  # warns about each unreadable one
+        path = found[0]
+        for step, newer in list_checkpoints(self.checkpoint_dir):
+            if step > int(_checkpoint_step(path)):
+                newer.rename(newer.with_name(newer.name + ".unreadable"))
+        return path
 
     def _check_checkpoint(self, state: dict) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -486,7 +499,7 @@ class _Run:
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             config_path = self.out_dir / "config.json"
-            if not config_path.exists():
+            if not config_path.exists() or self.resumed_from is None:  # a fresh start records its own
                 _write_json_atomically(config_path, dataclasses.asdict(config))
             event = ({"event": "resume", "step": self.step, "checkpoint": str(self.resumed_from)}
                      if self.resumed_from else {"event": "start", "step": self.step})
@@ -704,6 +717,10 @@ def _check_loss(loss, metrics, step: int) -> None:
     if clashes:
         raise ValueError(f"loss_fn metric names {clashes} clash with the trainer's record fields "
                          f"{_RESERVED_METRICS}")
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.stem.split("_")[-1])
 
 
 def _seed_everything(seed: int) -> None:
