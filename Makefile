@@ -29,7 +29,8 @@ $(VENV)/.deps: | $(VENV)/bin/python
 	@$(PY) -c "import triton" 2>/dev/null \
 	  && echo "triton $$($(PY) -c 'import triton; print(triton.__version__)') already present: kept" \
 	  || $(PY) -m pip install -q --no-deps "$(TRITON_PIN)"
-	@$(PY) scripts/install_missing.py pytest hypothesis pytest-benchmark numpy tqdm setuptools wheel ninja
+	@$(PY) scripts/install_missing.py pytest hypothesis pytest-benchmark numpy tqdm setuptools wheel ninja \
+	  huggingface_hub tokenizers safetensors tiktoken
 	@touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(BUILD_INPUTS)

@@ -144,7 +144,7 @@ def einsum_official(p: Problem, requires_grad: bool) -> Case:
     q, k, v = qkv(p.mask.num_rows, requires_grad)
     blocked = ~p.mask.to_dense()[:, None]
 
-    def official():  # notes/official-implementation.md §4.2: einsum, masked_fill(-inf), softmax, einsum
+    def official():  # docs/official-code.md §4: einsum, masked_fill(-inf), softmax, einsum
         scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * D ** -0.5
         scores = scores.masked_fill(blocked, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
@@ -162,6 +162,11 @@ def sdpa_causal_Lc(p: Problem, requires_grad: bool) -> Case:
 
 CONTENDERS = [ours_triton, ours_triton_atomic_dq, flex_compiled, sdpa_dense_mask, einsum_official, sdpa_causal_Lc]
 BASELINE = sdpa_dense_mask
+
+
+def side(contender) -> str:
+    """``"ours"`` for this package's kernels, ``"baseline"`` for every other contender."""
+    return "ours" if contender.__name__.startswith("ours") else "baseline"
 
 
 
@@ -189,8 +194,9 @@ def measure(benchmark, problem: Problem, contender, backward: bool) -> None:
     benchmark.pedantic(target, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
 
     flops = 4 * case.pairs * D * B * H * (FWD_BWD_FLOPS if backward else 1)
-    info = dict(shape=case.shape, dtype=str(DTYPE).replace("torch.", ""), schedule=problem.name,
-                density=round(case.pairs / case.length ** 2, 4), pairs=int(case.pairs), **case.notes)
+    info = dict(shape=case.shape, dtype=str(DTYPE).replace("torch.", ""), side=side(contender),
+                schedule=problem.name, density=round(case.pairs / case.length ** 2, 4), pairs=int(case.pairs),
+                **case.notes)
     median = median_seconds(benchmark)
     if median is not None:  # None under --benchmark-disable
         info["tflops"] = float(f"{flops / median / 1e12:.4g}")

@@ -1,4 +1,4 @@
-"""KV-cached decode attention: one generation step of one layer (DESIGN §7, notes §1.1 and §2.2).
+"""KV-cached decode attention: one generation step of one layer (docs/attention.md, "Decode").
 
 A step's ``S = ω`` window rows attend densely over the settled prefix of ``P`` cached cells plus the
 window itself. Every contender runs on the same problem (same queries, same cache contents, same
@@ -28,7 +28,7 @@ Decode is mostly bandwidth-bound, so each record carries ``kv_bytes``, the bytes
 must read (``2 · B · H · (P + ω) · D`` elements, the same for every contender, so ``gbps`` compares
 them on the same useful traffic), ``gbps`` (``kv_bytes`` over the median time; absent, like
 ``tflops``, under ``--benchmark-disable``) and ``floor_us``, the time that traffic takes at the
-≈3.0 TB/s practical H100 roof (notes §5). ``tflops`` is the rate on the step's own work,
+≈3.0 TB/s practical H100 roof (docs/benchmarks.md). ``tflops`` is the rate on the step's own work,
 ``4 · B · H · S · (P + S) · D`` FLOPs for every contender (the prefix recompute's extra work is not
 counted). The floor leaves out the q, output and new-row traffic (``4 · B · S · H · D`` elements, as
 much as the K/V when P = ω), and at ω = 256 a bf16 step does ω FLOPs per K/V byte, near the H100
@@ -38,8 +38,9 @@ single layer's step would.
 
 Shapes: on a GPU ω in {16, 64, 256} × P in {256, 1024, 4096} × batch in {1, 8, 32} with the paper's
 H=12, D=64 in bf16 (27 groups); on a CPU a small default (ω=16, P in {256, 1024}, batch 1 and 4,
-H=4, D=64, fp32) so that ``make bench`` stays fast. Triton is not timed on a CPU (only its
-interpreter runs there). The cache of each problem has ``max_len = P + ω``.
+H=4, D=64, fp32) so that ``make bench`` stays fast; there the FlexAttention rows run eagerly and are
+labelled ``emulated`` in the report. Triton is not timed on a CPU (only its interpreter runs there).
+The cache of each problem has ``max_len = P + ω``.
 """
 
 import itertools
@@ -63,7 +64,7 @@ DTYPE = torch.bfloat16 if GPU else torch.float32
 WINDOWS, PREFIXES, BATCHES = (((16, 64, 256), (256, 1024, 4096), (1, 8, 32)) if GPU
                               else ((16,), (256, 1024), (1, 4)))
 ROUNDS, WARMUP_ROUNDS = (20, 3) if GPU else (10, 2)
-ROOF_BYTES_PER_S = 3.0e12  # practical H100 HBM3 bandwidth (notes §5)
+ROOF_BYTES_PER_S = 3.0e12  # practical H100 HBM3 bandwidth (docs/benchmarks.md)
 
 # One compiled FlexAttention shared by the problems; each (B, P, ω) is one more static-shape graph, so
 # leave room above dynamo's default of 8 rather than fall back to eager (materializing) silently.
@@ -210,6 +211,16 @@ def flash_attn_with_kvcache(p: Problem) -> Case:
 CONTENDERS = [ours_triton, ours_cuda, ours_flex, ours_reference, flex_decoding, sdpa_cache,
               bd3lm_full_prefix_recompute, flash_attn_with_kvcache]
 BASELINE = sdpa_cache
+# FlexAttention without torch.compile (the CPU rows) materializes the scores and evaluates the mask
+# element by element: a stand-in for the compiled kernel, labelled so in the report.
+EAGER_FLEX = (ours_flex, flex_decoding)
+EAGER_FLEX_MEASURES = ("FlexAttention's eager CPU fallback (scores materialized, mask evaluated per "
+                       "element): checks the call runs, says nothing about the compiled kernel's speed")
+
+
+def side(contender) -> str:
+    """``"ours"`` for this package's ``decode`` backends, ``"baseline"`` for every other contender."""
+    return "ours" if contender.__name__.startswith("ours") else "baseline"
 
 
 
@@ -225,8 +236,10 @@ def measure(benchmark, problem: Problem, contender) -> None:
         benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
 
     kv_bytes = problem.kv_bytes
-    info = dict(shape=problem.shape, dtype=str(DTYPE).replace("torch.", ""), kv_bytes=kv_bytes,
-                floor_us=float(f"{kv_bytes / ROOF_BYTES_PER_S * 1e6:.3g}"), **case.notes)
+    info = dict(shape=problem.shape, dtype=str(DTYPE).replace("torch.", ""), side=side(contender),
+                kv_bytes=kv_bytes, floor_us=float(f"{kv_bytes / ROOF_BYTES_PER_S * 1e6:.3g}"), **case.notes)
+    if not GPU and contender in EAGER_FLEX:
+        info.update(execution="emulated", measures=EAGER_FLEX_MEASURES)
     median = median_seconds(benchmark)
     if median is not None:  # None under --benchmark-disable
         info["gbps"] = float(f"{kv_bytes / median / 1e9:.4g}")

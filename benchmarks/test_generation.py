@@ -1,4 +1,4 @@
-"""Unconditional generation, end to end: the analog of the paper's Table 10 (App. F; notes §5).
+"""Unconditional generation, end to end: the analog of the paper's Table 10 (App. F; docs/benchmarks.md).
 
 Table 10 reports the wall-clock of generating 8 samples of d = 1024 tokens on one A100 with the same
 number of diffusion steps for every model: SEDD 68 s, MDLM 59 s, MDLM + caching 36 s, γ-Hybrid
@@ -40,8 +40,10 @@ buys with dense attention, as the paper's "+ KV-caching" row did); the others us
 ``extra_info``: ``seconds`` (the median of the timed rounds, synchronized), ``tokens_per_s``
 (8·d / seconds, the tokens/s column), ``model_calls``, ``rows_fed`` (query rows fed to the model, summed
 over calls), ``logit_rows`` (rows whose logits were computed), ``method``, ``schedule``, ``path``,
-``kv_cache``, ``skip_unchanged`` and ``paper_a100_s`` (the Table 10 time of the row; not comparable in
-absolute terms: another GPU and another implementation). Baseline: ``sedd`` on the reference path.
+``attention`` and ``sampler`` (the backends the path resolved to on this machine), ``kv_cache``,
+``skip_unchanged`` and ``paper_a100_s`` (the Table 10 time of the row; not comparable in absolute terms:
+another GPU and another implementation). ``side`` is ``baseline`` for the other methods (SEDD, MDLM) and
+``ours`` for the hybrid rows. Baseline of the ratios: ``sedd`` on the reference path.
 
 The rows are these samplers' algorithms in this harness, not the official codes: the LM head runs only
 on the rows a step samples (MDLM's code computes all B·d rows' logits at every step; SEDD's and the
@@ -129,6 +131,24 @@ def epsilon_hybrid_block_acs_kv() -> Row:
 ROWS = [sedd, mdlm, mdlm_caching, gamma_hybrid_flat, gamma_hybrid_block, gamma_hybrid_block_kv,
         epsilon_hybrid_block_acs_kv]
 BASELINE = (sedd, "reference")
+# The other methods' samplers (SEDD, MDLM), run in this harness: the report's baseline side.
+OTHER_METHODS = (sedd, mdlm, mdlm_caching)
+
+
+def resolved_backends(path: str) -> dict:
+    """What ``"auto"`` of a path runs on this machine, for the notes: on a CPU the kernels path is the
+    reference attention (the Triton kernels run there only in the interpreter) with the C++ sampler."""
+    options = PATHS[path]
+    attention = options["attention_backend"]
+    sampler = options["sampler_backend"]
+    if attention == "auto":
+        attention = "triton" if GPU else "reference"
+    if sampler == "auto":
+        try:
+            sampler = hk.sampling.fused_backend(DEVICE)
+        except RuntimeError:  # no fused kernel here: auto is the reference
+            sampler = "reference"
+    return dict(attention=attention, sampler=sampler)
 
 
 def schedule(kind: str) -> hk.schedules.Hyperschedule:
@@ -191,8 +211,9 @@ def measure(benchmark, models: dict[str, DiT], threads: int, contender, path: st
 
     last = results[-1]
     info = dict(shape=f"B={BATCH} d={LENGTH} T={STEPS} V={cfg.vocab_size}",
-                dtype=str(DTYPE).replace("torch.", ""), method=row.method, schedule=describe(sched),
-                path=path, kv_cache=row.kv_cache, skip_unchanged=row.skip_unchanged,
+                dtype=str(DTYPE).replace("torch.", ""),
+                side="baseline" if contender in OTHER_METHODS else "ours", method=row.method, schedule=describe(sched), path=path, **resolved_backends(path),
+                kv_cache=row.kv_cache, skip_unchanged=row.skip_unchanged,
                 model_calls=last.model_calls, rows_fed=last.rows_fed, logit_rows=last.logit_rows)
     if row.family != "epsilon":
         info["gamma"] = cfg.gamma

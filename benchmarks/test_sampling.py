@@ -1,5 +1,5 @@
 """Exact categorical sampling: one FP64 Gumbel-max draw per row of a logits matrix, and the ACS step
-(DESIGN.md §6; notes/kernel-landscape.md §4-§5).
+(docs/sampling-stream.md; the roofline figures in docs/benchmarks.md).
 
 ``gumbel_argmax [R x V dtype]`` groups draw one token for every row of the same logits ``[R, V]``:
 
@@ -9,15 +9,15 @@
   implemented yet is skipped with the library's reason;
 * ``ours_reference``: the same draw with ``backend="reference"``, row-chunked PyTorch (a few float64
   temporaries of ``chunk_rows x V``), bit-identical to the kernels;
-* ``official_fp64``: the official sampler's ``add_gumbel_noise`` (notes/official-implementation.md
-  §5.1, from LLaDA): logits cast to float64, ``torch.rand`` float64 uniforms of the same shape,
+* ``official_fp64``: the official sampler's ``add_gumbel_noise`` (docs/official-code.md §6,
+  from LLaDA): logits cast to float64, ``torch.rand`` float64 uniforms of the same shape,
   ``exp(l) / (-log u) ** τ`` (τ = 1, the ``** 1.0`` a copy) and argmax, every temporary a full
   ``[R, V]`` float64 tensor; the baseline of the ratios;
 * ``torch_fp32_gumbel``: ``logits.float() - log(-log(torch.rand(float32)))`` and argmax, the fast but
-  inexact reference point (float32 uniforms cap the noise at ≈16.6, notes/kernel-landscape.md §4.2).
+  inexact reference point (float32 uniforms cap the noise at ≈16.6, docs/sampling-stream.md).
 
 The draws of ``official_fp64`` and ``torch_fp32_gumbel`` come from torch's generator, not from the
-Philox stream of DESIGN.md §6, so their tokens differ from ours (same distribution for
+Philox stream of docs/sampling-stream.md, so their tokens differ from ours (same distribution for
 ``official_fp64``); the comparison is one full draw of every row, each contender with its own noise.
 
 ``acs_step eta=... [R x V]`` groups time one ACS update (paper §3.4, App. D Alg. 4) of ``R`` rows of
@@ -34,7 +34,7 @@ cost proportional to the changing rows shows next to the full draw of the gumbel
 of ``R`` rows of log-scores (about half the rows MASK, Δσ̄ = 0.05 at σ̄ = 2, γ = 0.01): ``ours_*`` call
 ``hk.sampling.hybrid_step`` (the fused form: a max pass, an exact fixed-point sum of ``exp64`` ratios,
 and a race pass with ``log64`` weights and FP64 Gumbel noise, bit-identical across backends);
-``official_analytic`` is the official ``AnalyticPredictor`` recipe (notes §5.2): ``exp`` of the
+``official_analytic`` is the official ``AnalyticPredictor`` recipe (docs/official-code.md §6): ``exp`` of the
 log-scores, the interpolated staggered score and the transition row as fp32 ``[R, V]`` tensors, then
 ``argmax(probs / (-log(u_fp64 + 1e-10)))`` with float64 ``torch.rand`` of ``[R, V]``, the baseline.
 
@@ -42,8 +42,8 @@ Rates: ``read_bytes`` is the logits one call must read (``R · V ·`` element si
 ``rows_changed · V ·`` element size for an ACS step, the same for every contender of a group);
 ``gbps`` is ``read_bytes`` over the median time and ``elements_per_s`` the logits elements over it
 (both absent under ``--benchmark-disable``); on a GPU ``floor_us`` is the time ``read_bytes`` takes at
-the ≈3.0 TB/s practical H100 roof (notes/kernel-landscape.md §5: 274 µs for [8192, 50258] bf16). The
-FP64 kernels are expected to be compute-bound at a few times that floor (§5.1).
+the ≈3.0 TB/s practical H100 roof (docs/benchmarks.md: 274 µs for [8192, 50258] bf16). The
+FP64 kernels are expected to be compute-bound at a few times that floor (same place).
 
 Shapes: on a GPU the paper's batch 8 × d = 1024 rows over V = 50258 in bf16 (normal logits × 3,
 seeded); on a CPU a small default of 256 rows in fp32 (the C++ path against the torch reference) so
@@ -66,7 +66,7 @@ ROWS, VOCAB = (8 * 1024, 50258) if GPU else (256, 50258)
 DTYPE = torch.bfloat16 if GPU else torch.float32
 ROUNDS, WARMUP_ROUNDS = (10, 2) if GPU else (3, 0)
 SLOW_ROUNDS = 3  # the reference backend's full draw (log64 spelled out in PyTorch ops)
-ROOF_BYTES_PER_S = 3.0e12  # practical H100 HBM3 bandwidth (notes/kernel-landscape.md §5)
+ROOF_BYTES_PER_S = 3.0e12  # practical H100 HBM3 bandwidth (docs/benchmarks.md)
 SEED, STEP = 1234, 7
 TEMPERATURE = 1.0
 MASK_ID = VOCAB - 1  # the MASK token of the paper's vocabulary (GPT-2's 50257 tokens + MASK)
@@ -123,7 +123,7 @@ def require(backend: str, probe: Callable[[torch.Tensor], object]) -> None:
 
 
 def official_add_gumbel_noise(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """notes/official-implementation.md §5.1: the exponential race in float64, exp(l) / (-log u) ** τ."""
+    """docs/official-code.md §6: the exponential race in float64, exp(l) / (-log u) ** τ."""
     logits = logits.to(torch.float64)
     noise = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
     gumbel_noise = (-torch.log(noise)) ** TEMPERATURE
@@ -208,7 +208,7 @@ def official_acs(p: AcsProblem) -> Case:
     masked = p.x == MASK_ID
     unmasked = ~masked
 
-    def official():  # notes/official-implementation.md §5.1, full_diff alg == "acs", one sequence of R rows
+    def official():  # docs/official-code.md §6, full_diff alg == "acs", one sequence of R rows
         x0 = p.x.clone()
         transfer = torch.rand(x0.shape, generator=g, device=DEVICE, dtype=torch.float64) < P_TRANSFER
         correct = (torch.rand(x0.shape, generator=g, device=DEVICE, dtype=torch.float64)
@@ -275,7 +275,7 @@ def hybrid_ours_reference(p: HybridProblem) -> Case:
 
 
 def official_analytic(p: HybridProblem) -> Case:
-    """notes/official-implementation.md §5.2, AnalyticPredictor.update_fn on one position per row:
+    """docs/official-code.md §6, AnalyticPredictor.update_fn on one position per row:
     QGamma.staggered_score (the linear interpolation of SEDD's absorbing and uniform staggered scores)
     times QGamma.transp_transition (Eq. 7g's row of x), in fp32, then sample_categorical in float64."""
     g = generator()
@@ -309,6 +309,11 @@ HYBRID_BASELINE = official_analytic
 
 
 
+def side(contender) -> str:
+    """``"ours"`` for this package's backends, ``"baseline"`` for the official recipes and plain torch."""
+    return "ours" if "ours" in contender.__name__ else "baseline"
+
+
 def measure(benchmark, case: Case, group: str, shape: str, rows_read: int, baseline: bool, **notes) -> None:
     benchmark.group = group
     target = synchronized(case.run)
@@ -338,7 +343,7 @@ def test_gumbel_argmax(benchmark, logits, contender):
     case = contender(logits)
     dtype = str(DTYPE).replace("torch.", "")
     measure(benchmark, case, f"gumbel_argmax [{ROWS} x {VOCAB} {dtype}]", f"R={ROWS} V={VOCAB}", ROWS,
-            contender is GUMBEL_BASELINE)
+            contender is GUMBEL_BASELINE, side=side(contender))
 
 
 @pytest.mark.parametrize("contender", ACS_CONTENDERS, ids=lambda c: c.__name__)
@@ -347,7 +352,7 @@ def test_acs_step(benchmark, acs_problem, contender):
     case = contender(p)
     measure(benchmark, case, f"acs_step eta={p.eta:g} [{ROWS} x {VOCAB}]",
             f"R={ROWS} V={VOCAB} masked={ROWS // 2} p={P_TRANSFER:g}", p.rows_changed,
-            contender is ACS_BASELINE, eta=p.eta, rows_changed=p.rows_changed,
+            contender is ACS_BASELINE, side=side(contender), eta=p.eta, rows_changed=p.rows_changed,
             change_frac=round(p.rows_changed / ROWS, 4))
 
 
@@ -357,4 +362,4 @@ def test_hybrid_step(benchmark, hybrid_problem, contender):
     dtype = str(DTYPE).replace("torch.", "")
     measure(benchmark, case, f"hybrid_step gamma={GAMMA:g} [{ROWS} x {VOCAB} {dtype}]",
             f"R={ROWS} V={VOCAB} masked={ROWS // 2} dsigma={SIGMA_NOW - SIGMA_NEXT:g}", ROWS,
-            contender is HYBRID_BASELINE, gamma=GAMMA)
+            contender is HYBRID_BASELINE, side=side(contender), gamma=GAMMA)

@@ -1,4 +1,5 @@
-"""One full training step with interval packing (paper App. B.3; DESIGN §8): tokens/s by attention backend.
+"""One full training step with interval packing (paper App. B.3; docs/architecture.md): tokens/s by
+attention backend.
 
 A step is what ``hdlm_reference.trainer`` does per optimizer step, without its file writing, EMA and
 LR schedule: ``zero_grad``; ``hdlm_reference.objective.PackedObjective`` (host-side interval packing of
@@ -107,7 +108,8 @@ def test_training_step(benchmark, threads, tokens, schedule, backend):
         loss = benchmark.pedantic(synchronized(train_step), rounds=ROUNDS, warmup_rounds=0)
 
     info = dict(shape=f"B={BATCH} d={LENGTH} packed={2 * LENGTH} V={cfg.vocab_size}",
-                dtype="bf16 autocast" if GPU else "float32", backend=backend,
+                dtype="bf16 autocast" if GPU else "float32",
+                side="ours" if backend == "triton" else "baseline", backend=backend,
                 schedule=f"{kind} w={width} levels={sched.num_levels}",
                 context=objective.objective.attention_context)
     if not GPU:

@@ -25,3 +25,13 @@ def synchronized(fn: Callable, device: torch.device | str | None = None) -> Call
 def median_seconds(benchmark) -> float | None:
     """The median of a finished pytest-benchmark run, or None under ``--benchmark-disable``."""
     return benchmark.stats.stats.median if benchmark.stats else None
+
+
+def time_first_calls(benchmark, fn: Callable, make_input: Callable, rounds: int):
+    """Times ``fn(make_input())`` with a fresh input per round, made outside the timing.
+
+    For functions that memoise their result on their input (``IntervalMask.tiles`` and
+    ``to_block_mask`` keep what they build on the mask), timing repeated calls on one input would
+    time a dictionary look-up after the first round; this times the real first call every round."""
+    return benchmark.pedantic(fn, setup=lambda: ((make_input(),), {}), rounds=rounds, iterations=1,
+                              warmup_rounds=1)

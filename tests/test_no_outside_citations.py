@@ -1,0 +1,68 @@
+"""The repository stands on its own: no tracked file cites a design document or note that lives outside
+it. What such a citation pointed to is written in docs/, which files cite instead (docs/README.md lists
+the pages). The check reads every tracked text file except docs/ and this file."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A design document named DESIGN, anything under ../shared, a notes/*.md file, "notes §" section
+# references, and the notes by name.
+OUTSIDE_CITATION = re.compile(
+    r"\bDESIGN\b|\.\./shared|\bnotes/[a-z-]+\.md|\bnotes §"
+    r"|\b(?:kernel-landscape|official-implementation|peer-systems|sm90-audit|official-checkpoints)\b")
+EXEMPT = ("docs/", "tests/test_no_outside_citations.py")
+
+
+def tracked_files() -> list[Path]:
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"needs a git checkout to list the tracked files ({error})")
+    names = [name for name in listed.decode().split("\0") if name]
+    return [ROOT / name for name in names if not name.startswith(EXEMPT)]
+
+
+def text_of(path: Path) -> str | None:
+    """The file's text, or None for binary files (and tracked files deleted in the work tree)."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def outside_citations() -> list[str]:
+    found = []
+    for path in tracked_files():
+        text = text_of(path)
+        if text is None:
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            if OUTSIDE_CITATION.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    return found
+
+
+def test_the_pattern_catches_each_form_of_citation():
+    for cited in ("see DESIGN.md §6", "(DESIGN §4)", "../shared/paper/x.md", "notes/official-implementation.md",
+                  "(notes §3.1.2)", "the kernel-landscape measurement"):
+        assert OUTSIDE_CITATION.search(cited), cited
+    for fine in ("docs/sampling-stream.md", "the design of the kernel", "official code", "footnotes §2"):
+        assert not OUTSIDE_CITATION.search(fine), fine
+
+
+@pytest.mark.xfail(strict=False, reason="citations in hdlm_kernels/, reference/ and tests/ still await their "
+                                        "replacement by docs/ references; remove this mark once they are gone")
+def test_no_tracked_file_cites_a_document_outside_the_repository():
+    found = outside_citations()
+    assert not found, ("cite the docs/ page that holds the content instead:\n" + "\n".join(found))
