@@ -1,4 +1,4 @@
-"""``KVCache``: per-layer keys and values of the final cells of each sequence (DESIGN §5, §7).
+"""``KVCache``: per-layer keys and values of the final cells of each sequence (docs/architecture.md, generation data flow).
 
 At inference the settled prefix of a monotone hyperschedule only grows, and its cells attend only to
 settled cells, so their keys and values never change once they are final. A generation step feeds

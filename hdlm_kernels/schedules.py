@@ -9,7 +9,7 @@ At step ``t`` a position is *settled* when ``(τ_t, τ_{t+1}) = (0, 0)``, *worth
 step. For the schedules here (all monotone left to right) the three sets are contiguous ranges
 ``[0, a)``, ``[a, b)``, ``[b, d)``: :meth:`Hyperschedule.split` returns ``(a, b)``.
 
-Relation to the official implementation (notes/official-implementation.md §1): its model call
+Relation to the official implementation (docs/official-code.md §1): its model call
 ``s = 1..T`` feeds the state whose levels are ``ms(s)``, where an *active* position at level ``k``
 is still noisy (t = 1e-3 + k·Δ) and only positions counted in ``num_settled`` are clean. In the
 paper's convention used here, ``τ_{s-1}`` is ``ms(s)`` with active levels shifted by one

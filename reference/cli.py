@@ -39,7 +39,7 @@ class Preset:
     """Default training hyperparameters (``TrainConfig`` fields) and model sizes of a named setup.
 
     ``model`` holds ``hdlm_reference.model.ModelConfig`` fields (``hidden_size``, ``num_layers``,
-    ``num_heads``, ``cond_dim``, ``dropout``; paper sizes from notes/official-implementation.md §4.1), for
+    ``num_heads``, ``cond_dim``, ``dropout``; paper sizes from docs/official-code.md §4), for
     :func:`build_training` to pass on with the data's vocabulary size.
     """
 

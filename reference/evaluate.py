@@ -4,7 +4,7 @@ the unigram entropy of samples and the generative perplexity under a judge model
 Perplexity bound (C.1)
 ======================
 
-Notation (DESIGN §3): hyperschedule table ``τ[t, i]`` (``t = 0..T`` generation steps, ``i = 0..d-1``
+Notation (docs/conventions.md): hyperschedule table ``τ[t, i]`` (``t = 0..T`` generation steps, ``i = 0..d-1``
 positions, levels ``0..𝒯``, ``τ_0 = 𝒯``, ``τ_T = 0``), ``Δ_t^i = τ_t^i - τ_{t+1}^i >= 0`` the level
 drop of position ``i`` during step ``t``. A *generation time* ``s ∈ [0, T)`` lies in step ``t = ⌊s⌋``
 at fraction ``f = s - t``; along it every position follows the piecewise-linear level path
@@ -95,7 +95,7 @@ its own step ``t_j``: cells ``[0, b_j)`` (``[0, b_j]`` SHIFTED) under
 ``hk.masks.inference(sched, t_j, ...)``, padded to the longest row with cells no row attends to;
 worthless positions are never attended. Logits are computed for the active rows only.
 
-Departures from the official evaluation (notes §6.1, §9.25), on purpose: the official code always
+Departures from the official evaluation (docs/official-code.md §7, docs/official-differences.md), on purpose: the official code always
 evaluates ALIGNED with no attention mask and no hyperschedule, computes the ε-style masked CE bound for
 both families (feeding γ models a constant σ̄ = 1e-3), and never restricts to active tokens; here the
 bound uses the run's config, hyperschedule, masks and family-specific bound, as the paper describes.
@@ -618,7 +618,7 @@ def generative_perplexity(samples, judge: str | Callable[[list[str]], list[torch
                           max_length: int | None = None) -> GenerativePerplexity:
     """Generative perplexity of samples under a judge LM (App. C.2, Alg. 2): samples are turned into text,
     re-tokenized and scored by the judge; ``PPL_gen = exp(Σ NLL / #tokens)`` over all samples (the global
-    token mean of Alg. 2, not the official code's mean of per-sample perplexities, notes §6.3).
+    token mean of Alg. 2, not the official code's mean of per-sample perplexities, docs/official-code.md §7).
 
     Every generated token is active at some step of any hyperschedule, so all of a sample is scored; pass
     samples without their prompt to score the generated part only.

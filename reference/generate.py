@@ -17,7 +17,7 @@ step of the ε family (``method="original"`` or ``"acs"``):
 
 With ``kv_cache=True`` the fed cells are only those not yet in the cache: the cells that settled
 since the last call (re-encoded with their final tokens, in prefix mode) and the window, in one call
-(DESIGN §7); the cache then advances to the settled prefix. Draws are keyed by absolute row identity
+(docs/architecture.md, generation data flow); the cache then advances to the settled prefix. Draws are keyed by absolute row identity
 (``b·d + i``) and step, so cached and uncached generation sample identical tokens.
 
 γ family (``method="analytic"`` or ``"euler"``, SEDD framework, App. B.4). The prior is all MASK:

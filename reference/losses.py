@@ -27,7 +27,7 @@ losses over the denoising targets / their number; ``L_CE`` = sum of (weighted) c
 the settled targets / their number; ``loss = β1·L_CE + β2·L_diffusion`` (Eq. 10). For τ_Flat with
 every position active this is Eq. 8's ``1/(N·d)`` normalization.
 
-Differences from the official code (notes/official-implementation.md §3, §9):
+Differences from the official code (docs/official-differences.md, losses):
 
 1. γ DWDSE is exact for ``Q_Hybrid^γ``: the ratios come from Eq. 7g (``(1-γ)σ̄`` in the absorbing
    part, ``γσ̄`` in the uniform part, and the uniform leakage ``A(1-B)/N`` of masked positions is
@@ -126,7 +126,7 @@ def _k(a: torch.Tensor) -> torch.Tensor:
 
 def gamma_log_score(logits: torch.Tensor, sigma_bar: torch.Tensor, x_t: torch.Tensor | None = None, *,
                     zero_current: bool = True, check: bool = True) -> torch.Tensor:
-    """Log-scores of the γ model from its logits (official ``scale_by_sigma``, notes §3.1.3)::
+    """Log-scores of the γ model from its logits (official ``scale_by_sigma``, docs/official-code.md §5)::
 
         s = logits - log(e^{σ̄} - 1) - log(V - 1),   then  s[x_t] = 0  (zero_current)
 

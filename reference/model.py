@@ -1,7 +1,7 @@
-"""The HDLM denoiser: a DiT with rotary positions, as in the official code (notes §4), with the
+"""The HDLM denoiser: a DiT with rotary positions, as in the official code (docs/official-code.md §4), with the
 parameter names and shapes of the official state_dict (notes App. C) so published checkpoints load.
 
-Families (DESIGN §8):
+Families (docs/architecture.md, the reference harness):
     ``"epsilon"`` (ε-hybrid, MDLM framework): no time conditioning; blocks add their branches with gate 1.
     ``"gamma"`` (γ-hybrid, SEDD framework): per-token conditioning on the total noise σ̄ — the weighted
         token embedding of paper Eq. 12, ``e^{-γσ̄}·E[x] + (1 - e^{-γσ̄})·E[MASK]``, and adaLN-Zero
@@ -13,9 +13,9 @@ with the losses and samplers.
 
 Departures from the official code, on purpose:
     * rotary angles come from each token's own ``position_ids`` (the official cache is keyed by the
-      sequence length and built from ``positions[0]``, notes §9.29);
+      sequence length and built from ``positions[0]``, docs/official-differences.md, model);
     * attention goes through :func:`hdlm_kernels.attention.attention`, where a row without keys outputs
-      zeros (the official code attends uniformly to all keys there, notes §9.6), and it has no
+      zeros (the official code attends uniformly to all keys there, docs/official-differences.md, model), and it has no
       dropout on the attention probabilities (the official applies dropout there too; the attention
       backends take no dropout argument); dropout is applied to both residual branches;
     * no autocast inside the model: the caller chooses it (the official forces bf16 autocast). LayerNorm
@@ -118,7 +118,7 @@ class ModelConfig:
 
         ``"tiny"``: 2 layers, hidden 64, 4 heads, cond 32, ``vocab_size`` 257 (256 byte values + MASK),
         length 128, no dropout: for tests and CPU runs.
-        ``"small"``: the paper scale (notes §4.1): 12 layers, hidden 768, 12 heads, cond 128,
+        ``"small"``: the paper scale (docs/official-code.md §4): 12 layers, hidden 768, 12 heads, cond 128,
         ``vocab_size`` 50258 (GPT-2 + MASK), length 1024, dropout 0.1.
         """
         if name == "tiny":
@@ -229,7 +229,7 @@ class SigmaEmbedder(nn.Module):
 
 class DiTBlock(nn.Module):
     """Pre-norm transformer block: rotary attention over an ``IntervalMask``, GELU-tanh MLP, and for the
-    γ family adaLN-Zero modulation from the per-token conditioning (notes §4.2)."""
+    γ family adaLN-Zero modulation from the per-token conditioning (docs/official-code.md §4)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -269,7 +269,7 @@ class DiTBlock(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             # One call writes the rows' keys/values at cells [length, length + S) and attends over the
-            # cached prefix plus the rows (DESIGN §7); the caller advances the length.
+            # cached prefix plus the rows (docs/architecture.md, generation data flow); the caller advances the length.
             o = hk.attention.decode(q, kv_cache.k[layer], kv_cache.v[layer], kv_cache.length, k, v, mask,
                                     backend=self.decode_backend, check=check)
         else:

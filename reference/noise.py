@@ -6,7 +6,7 @@ tokens (official: ``V = 50258``, MASK ``= 50257``). A position at hyperschedule 
 the paper's convention: column ``x0`` of ``e^{σ̄ Q}`` is the distribution of ``x_t`` given
 ``x_0 = x0`` (``Q[y, x]`` is the rate from ``x`` to ``y``; columns of ``Q`` sum to zero).
 
-Generators (App. A, Eq. 2, in the form the official ``QGamma`` graph uses, notes §3.1.2):
+Generators (App. A, Eq. 2, in the form the official ``QGamma`` graph uses, docs/official-code.md §5):
 
 * ``Q_Absorb[y, x] = -δ_xy + δ_{y,MASK}`` for ``x < N``; column MASK is zero (MASK absorbs).
 * ``Q_Uniform[y, x] = 1/N - δ_xy`` for ``x, y < N``; MASK row and column are zero, so the uniform
@@ -27,7 +27,7 @@ uniformly among the ``N`` real tokens, possibly equal to ``x_0``) and *keep*. Wi
 ``P(mask) = 1 - α``, ``P(shuffle) = αε``, ``P(keep) = α(1 - ε)``. Samplers draw one float64 uniform
 and one ``randint`` per position, so they never allocate ``[..., V]`` tensors.
 
-Differences from the official code (notes/official-implementation.md §3):
+Differences from the official code (docs/official-differences.md, noise):
 
 1. ``LogLinearNoise`` defaults to ``eps = 1e-3`` (SEDD's default; the paper builds on SEDD and states
    no other value) where the official ``get_noise`` hard-codes ``5e-3`` and ignores the configured
@@ -47,8 +47,8 @@ Differences from the official code (notes/official-implementation.md §3):
    for each position and a replacement token is drawn for every position, whether used or not,
    without host synchronization; the official code draws replacement tokens only for the shuffled
    positions (with a ``.item()`` sync). ``sample`` draws them from a ``torch.Generator``, or, given a
-   :class:`PhiloxStream`, from stream 2 of the sampling stream through ``hk.sampling.corrupt`` (DESIGN
-   §6), which the Triton kernel reproduces bit for bit on the device; the training objectives use that.
+   :class:`PhiloxStream`, from stream 2 of the sampling stream through ``hk.sampling.corrupt`` (docs/sampling-stream.md,
+   streams), which the Triton kernel reproduces bit for bit on the device; the training objectives use that.
 5. :class:`Uniform` lives on the same ``V``-id vocabulary with the MASK row and column zero, as the
    official ``QGamma`` uses ``Q_Uniform``; SEDD's standalone uniform graph has no MASK id at all.
    The two agree on the ``N`` real tokens; here MASK is simply never produced.
@@ -86,7 +86,7 @@ class PhiloxStream:
 
 
 OFFICIAL_LOGLINEAR_EPS = 5e-3
-"""The eps the official ``get_noise('loglinear')`` hard-codes (notes §3.1.1)."""
+"""The eps the official ``get_noise('loglinear')`` hard-codes (docs/official-code.md §2)."""
 
 
 # ---------------------------------------------------------------------------------------------

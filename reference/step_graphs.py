@@ -1,6 +1,6 @@
 """Per-step forward passes of the generation loop captured as CUDA graphs and replayed (issue: launch
 overhead). A KV-cached window step of a small model launches a few hundred kernels of a few µs each;
-replaying a captured graph launches them as one (notes/kernel-landscape.md §5).
+replaying a captured graph launches them as one (docs/benchmarks.md).
 
 A graph freezes its shapes, the addresses it reads and writes, and every host-side constant of the
 captured calls (Python ints, the attention mask of the call, the cell positions). So a captured step

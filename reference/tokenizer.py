@@ -1,4 +1,4 @@
-"""Byte-level tokenizer: the default tokenizer of the reference harness (DESIGN.md §8).
+"""Byte-level tokenizer: the default tokenizer of the reference harness (docs/architecture.md, the reference harness).
 
 Ids ``0..255`` are the bytes of the UTF-8 encoding of the text, id ``256`` is the absorbing MASK
 state of the noise processes, so ``vocab_size = 257`` (the official GPT-2 setup is likewise "tokenizer

@@ -1,4 +1,4 @@
-"""The training loop of the reference harness (DESIGN.md §8; the official one: official-implementation.md §8).
+"""The training loop of the reference harness (docs/architecture.md, the reference harness; the official one: docs/official-code.md §8).
 
 ``train(model, loss_fn, data, config)`` runs AdamW with linear warmup + cosine decay, gradient clipping,
 an exponential moving average (EMA) of the weights, bf16 autocast on CUDA, ``torchrun`` data parallelism,

@@ -110,7 +110,7 @@ def test_score_entropy_vanishes_at_true_ratios(make):
 
 
 def official_score_entropy(V, gamma, s, x, x0, sigma):
-    """The official score_entropy formulas (notes §3.1.2), both branches at the FULL σ̄."""
+    """The official score_entropy formulas (docs/official-code.md §5), both branches at the FULL σ̄."""
     N = V - 1
     e = math.expm1(sigma)
     if x == N:

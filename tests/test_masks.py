@@ -124,7 +124,7 @@ def test_tile_bounds_of_a_tile_without_windows_are_empty():
 
 # ---- inference masks from the paper's rules -------------------------------------------------------
 def inference_rule(sched, t, config, context, window):
-    """Dense mask written from paper §3.3 / App. B and DESIGN §4, one (row, key) pair at a time."""
+    """Dense mask written from paper §3.3 / App. B and docs/conventions.md (masks), one (row, key) pair at a time."""
     a, b = sched.split(t)
     block = sched.block_size or sched.width
     shifted = config == "shifted"
@@ -194,7 +194,7 @@ def test_kv_cacheable_agrees_with_brute_force(sched, config, context):
 
 
 def test_inference_renders_like_the_official_pictures():
-    # notes/official-implementation.md Appendix A.1: ALIGNED, τ_Block w=4, 𝒯=4, L=12, official step 6.
+    # docs/official-code.md §3: ALIGNED, τ_Block w=4, 𝒯=4, L=12, official step 6.
     mask = hk.masks.inference(hk.schedules.block(12, 4, 4), 5, "aligned", "block_causal", "full")
     assert mask.render().splitlines() == [
         "  01234567",

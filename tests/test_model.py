@@ -9,7 +9,7 @@ import hdlm_kernels as hk
 from hdlm_kernels.masks import IntervalMask
 from hdlm_reference.model import DiT, ModelConfig
 
-# -- the official state_dict (notes/official-implementation.md, Appendix C) -----------------------
+# -- the official state_dict (docs/pretrained.md, formats) -----------------------
 _HIDDEN, _VOCAB, _COND = 768, 50258, 128
 _BLOCK_KEYS = [
     ("norm1.weight", (768,)),
@@ -47,7 +47,7 @@ def test_small_state_dict_is_the_official_layout(family):
     state = small_on_meta(family).state_dict()
     assert [(key, tuple(value.shape)) for key, value in state.items()] == official_state_dict_layout(family)
     assert all(value.dtype == torch.float32 for value in state.values())
-    # Parameter counts of notes §4.1 (inv_freq is a buffer).
+    # Parameter counts of docs/official-code.md §4 (inv_freq is a buffer).
     count = sum(value.numel() for key, value in state.items() if key != "rotary_emb.inv_freq")
     assert count == {"epsilon": 162_246_482, "gamma": 169_429_074}[family]
 

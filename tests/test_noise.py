@@ -71,7 +71,7 @@ def test_loglinear_values_and_derivative():
 def test_official_eps_constant():
     t = torch.tensor([0.5, 0.999, 0.9999], dtype=torch.float64)
     sigma, dsigma = nz.LogLinearNoise(nz.OFFICIAL_LOGLINEAR_EPS)(t)
-    # numbers quoted in notes §1.5 for the official schedule
+    # numbers quoted in docs/official-code.md §2 for the official schedule
     assert torch.allclose(sigma, torch.tensor([0.688, 5.117, 5.279], dtype=torch.float64), atol=1e-3)
     assert torch.allclose(dsigma[1:], torch.tensor([166.0, 195.1], dtype=torch.float64), rtol=1e-3)
 

@@ -1,5 +1,5 @@
 """Hyperschedules against the paper's definitions (§3.1) and the official implementation's schedules
-(notes/official-implementation.md §1.1-1.3), replayed here from their description."""
+(docs/official-code.md §1), replayed here from their description."""
 
 import math
 
@@ -11,7 +11,7 @@ import hdlm_kernels as hk
 from hdlm_kernels import schedules
 
 
-# ---- the official MetaSchedule, written from notes §1.1 -------------------------------------------
+# ---- the official MetaSchedule, written from docs/official-code.md §1 -------------------------------------------
 class OfficialMetaSchedule:
     """Periodic `steps` after `bootstrap_steps`; call s returns (relevant levels, num_settled)."""
 
@@ -72,7 +72,7 @@ def assert_matches_official(sched, official):
     assert sched.levels(T).tolist() == [0] * sched.length
 
 
-# ---- the verified official examples (notes §1.2, §1.3) ------------------------------------------------
+# ---- the verified official examples (docs/official-code.md §1) ------------------------------------------------
 def test_block_reproduces_official_example():
     sched = hk.schedules.block(12, 4, 4)
     # Official calls s (levels of the fed state; a level-0 active block is "denoise now").

@@ -1,4 +1,4 @@
-"""Reference attention over an ``IntervalMask``: SDPA with the dense mask (DESIGN §5, §7).
+"""Reference attention over an ``IntervalMask``: SDPA with the dense mask (docs/attention.md).
 
 This is the correctness oracle the kernels are compared with (the ``_ref`` twin of
 :func:`hdlm_kernels.attention.attention`). It materializes the dense ``[B, Q, K]`` mask, so it costs
@@ -59,7 +59,7 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: IntervalMask,
                   scale: float | None = None) -> torch.Tensor:
-    """Softmax attention where query row ``i`` sees the keys of ``mask`` row ``i`` (DESIGN §4).
+    """Softmax attention where query row ``i`` sees the keys of ``mask`` row ``i`` (docs/conventions.md, masks).
 
     Args:
         q: ``[B, Q, H, D]`` queries.

@@ -1,4 +1,4 @@
-"""Triton attention over an ``IntervalMask``, forward and backward (DESIGN §7, paper App. B.3).
+"""Triton attention over an ``IntervalMask``, forward and backward (docs/attention.md, paper App. B.3).
 
 Flash-attention-2 style kernels that walk a FlexAttention-format tile map
 (:class:`hdlm_kernels.masks.MaskTiles`) instead of the dense key range:
@@ -43,7 +43,7 @@ _MAX_HEAD_DIM = 256
 
 @triton.jit
 def _attends(keys, prefix_end, window_start, window_end):
-    # DESIGN §4: key k is visible to a row iff k < prefix_end or window_start <= k < window_end.
+    # docs/conventions.md (masks): key k is visible to a row iff k < prefix_end or window_start <= k < window_end.
     return (keys < prefix_end) | ((keys >= window_start) & (keys < window_end))
 
 

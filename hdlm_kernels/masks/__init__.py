@@ -1,4 +1,4 @@
-"""Attention masks for hyperschedules: one type, ``IntervalMask`` (DESIGN §4), its constructors and
+"""Attention masks for hyperschedules: one type, ``IntervalMask`` (docs/conventions.md, masks), its constructors and
 its converters (dense, FlexAttention ``BlockMask``, kernel tile maps)."""
 
 from .inference import inference, kv_cacheable
