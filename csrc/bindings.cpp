@@ -41,6 +41,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("logit"), pybind11::arg("scale"),
         "the screen of csrc/screen.h elementwise: (noise, lo, hi) float32 of the uniforms' words (int64 tensors "
         "holding uint32) and float32 logits at scale float32(1/T)");
+  m.def("screen_philox_words_cpu", &hdlm::screen_philox_words_cpu, pybind11::arg("seed"), pybind11::arg("step"),
+        pybind11::arg("stream"), pybind11::arg("first_pair"),
+        "the words [4, 128] (int64) of Philox pairs first_pair.. of `stream` from the AVX2 tile stage");
   m.def("log64_cpu", &hdlm::log64_cpu, pybind11::arg("x"), pybind11::arg("gumbel") = false,
         "log64 (or, with gumbel=True, -log64(-log64 x)) of a float64 CPU tensor, same shape");
   m.def("log64_constants", &hdlm::log64_constants,

@@ -92,6 +92,7 @@ struct ScreenSetup {
   bool enabled;
   float scale;  // float32(1 / T), 1 for T = 1
   ScreenTileFunction tile;
+  bool avx2_philox;  // the Philox stage in AVX2 lanes (philox_tile_avx2), else the portable tile
 };
 
 // The winner of one row by screen-then-decide, the same (score, column) as sample_row. `exact` receives the
@@ -116,8 +117,13 @@ Candidate sample_row_screened(const scalar_t* row, int64_t stride_col, int64_t v
   const RowPairs pairs = row_pairs(row_id, vocab);
   for (int64_t first = 0; first < pairs.count; first += kTilePairs) {
     const int count = static_cast<int>(std::min<int64_t>(kTilePairs, pairs.count - first));
-    philox_tile(params.seed, params.step, pairs.first_pair + static_cast<uint64_t>(first), count, tile.w0, tile.w1,
-                tile.w2, tile.w3);
+    if (setup.avx2_philox) {
+      philox_tile_avx2(params.seed, params.step, kGumbelStream, pairs.first_pair + static_cast<uint64_t>(first),
+                       tile.w0, tile.w1, tile.w2, tile.w3);
+    } else {
+      philox_tile(params.seed, params.step, pairs.first_pair + static_cast<uint64_t>(first), count, tile.w0, tile.w1,
+                  tile.w2, tile.w3);
+    }
     const int64_t base = 2 * first - pairs.parity;  // column of the even element of the tile's first pair
     if (count == kTilePairs && base >= 0 && base + 2 * kTilePairs <= vocab) {
       for (int p = 0; p < kTilePairs; ++p) {
@@ -132,8 +138,11 @@ Candidate sample_row_screened(const scalar_t* row, int64_t stride_col, int64_t v
         screen.logit_odd[p] = present && even + 1 < vocab ? load(even + 1) : kMinusInfFloat;
       }
     }
-    const float tile_floor = setup.tile(tile.w0, tile.w1, tile.w2, tile.w3, setup.scale, screen);
-    floor = screen_floor(floor, tile_floor);
+    bool any = false;
+    floor = setup.tile(tile.w0, tile.w1, tile.w2, tile.w3, setup.scale, floor, screen, any);
+    if (!any) {
+      continue;
+    }
     for (int p = 0; p < count; ++p) {
       const int64_t even = base + 2 * p;
       if (even >= 0 && screen_candidate(screen.hi_even[p], floor)) {
@@ -257,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_argmax_counted_cpu(
   }
   const bool noise = temperature != 0.0;
   const GumbelParams params{seed, static_cast<uint64_t>(step), temperature, noise, noise && temperature != 1.0};
-  ScreenSetup setup{false, 1.0f, screen_tile_function()};
+  ScreenSetup setup{false, 1.0f, screen_tile_function(), active_cpu_isa() == CpuIsa::kAvx2};
   if (noise && logits.scalar_type() != at::kDouble) {
     setup.enabled = screen_temperature(temperature, setup.scale);
   }

@@ -10,6 +10,7 @@
 
 #include "cpu_isa.h"
 #include "noise_tile.h"  // kTilePairs
+#include "philox.h"
 #include "screen.h"
 
 namespace hdlm {
@@ -22,14 +23,21 @@ struct alignas(64) ScreenTile {
 };
 
 // The intervals of all kTilePairs pairs of a tile (words of absent pairs are arbitrary: their logits are
-// -inf) and the tile's best lower bound, with the instruction set named (screen_tile_cpu.cpp).
+// -inf); returns the row's floor after the tile (`floor` is the floor before it), and sets `any` when a token
+// of the tile reaches it. With the instruction set named (screen_tile_cpu.cpp).
 float screen_tile_avx2(const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, const uint32_t* w3, float scale,
-                       ScreenTile& tile);
+                       float floor, ScreenTile& tile, bool& any);
 float screen_tile_scalar(const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, const uint32_t* w3, float scale,
-                         ScreenTile& tile);
+                         float floor, ScreenTile& tile, bool& any);
+
+// The Philox blocks of all kTilePairs pairs first_pair + p of stream `stream`, word by word, 8 pairs per AVX2
+// instruction (32-bit lanes; the 32 x 32 -> 64-bit products of the even and the odd lanes by vpmuludq): the
+// words of philox_block_for_pair (philox.h), bit for bit. Only called where cpu_has_avx2().
+void philox_tile_avx2(uint64_t seed, uint64_t step, uint32_t stream, uint64_t first_pair, uint32_t* w0, uint32_t* w1,
+                      uint32_t* w2, uint32_t* w3);
 
 using ScreenTileFunction = float (*)(const uint32_t*, const uint32_t*, const uint32_t*, const uint32_t*, float,
-                                     ScreenTile&);
+                                     float, ScreenTile&, bool&);
 
 // The tile stage of the instruction set active_cpu_isa() names (read once per call, not per tile).
 inline ScreenTileFunction screen_tile_function() {

@@ -1,7 +1,9 @@
 // Elementwise screen (screen_cpu.h): the scalar rule of screen.h over tensors, for the tests.
 #include "screen_cpu.h"
 
+#include "cpu_isa.h"
 #include "screen.h"
+#include "screen_avx2.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -38,6 +40,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> screen_scores_cpu(const at::Tenso
     hi_data[i] = bounds.hi;
   }
   return {noise, lo, hi};
+}
+
+at::Tensor screen_philox_words_cpu(uint64_t seed, int64_t step, int64_t stream, uint64_t first_pair) {
+  TORCH_CHECK(cpu_has_avx2(), "screen_philox_words_cpu: needs AVX2, which this processor (or build) lacks");
+  TORCH_CHECK(step >= 0, "screen_philox_words_cpu: step must be >= 0, got ", step);
+  TORCH_CHECK(stream >= 0 && stream <= static_cast<int64_t>(UINT32_MAX),
+              "screen_philox_words_cpu: stream must be in [0, 2^32), got ", stream);
+  uint32_t words[4][kTilePairs];
+  philox_tile_avx2(seed, static_cast<uint64_t>(step), static_cast<uint32_t>(stream), first_pair, words[0], words[1],
+                   words[2], words[3]);
+  at::Tensor out = at::empty({4, kTilePairs}, at::TensorOptions().dtype(at::kLong));
+  int64_t* data = out.mutable_data_ptr<int64_t>();
+  for (int w = 0; w < 4; ++w) {
+    for (int p = 0; p < kTilePairs; ++p) {
+      data[w * kTilePairs + p] = words[w][p];
+    }
+  }
+  return out;
 }
 
 }  // namespace hdlm
