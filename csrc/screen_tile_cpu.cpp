@@ -67,9 +67,10 @@ float screen_tile_avx2(const uint32_t* w0, const uint32_t* w1, const uint32_t* w
 }
 #endif
 
-// One token at a time (no vectorization), the fallback for processors without AVX2.
-__attribute__((optimize("no-tree-vectorize", "no-trapping-math"))) float screen_tile_scalar(
-    const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, const uint32_t* w3, float scale, float floor, ScreenTile& tile, bool& any) {
+// The portable build, for processors without AVX2 (the compiler may still vectorize it for the baseline
+// instruction set: SSE2 on x86-64, NEON on aarch64).
+float screen_tile_scalar(const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, const uint32_t* w3, float scale,
+                         float floor, ScreenTile& tile, bool& any) {
   return screen_tile_body(w0, w1, w2, w3, scale, floor, tile, any);
 }
 
