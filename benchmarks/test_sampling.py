@@ -150,7 +150,11 @@ def ours_triton(logits: torch.Tensor) -> Case:
 
 
 def ours_cpp(logits: torch.Tensor) -> Case:
-    return gumbel_ours(logits, "cpp")
+    case = gumbel_ours(logits, "cpp")
+    # The screen's candidates per row (docs/sampling-screen.md): tokens whose exact FP64 score was computed.
+    counts = hk.sampling.gumbel_candidates(logits, SEED, STEP, temperature=TEMPERATURE).double()
+    return Case(case.run, case.rounds, dict(candidates_mean=round(counts.mean().item(), 4),
+                                            candidates_max=int(counts.max())))
 
 
 def ours_reference(logits: torch.Tensor) -> Case:

@@ -2,10 +2,12 @@
 #include <torch/extension.h>
 #include <pybind11/stl.h>  // std::array <-> Python list, for philox4x32_10
 
+#include "cpu_isa.h"
 #include "decode_attention.h"
 #include "gumbel.h"
 #include "hybrid.h"
 #include "log64_cpu.h"
+#include "screen_cpu.h"
 #include "uniform53.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -27,6 +29,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("exclude"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "FP64 Gumbel-max of CPU logits [K, V] (rows `take` or all, identities `row_ids`) -> (tokens int64 [n], "
         "winning scores float64 [n])");
+  m.def("gumbel_argmax_counted_cpu", &hdlm::gumbel_argmax_counted_cpu, pybind11::arg("logits"), pybind11::arg("take"),
+        pybind11::arg("row_ids"), pybind11::arg("seed"), pybind11::arg("step"), pybind11::arg("temperature"),
+        pybind11::arg("exclude"), pybind11::arg("count"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "gumbel_argmax_cpu plus, with count=True, the tokens scored exactly per row (int64 [n]): the screen's "
+        "candidates (docs/sampling-screen.md)");
+  m.def("set_cpu_isa", &hdlm::set_cpu_isa, pybind11::arg("isa"),
+        "instruction set of the CPU samplers' screening stage: 'auto', 'scalar' or 'avx2'");
+  m.def("cpu_isa", &hdlm::cpu_isa_name, "the instruction set the CPU samplers' screening stage runs with now");
+  m.def("screen_scores_cpu", &hdlm::screen_scores_cpu, pybind11::arg("word_a"), pybind11::arg("word_b"),
+        pybind11::arg("logit"), pybind11::arg("scale"),
+        "the screen of csrc/screen.h elementwise: (noise, lo, hi) float32 of the uniforms' words (int64 tensors "
+        "holding uint32) and float32 logits at scale float32(1/T)");
+  m.def("screen_philox_words_cpu", &hdlm::screen_philox_words_cpu, pybind11::arg("seed"), pybind11::arg("step"),
+        pybind11::arg("stream"), pybind11::arg("first_pair"),
+        "the words [4, 128] (int64) of Philox pairs first_pair.. of `stream` from the AVX2 tile stage");
   m.def("log64_cpu", &hdlm::log64_cpu, pybind11::arg("x"), pybind11::arg("gumbel") = false,
         "log64 (or, with gumbel=True, -log64(-log64 x)) of a float64 CPU tensor, same shape");
   m.def("log64_constants", &hdlm::log64_constants,

@@ -27,6 +27,11 @@ namespace hdlm {
 std::tuple<at::Tensor, at::Tensor> gumbel_argmax_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& take,
                                                      const at::Tensor& row_ids, uint64_t seed, int64_t step,
                                                      double temperature, const std::optional<at::Tensor>& exclude);
+// The same draw, plus (when `count`) the number of tokens of each row whose exact FP64 score was computed
+// (docs/sampling-screen.md: the screen's candidates, or V on the exact path); an empty tensor otherwise.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_argmax_counted_cpu(
+    const at::Tensor& logits, const std::optional<at::Tensor>& take, const at::Tensor& row_ids, uint64_t seed,
+    int64_t step, double temperature, const std::optional<at::Tensor>& exclude, bool count);
 #ifdef HDLM_WITH_CUDA
 // The same on CUDA tensors (all on logits' device). The values of take, row_ids and exclude are not
 // checked here (that would cost a device sync): the Python wrapper validates them.

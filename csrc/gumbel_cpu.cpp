@@ -1,8 +1,16 @@
-// CPU backend of FP64 Gumbel-max (docs/sampling-stream.md): OpenMP over the sampled rows, each row walked once in
-// column order, in tiles of Philox pairs (one Philox block feeds two columns). Bit-identical to the
-// reference backend because the arithmetic is the shared header code (philox.h, log64.h,
-// gumbel_rule.h), compiled without FMA contraction (-ffp-contract=off, setup.py).
+// CPU backend of FP64 Gumbel-max (docs/sampling-stream.md): OpenMP over the sampled rows. A row of
+// float32, bf16 or fp16 logits is screened, then decided (docs/sampling-screen.md): one walk in tiles of
+// Philox pairs (one Philox block feeds two columns) computes every token's cheap float32 score interval
+// (screen_avx2.h) and keeps the tokens whose interval reaches the row's best lower bound; the exact FP64
+// score (philox.h, log64.h, gumbel_rule.h) is then computed for those candidates only, in column order.
+// float64 logits, and temperatures whose inverse is not a moderate float32, take the exact path on every
+// token. Bit-identical to the reference backend either way: the exact arithmetic is the shared header code,
+// compiled without FMA contraction (-ffp-contract=off, setup.py), and the proof of the screen guarantees
+// that every token that can win is a candidate.
 #include "gumbel.h"
+
+#include "screen.h"
+#include "screen_avx2.h"
 
 #include "gumbel_rule.h"
 #include "log64.h"
@@ -15,6 +23,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace hdlm {
@@ -71,9 +80,109 @@ Candidate sample_row(const scalar_t* row, int64_t stride_col, int64_t vocab, uin
   return best;
 }
 
+// What one thread keeps across rows: the tiles and the candidate list (column, upper bound).
+struct Scratch {
+  Tile tile;
+  ScreenTile screen;
+  std::vector<std::pair<int64_t, float>> candidates;
+};
+
+// Everything a screened call needs besides the row.
+struct ScreenSetup {
+  bool enabled;
+  float scale;  // float32(1 / T), 1 for T = 1
+  ScreenTileFunction tile;
+  bool avx2_philox;  // the Philox stage in AVX2 lanes (philox_tile_avx2), else the portable tile
+};
+
+// The winner of one row by screen-then-decide, the same (score, column) as sample_row. `exact` receives the
+// number of tokens whose exact score was computed.
+template <typename scalar_t>
+Candidate sample_row_screened(const scalar_t* row, int64_t stride_col, int64_t vocab, uint64_t row_id,
+                              const uint8_t* excluded, const GumbelParams& params, const ScreenSetup& setup,
+                              Scratch& scratch, int64_t& exact) {
+  constexpr float kMinusInfFloat = -std::numeric_limits<float>::infinity();
+  constexpr double kMinusInf = -std::numeric_limits<double>::infinity();
+  Tile& tile = scratch.tile;
+  ScreenTile& screen = scratch.screen;
+  auto& candidates = scratch.candidates;
+  candidates.clear();
+  const auto load = [&](int64_t column) -> float {
+    if (excluded != nullptr && excluded[column]) {
+      return kMinusInfFloat;
+    }
+    return static_cast<float>(row[column * stride_col]);  // exact for float, bf16, fp16
+  };
+  float floor = kMinusInfFloat;  // the best lower bound so far: only grows
+  const RowPairs pairs = row_pairs(row_id, vocab);
+  for (int64_t first = 0; first < pairs.count; first += kTilePairs) {
+    const int count = static_cast<int>(std::min<int64_t>(kTilePairs, pairs.count - first));
+    if (setup.avx2_philox) {
+      philox_tile_avx2(params.seed, params.step, kGumbelStream, pairs.first_pair + static_cast<uint64_t>(first),
+                       tile.w0, tile.w1, tile.w2, tile.w3);
+    } else {
+      philox_tile(params.seed, params.step, pairs.first_pair + static_cast<uint64_t>(first), count, tile.w0, tile.w1,
+                  tile.w2, tile.w3);
+    }
+    const int64_t base = 2 * first - pairs.parity;  // column of the even element of the tile's first pair
+    if (count == kTilePairs && base >= 0 && base + 2 * kTilePairs <= vocab) {
+      for (int p = 0; p < kTilePairs; ++p) {
+        screen.logit_even[p] = load(base + 2 * p);
+        screen.logit_odd[p] = load(base + 2 * p + 1);
+      }
+    } else {  // the row's first or last tile: absent columns and pairs score -inf
+      for (int p = 0; p < kTilePairs; ++p) {
+        const int64_t even = base + 2 * p;
+        const bool present = p < count;
+        screen.logit_even[p] = present && even >= 0 ? load(even) : kMinusInfFloat;
+        screen.logit_odd[p] = present && even + 1 < vocab ? load(even + 1) : kMinusInfFloat;
+      }
+    }
+    bool any = false;
+    floor = setup.tile(tile.w0, tile.w1, tile.w2, tile.w3, setup.scale, floor, screen, any);
+    if (!any) {
+      continue;
+    }
+    for (int p = 0; p < count; ++p) {
+      const int64_t even = base + 2 * p;
+      if (even >= 0 && screen_candidate(screen.hi_even[p], floor)) {
+        candidates.emplace_back(even, screen.hi_even[p]);
+      }
+      if (even + 1 < vocab && screen_candidate(screen.hi_odd[p], floor)) {
+        candidates.emplace_back(even + 1, screen.hi_odd[p]);
+      }
+    }
+  }
+  // Decide: the exact score of every token that can still win, in increasing column order (the list is),
+  // so that beats() keeps the lowest of equal scores as the full walk does.
+  Candidate best = no_candidate();
+  exact = 0;
+  const uint64_t first_element = row_id * static_cast<uint64_t>(vocab);
+  for (const auto& [column, hi] : candidates) {
+    if (!screen_candidate(hi, floor)) {
+      continue;
+    }
+    ++exact;
+    double score = kMinusInf;  // an excluded or -inf logit scores -inf whatever its noise
+    const double logit = (excluded != nullptr && excluded[column]) ? kMinusInf
+                                                                    : widen_to_double(row[column * stride_col]);
+    if (logit != kMinusInf) {
+      const double noise = gumbel_noise(
+          uniform53(params.seed, params.step, kGumbelStream, first_element + static_cast<uint64_t>(column)));
+      score = gumbel_score(logit, noise, params);
+    }
+    const Candidate challenger{score, column};
+    if (beats(challenger, best)) {
+      best = challenger;
+    }
+  }
+  return best;
+}
+
 template <typename scalar_t>
 void sample_rows(const at::Tensor& logits, const int64_t* take, const int64_t* row_ids, int64_t num_rows,
-                 const uint8_t* excluded, const GumbelParams& params, int64_t* tokens, double* best) {
+                 const uint8_t* excluded, const GumbelParams& params, const ScreenSetup& setup, int64_t* tokens,
+                 double* best, int64_t* exact_counts) {
   const scalar_t* data = logits.const_data_ptr<scalar_t>();
   const int64_t stride_row = logits.stride(0);
   const int64_t stride_col = logits.stride(1);
@@ -84,25 +193,34 @@ void sample_rows(const at::Tensor& logits, const int64_t* take, const int64_t* r
 #pragma omp parallel if (parallel)
 #endif
   {
-    Tile tile;  // one per thread
+    Scratch scratch;  // one per thread
+    scratch.candidates.reserve(1024);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int64_t i = 0; i < num_rows; ++i) {
       const int64_t row = take != nullptr ? take[i] : i;
-      const Candidate winner = sample_row(data + row * stride_row, stride_col, vocab,
-                                          static_cast<uint64_t>(row_ids[i]), excluded, params, tile);
+      int64_t exact = vocab;
+      const Candidate winner =
+          setup.enabled ? sample_row_screened(data + row * stride_row, stride_col, vocab,
+                                              static_cast<uint64_t>(row_ids[i]), excluded, params, setup, scratch,
+                                              exact)
+                        : sample_row(data + row * stride_row, stride_col, vocab, static_cast<uint64_t>(row_ids[i]),
+                                     excluded, params, scratch.tile);
       tokens[i] = winner.column;
       best[i] = winner.score;
+      if (exact_counts != nullptr) {
+        exact_counts[i] = exact;
+      }
     }
   }
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> gumbel_argmax_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& take,
-                                                     const at::Tensor& row_ids, uint64_t seed, int64_t step,
-                                                     double temperature, const std::optional<at::Tensor>& exclude) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_argmax_counted_cpu(
+    const at::Tensor& logits, const std::optional<at::Tensor>& take, const at::Tensor& row_ids, uint64_t seed,
+    int64_t step, double temperature, const std::optional<at::Tensor>& exclude, bool count) {
   check_gumbel_args(logits, take, row_ids, step, temperature, exclude, c10::DeviceType::CPU);
   const int64_t num_logits_rows = logits.size(0);
   const int64_t vocab = logits.size(1);
@@ -142,31 +260,48 @@ std::tuple<at::Tensor, at::Tensor> gumbel_argmax_cpu(const at::Tensor& logits, c
 
   at::Tensor tokens = at::empty({num_rows}, logits.options().dtype(at::kLong));
   at::Tensor best = at::empty({num_rows}, logits.options().dtype(at::kDouble));
+  at::Tensor exact_counts = at::empty({count ? num_rows : 0}, logits.options().dtype(at::kLong));
   if (num_rows == 0) {
-    return {tokens, best};
+    return {tokens, best, exact_counts};
   }
   const bool noise = temperature != 0.0;
   const GumbelParams params{seed, static_cast<uint64_t>(step), temperature, noise, noise && temperature != 1.0};
+  ScreenSetup setup{false, 1.0f, screen_tile_function(), active_cpu_isa() == CpuIsa::kAvx2};
+  if (noise && logits.scalar_type() != at::kDouble) {
+    setup.enabled = screen_temperature(temperature, setup.scale);
+  }
+  int64_t* count_data = count ? exact_counts.mutable_data_ptr<int64_t>() : nullptr;
   const uint8_t* excluded_data = excluded.empty() ? nullptr : excluded.data();
   int64_t* token_data = tokens.mutable_data_ptr<int64_t>();
   double* best_data = best.mutable_data_ptr<double>();
   switch (logits.scalar_type()) {
     case at::kFloat:
-      sample_rows<float>(logits, take_data, row_id_data, num_rows, excluded_data, params, token_data, best_data);
+      sample_rows<float>(logits, take_data, row_id_data, num_rows, excluded_data, params, setup, token_data,
+                            best_data, count_data);
       break;
     case at::kDouble:
-      sample_rows<double>(logits, take_data, row_id_data, num_rows, excluded_data, params, token_data, best_data);
+      sample_rows<double>(logits, take_data, row_id_data, num_rows, excluded_data, params, setup, token_data,
+                            best_data, count_data);
       break;
     case at::kHalf:
-      sample_rows<c10::Half>(logits, take_data, row_id_data, num_rows, excluded_data, params, token_data, best_data);
+      sample_rows<c10::Half>(logits, take_data, row_id_data, num_rows, excluded_data, params, setup, token_data,
+                            best_data, count_data);
       break;
     case at::kBFloat16:
-      sample_rows<c10::BFloat16>(logits, take_data, row_id_data, num_rows, excluded_data, params, token_data,
-                                 best_data);
+      sample_rows<c10::BFloat16>(logits, take_data, row_id_data, num_rows, excluded_data, params, setup, token_data,
+                                 best_data, count_data);
       break;
     default:
       TORCH_CHECK(false, "gumbel_argmax: unsupported logits dtype ", logits.scalar_type());  // checked above
   }
+  return {tokens, best, exact_counts};
+}
+
+std::tuple<at::Tensor, at::Tensor> gumbel_argmax_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& take,
+                                                     const at::Tensor& row_ids, uint64_t seed, int64_t step,
+                                                     double temperature, const std::optional<at::Tensor>& exclude) {
+  auto [tokens, best, counts] = gumbel_argmax_counted_cpu(logits, take, row_ids, seed, step, temperature, exclude,
+                                                          false);
   return {tokens, best};
 }
 

@@ -433,6 +433,13 @@ class NoisedBatch:
     target_dsigma_bar: torch.Tensor
     target_masked: torch.Tensor
     target_shuffled: torch.Tensor
+    # Positions the sync-free corruption rejected (a 0-d count on the device), None with a torch.Generator:
+    # reported as the metric "invalid_corruption", from which the trainer raises.
+    corrupt_invalid: torch.Tensor | None = None
+
+
+def _invalid_count(events) -> torch.Tensor | None:
+    return None if events.invalid is None else events.invalid.sum()
 
 
 def _check_levels(levels: torch.Tensor, num_levels, context: str) -> None:
@@ -515,6 +522,7 @@ def noise_packed_batch(process: _Process, noise, packed, generator: torch.Genera
         target_dsigma_bar=torch.where(loss, holder(dsigma_bar, 0.0), zero),
         target_masked=loss & holder(events.masked, False),
         target_shuffled=loss & holder(events.shuffled, False),
+        corrupt_invalid=_invalid_count(events),
     )
 
 
@@ -543,6 +551,8 @@ def _finish(process, logits, noised, diff_cells, settled_cells, settled_weight, 
         "diffusion_tokens": n_diff.detach(), "settled_tokens": n_settled.detach(),
         "masked_fraction": (noised.target_masked[diff_cells].sum() / n_diff.clamp_min(1)).detach(),
     }
+    if noised.corrupt_invalid is not None:
+        metrics["invalid_corruption"] = noised.corrupt_invalid.detach()
     return loss, metrics
 
 
@@ -639,6 +649,7 @@ def noise_step(process: _Process, noise, x0: torch.Tensor, levels: torch.Tensor,
         target_sigma_bar=torch.where(settled, zero, sigma_bar),
         target_dsigma_bar=torch.where(settled, zero, dsigma_bar),
         target_masked=events.masked, target_shuffled=events.shuffled,
+        corrupt_invalid=_invalid_count(events),
     )
 
 

@@ -237,6 +237,9 @@ class NoiseEvents(NamedTuple):
 
     masked: torch.Tensor
     shuffled: torch.Tensor
+    # With a PhiloxStream: the positions hk.sampling.corrupt_deferred rejected (bool, shaped like x0; the draw
+    # there is meaningless), read without a host synchronization by the losses; None with a torch.Generator.
+    invalid: torch.Tensor | None = None
 
 
 class _Process:
@@ -323,9 +326,10 @@ class _Process:
         p_mask, p_shuffle, _ = self._events(sigma_bar)
         if isinstance(generator, PhiloxStream):
             row_ids = torch.arange(x0.numel(), device=x0.device).reshape(x0.shape)
-            x_t, masked, shuffled = hk.sampling.corrupt(x0.long(), p_mask, p_shuffle, self.num_tokens, self.mask_id,
-                                                        generator.seed, generator.step, row_ids, generator.backend)
-            return (x_t, NoiseEvents(masked, shuffled)) if return_events else x_t
+            x_t, masked, shuffled, invalid = hk.sampling.corrupt_deferred(
+                x0.long(), p_mask, p_shuffle, self.num_tokens, self.mask_id, generator.seed, generator.step, row_ids,
+                generator.backend)
+            return (x_t, NoiseEvents(masked, shuffled, invalid)) if return_events else x_t
         u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
         replacement = torch.randint(0, self.num_tokens, x0.shape, generator=generator, device=x0.device)
         real = x0 != self.mask_id

@@ -88,6 +88,11 @@ CHECKPOINT_FORMAT = "hdlm_reference.trainer/1"
 LossFn = Callable[[nn.Module, torch.Tensor, int], "tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]"]
 """``loss_fn(model, batch, step) -> (scalar loss tensor, metrics)``; see the module docstring."""
 
+# The metric through which a loss_fn reports the positions the sync-free corruption rejected
+# (hk.sampling.corrupt_deferred's `invalid`, summed): the trainer raises when a training record's mean is > 0,
+# at the host synchronization it makes anyway to write the record (hdlm_reference.losses adds it).
+CORRUPTION_METRIC = "invalid_corruption"
+
 # names the trainer writes into training records; loss_fn metrics may not reuse them
 _RESERVED_METRICS = ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "event",
                      "val_loss", "val_loss_ema")
@@ -566,6 +571,12 @@ class _Run:
                   "grad_norm": values.pop("grad_norm"), "tokens": tokens,
                   "tokens_per_s": values.pop("tokens_per_s"), "elapsed_s": time.perf_counter() - self.started,
                   **values}
+        invalid = record.get(CORRUPTION_METRIC, 0.0)
+        if isinstance(invalid, float) and invalid > 0:
+            raise ValueError(f"train: the forward corruption (hk.sampling.corrupt_deferred) rejected positions in the "
+                             f"logging window ending at step {self.step} (mean {invalid:g} per micro-batch): x0 ids "
+                             f"outside [0, num_tokens) that are not MASK, or p_mask / p_shuffle outside [0, 1], NaN, "
+                             f"or summing above 1; hk.sampling.corrupt on the same batch names the argument")
         bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
         if bad:
             raise FloatingPointError(f"train: non-finite training metrics at step {self.step}: {bad}")

@@ -12,9 +12,10 @@ registered with ``hdlm_kernels.backends``.
 """
 
 from .acs import acs_apply, acs_decisions, acs_plan, acs_step, acs_step_ref
-from .corrupt import corrupt, corrupt_ref
+from .corrupt import corrupt, corrupt_deferred, corrupt_ref
 from .gumbel import fused_backend, gumbel_argmax, gumbel_argmax_deferred, gumbel_argmax_ref
 from .hybrid import hybrid_step, hybrid_step_deferred, hybrid_step_ref
+from .screen import gumbel_candidates
 from .philox import philox4x32_10, philox4x32_10_ref, uniform53, uniform53_ref
 
 __all__ = [
@@ -24,11 +25,13 @@ __all__ = [
     "acs_step",
     "acs_step_ref",
     "corrupt",
+    "corrupt_deferred",
     "corrupt_ref",
     "fused_backend",
     "gumbel_argmax",
     "gumbel_argmax_deferred",
     "gumbel_argmax_ref",
+    "gumbel_candidates",
     "hybrid_step",
     "hybrid_step_deferred",
     "hybrid_step_ref",

@@ -12,6 +12,11 @@ draws them from one Philox block per position, keyed by the position's absolute 
     shuffled = x0 ≠ MASK and p_mask <= u_event < p_mask + p_shuffle      (float64 sum)
     x_t = MASK if masked, min(⌊u_token · N⌋, N - 1) if shuffled, else x0
 
+``corrupt`` rejects what the draw cannot mean (ValueError naming the argument): p_mask or p_shuffle outside
+[0, 1] or NaN, p_mask + p_shuffle > 1, token ids outside [0, N) that are not MASK, and a MASK id inside
+the real vocabulary. ``corrupt_deferred`` draws the same without a host synchronization and reports the
+rejected positions in a device tensor instead (the training loop raises from it when it reads the loss).
+
 Every operation is exact or correctly rounded, so the torch reference and the Triton kernel (one pass,
 no host synchronisation) return the same bits, and a position's draw does not depend on the other
 positions in the call. The probabilities come from the caller (the process's closed forms), computed
@@ -30,24 +35,33 @@ from ..checks import integer, integer_tensor, seed_and_step
 from .constants import CORRUPTION_STREAM
 from .philox import stream_uniforms
 
-__all__ = ["corrupt", "corrupt_ref"]
+__all__ = ["corrupt", "corrupt_deferred", "corrupt_ref", "invalid_positions"]
 
 
-def _checked(x0, p_mask, p_shuffle, num_tokens, mask_id, seed, step, row_ids):
+# p_mask + p_shuffle may exceed 1 by this much: the processes' closed forms round, and an excess of a few
+# ulp of 1 changes no event (u_event < 1 always).
+SUM_SLACK = 2.0 ** -50
+
+
+def _checked(x0, p_mask, p_shuffle, num_tokens, mask_id, seed, step, row_ids, op="corrupt", check_values=True):
+    """Checks and flattens the arguments; with ``check_values``, also their values (a host sync)."""
     if not isinstance(x0, torch.Tensor) or x0.dtype.is_floating_point or x0.dtype == torch.bool:
-        raise TypeError(f"corrupt: x0 must be an integer tensor of token ids, got {getattr(x0, 'dtype', type(x0))}")
+        raise TypeError(f"{op}: x0 must be an integer tensor of token ids, got {getattr(x0, 'dtype', type(x0))}")
     num_tokens = integer("num_tokens", num_tokens, 1, 2**31, "an int in [1, 2^31)")
     mask_id = integer("mask_id", mask_id, 0, 2**31, "an int in [0, 2^31)")
+    if mask_id < num_tokens:
+        raise ValueError(f"{op}: mask_id must lie outside the real vocabulary [0, num_tokens) = [0, {num_tokens}) "
+                         f"(the shuffle event draws ids from it), got mask_id = {mask_id}")
     seed, step = seed_and_step(seed, step)
     probabilities = []
     for name, p in (("p_mask", p_mask), ("p_shuffle", p_shuffle)):
         if not isinstance(p, torch.Tensor) or not p.dtype.is_floating_point:
-            raise TypeError(f"corrupt: {name} must be a floating tensor broadcastable to x0's shape "
+            raise TypeError(f"{op}: {name} must be a floating tensor broadcastable to x0's shape "
                             f"{tuple(x0.shape)}, got {getattr(p, 'dtype', type(p).__name__)}")
         try:
             p = torch.broadcast_to(p.to(device=x0.device, dtype=torch.float64), x0.shape)
         except RuntimeError as error:
-            raise ValueError(f"corrupt: {name} of shape {tuple(p.shape)} does not broadcast to x0's shape "
+            raise ValueError(f"{op}: {name} of shape {tuple(p.shape)} does not broadcast to x0's shape "
                              f"{tuple(x0.shape)}") from error
         probabilities.append(p.reshape(-1).contiguous())
     if row_ids is None:
@@ -55,14 +69,52 @@ def _checked(x0, p_mask, p_shuffle, num_tokens, mask_id, seed, step, row_ids):
     else:
         row_ids = integer_tensor("row_ids", row_ids, "an integer tensor with x0's shape")
         if tuple(row_ids.shape) != tuple(x0.shape):
-            raise ValueError(f"corrupt: row_ids must have x0's shape {tuple(x0.shape)}, got {tuple(row_ids.shape)}")
+            raise ValueError(f"{op}: row_ids must have x0's shape {tuple(x0.shape)}, got {tuple(row_ids.shape)}")
         row_ids = row_ids.to(device=x0.device, dtype=torch.int64)
-        if row_ids.numel():
+        if check_values and row_ids.numel():
             low, high = (int(v) for v in torch.aminmax(row_ids))
             if low < 0 or high >= 2**62:  # elements 2·row_id + 1 must stay below 2^63
-                raise ValueError(f"corrupt: row_ids must lie in [0, 2^62), got values in [{low}, {high}]")
+                raise ValueError(f"{op}: row_ids must lie in [0, 2^62), got values in [{low}, {high}]")
     flat = x0.reshape(-1).to(torch.int64).contiguous()
+    if check_values:
+        _check_values(op, flat, probabilities[0], probabilities[1], num_tokens, mask_id)
     return flat, probabilities[0], probabilities[1], num_tokens, mask_id, seed, step, row_ids.reshape(-1).contiguous()
+
+
+def _violations(x0, p_mask, p_shuffle, num_tokens, mask_id):
+    """The per-position rule violations (bool tensors [n], no host sync), named by the argument at fault."""
+    return (
+        ("x0", (x0 < 0) | ((x0 >= num_tokens) & (x0 != mask_id))),
+        ("p_mask", ~((p_mask >= 0.0) & (p_mask <= 1.0))),        # NaN fails both comparisons
+        ("p_shuffle", ~((p_shuffle >= 0.0) & (p_shuffle <= 1.0))),
+        ("p_mask + p_shuffle", p_mask + p_shuffle > 1.0 + SUM_SLACK),
+    )
+
+
+def _check_values(op, x0, p_mask, p_shuffle, num_tokens, mask_id) -> None:
+    """Raises ValueError naming the first violated rule, its expected range, the value and the position."""
+    for name, bad in _violations(x0, p_mask, p_shuffle, num_tokens, mask_id):
+        if not bool(bad.any()):
+            continue
+        i = int(bad.nonzero()[0, 0])
+        count = int(bad.sum())
+        if name == "x0":
+            expected, given = f"token ids in [0, num_tokens) = [0, {num_tokens}) or mask_id = {mask_id}", int(x0[i])
+        elif name == "p_mask + p_shuffle":
+            expected = "<= 1"
+            given = f"{float(p_mask[i])!r} + {float(p_shuffle[i])!r} = {float(p_mask[i] + p_shuffle[i])!r}"
+        else:
+            expected, given = "probabilities in [0, 1] (no NaN)", float((p_mask if name == "p_mask" else p_shuffle)[i])
+        raise ValueError(f"{op}: {name} must be {expected}, got {given} at flat position {i} "
+                         f"({count} such position(s))")
+
+
+def invalid_positions(x0, p_mask, p_shuffle, num_tokens, mask_id) -> torch.Tensor:
+    """The positions ``corrupt`` would reject (flattened, checked arguments): bool [n], no host sync."""
+    bad = torch.zeros_like(x0, dtype=torch.bool)
+    for _, violation in _violations(x0, p_mask, p_shuffle, num_tokens, mask_id):
+        bad |= violation
+    return bad
 
 
 def corrupt(x0: torch.Tensor, p_mask: torch.Tensor, p_shuffle: torch.Tensor, num_tokens: int, mask_id: int,
@@ -91,6 +143,31 @@ def corrupt(x0: torch.Tensor, p_mask: torch.Tensor, p_shuffle: torch.Tensor, num
     implementation = backends.select("corrupt", backend, x0.device, "corrupt")
     x_t, masked, shuffled = implementation(*args)
     return x_t.reshape(shape), masked.reshape(shape), shuffled.reshape(shape)
+
+
+def corrupt_deferred(x0: torch.Tensor, p_mask: torch.Tensor, p_shuffle: torch.Tensor, num_tokens: int,
+                     mask_id: int, seed: int, step: int, row_ids: torch.Tensor | None = None,
+                     backend: str = "auto"):
+    """``corrupt`` without a host synchronization, for training loops that keep the device busy.
+
+    Same arguments and draw as ``corrupt``; the scalars, types and shapes are still checked (``mask_id``
+    outside ``[0, num_tokens)`` included), but the tensors' values are not: instead of raising, the
+    positions ``corrupt`` would reject (x0 outside ``[0, num_tokens)`` and not MASK, p_mask or p_shuffle
+    outside [0, 1] or NaN, p_mask + p_shuffle > 1) are reported in a device tensor. The caller guarantees
+    row_ids in [0, 2^62).
+
+    Returns:
+        ``(x_t, masked, shuffled, invalid)``: int64 and three bool tensors shaped like ``x0``; ``invalid``
+        marks the rejected positions (their draw is meaningless). Read ``invalid.any()`` when the caller
+        synchronizes anyway (e.g. with the loss).
+    """
+    backends.check_name("corrupt", backend, "corrupt_deferred")
+    shape = x0.shape if isinstance(x0, torch.Tensor) else None
+    args = _checked(x0, p_mask, p_shuffle, num_tokens, mask_id, seed, step, row_ids, "corrupt_deferred", False)
+    implementation = backends.select("corrupt", backend, x0.device, "corrupt_deferred")
+    invalid = invalid_positions(args[0], args[1], args[2], num_tokens, mask_id)
+    x_t, masked, shuffled = implementation(*args)
+    return x_t.reshape(shape), masked.reshape(shape), shuffled.reshape(shape), invalid.reshape(shape)
 
 
 def _corrupt_reference(x0, p_mask, p_shuffle, num_tokens, mask_id, seed, step, row_ids):

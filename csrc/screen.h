@@ -1,0 +1,163 @@
+// The screening rule of the exact samplers (docs/sampling-screen.md): a cheap float32 score of every token
+// with an interval [lo, hi] that provably contains the token's exact FP64 score, so that only the tokens
+// whose interval reaches the row's best lower bound need the exact score (gumbel_rule.h, log64.h).
+//
+// Nothing here has to be bit-identical across backends: the screen only chooses which tokens are scored
+// exactly, and the proof holds for any float32 evaluation with IEEE round-to-nearest operations (with or
+// without fused multiply-add, flushed or not). The exact second pass decides, with today's rule.
+//
+// Header-only, host and device, scalar; csrc/screen_avx2.h runs the same functions over tiles of tokens.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "philox.h"  // HDLM_HOST_DEVICE
+
+namespace hdlm {
+
+namespace screen_detail {
+
+// The bound: |cheap - exact| <= kRelative * |a| + kAbsolute, a = float32(logit) * float32(1 / T), with a
+// factor of at least 2 to spare in each term (docs/sampling-screen.md, "The bound").
+constexpr float kRelative = 0x1p-20f;
+constexpr float kAbsolute = 0x1p-13f;
+// The noise alone is within kNoiseError of the exact Gumbel noise (proved: 2^-15.4; measured: 2^-19).
+constexpr float kNoiseError = 0x1p-14f;
+
+// ln 2 = kLn2Hi + kLn2Lo: kLn2Hi has 9 significant bits, so e * kLn2Hi is exact for |e| < 2^15.
+constexpr float kLn2Hi = 0x1.63p-1f;
+constexpr float kLn2Lo = -0x1.bd0106p-13f;  // ln 2 - kLn2Hi, rounded
+// 1 / (2k + 1), k = 0..4: log x = 2 atanh(s) = 2s (1 + z/3 + z^2/5 + ...), z = s^2.
+constexpr float kA0 = 1.0f;
+constexpr float kA1 = 0x1.555556p-2f;
+constexpr float kA2 = 0x1.99999ap-3f;
+constexpr float kA3 = 0x1.24924ap-3f;
+constexpr float kA4 = 0x1.c71c72p-4f;
+constexpr uint32_t kSqrt2Bits = 0x3FB504F3u;  // √2 rounded to float32; m above it is halved
+
+HDLM_HOST_DEVICE inline uint32_t bits_of(float x) {
+#ifdef __CUDA_ARCH__
+  return static_cast<uint32_t>(__float_as_uint(x));
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+HDLM_HOST_DEVICE inline float float_of(uint32_t bits) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+// e * ln 2 + log(1 + f) = e * ln 2 + 2 atanh(s), s = f / (2 + f), with the series 2s (1 + z/3 + z^2/5 + ...)
+// (z = s^2) cut after `kTerms` terms: 5 terms for |s| <= 1/3 (relative truncation error <= 1.8e-6), 4 for
+// |s| <= 3 - 2√2 (absolute <= 2.9e-8).
+template <int kTerms>
+HDLM_HOST_DEVICE inline float log_from_parts(float f, float e) {
+  static_assert(kTerms == 4 || kTerms == 5, "log_from_parts: 4 or 5 terms");
+  const float s = f / (2.0f + f);
+  const float z = s * s;
+  float p = kTerms == 5 ? kA4 : kA3;
+  if (kTerms == 5) {
+    p = p * z + kA3;
+  }
+  p = p * z + kA2;
+  p = p * z + kA1;
+  p = p * z + kA0;
+  return e * kLn2Hi + (e * kLn2Lo + (s + s) * p);
+}
+
+// x = m * 2^e with m in (√2/2, √2]: returns f = m - 1 (exact) and e, for a positive normal float x.
+HDLM_HOST_DEVICE inline void split(float x, float& f, float& e) {
+  uint32_t bits = bits_of(x);
+  int32_t exponent = static_cast<int32_t>(bits >> 23) - 127;
+  uint32_t mantissa_bits = (bits & 0x007FFFFFu) | 0x3F800000u;
+  const bool halve = mantissa_bits > kSqrt2Bits;
+  mantissa_bits -= halve ? 0x00800000u : 0u;
+  exponent += halve ? 1 : 0;
+  f = float_of(mantissa_bits) - 1.0f;
+  e = static_cast<float>(exponent);
+}
+
+}  // namespace screen_detail
+
+// Natural logarithm of a positive normal float (within 2^-17 absolute for |log x| <= 45).
+HDLM_HOST_DEVICE inline float screen_log(float x) {
+  float f, e;
+  screen_detail::split(x, f, e);
+  return screen_detail::log_from_parts<4>(f, e);
+}
+
+// The cheap Gumbel noise of the uniform u = uniform53_from_words(word_a, word_b) (philox.h), within
+// kNoiseError of gumbel_noise(u). u > 1/2 exactly when word_a's top bit is set; then 1 - u is the uniform of
+// the complemented words, and -log u = -log(1 - (1 - u)) is taken without forming u (which float32 would
+// round to 1): t = -log_from_parts(-(1 - u), 0). Otherwise t = -log(u). The noise is -log t.
+HDLM_HOST_DEVICE inline float screen_noise(uint32_t word_a, uint32_t word_b) {
+  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(word_a) >> 31);  // all ones when u > 1/2
+  word_a ^= flip;
+  word_b ^= flip;
+  // v = min(u, 1 - u) in [2^-53, 1/2]: two exact int -> float conversions, one rounding each.
+  const float v = static_cast<float>(static_cast<int32_t>(word_a >> 6)) * 0x1p-26f +
+                  static_cast<float>(static_cast<int32_t>(((word_b >> 6) << 1) | 1u)) * 0x1p-53f;
+  float f, e;
+  screen_detail::split(v, f, e);
+  // Selections between values computed unconditionally (so that compilers keep the loop branch-free).
+  const bool upper = flip != 0u;
+  const float minus_v = -v;
+  const float t = -screen_detail::log_from_parts<5>(upper ? minus_v : f, upper ? 0.0f : e);  // -log u, in (0, 36.8]
+  return -screen_log(t);
+}
+
+// The interval [lo, hi] that holds the exact score of a token with float32 logit `logit` (the logits dtype
+// widened exactly: fp32, bf16, fp16) and cheap noise `noise`, at scale = float32(1 / T) (1 for T = 1):
+//   a = logit * scale;  c = a + noise;  B = kRelative |a| + kAbsolute;  [lo, hi] = [c - B, c + B]
+// Special values: a -inf logit (or an excluded token) scores exactly -inf, so lo = hi = -inf; a NaN logit
+// gives hi = NaN (always a candidate); a finite logit whose a overflows gives an interval that is unbounded
+// on the overflowing side or NaN, which the candidate rule treats as a candidate.
+struct ScreenBounds {
+  float lo;
+  float hi;
+};
+
+HDLM_HOST_DEVICE inline ScreenBounds screen_bounds(float logit, float noise, float scale) {
+  const float a = logit * scale;
+  const float c = a + noise;
+  const float magnitude = screen_detail::float_of(screen_detail::bits_of(a) & 0x7FFFFFFFu);  // |a|
+  const float bound = screen_detail::kRelative * magnitude + screen_detail::kAbsolute;
+  const float minus_inf = screen_detail::float_of(0xFF800000u);
+  const float lo = c - bound;
+  const float hi = c + bound;
+  const bool none = logit == minus_inf;
+  return ScreenBounds{lo, none ? minus_inf : hi};
+}
+
+// Whether a token with upper bound `hi` can still win against a row whose best lower bound is `floor`
+// (written so that a NaN upper bound is a candidate).
+HDLM_HOST_DEVICE inline bool screen_candidate(float hi, float floor) { return !(hi < floor); }
+
+// The running best lower bound (a NaN lower bound is ignored).
+HDLM_HOST_DEVICE inline float screen_floor(float floor, float lo) { return lo > floor ? lo : floor; }
+
+// Whether a temperature can be screened: 1 / T must be a float32 within [2^-100, 2^100], so that
+// float32(1 / T) is normal with room for every float32 logit (temperature 0 is greedy and needs no screen).
+HDLM_HOST_DEVICE inline bool screen_temperature(double temperature, float& scale) {
+  if (temperature == 1.0) {
+    scale = 1.0f;
+    return true;
+  }
+  const double inverse = 1.0 / temperature;
+  if (!(inverse >= 0x1p-100 && inverse <= 0x1p100)) {
+    return false;
+  }
+  scale = static_cast<float>(inverse);
+  return true;
+}
+
+}  // namespace hdlm

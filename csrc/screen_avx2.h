@@ -1,0 +1,47 @@
+// The screening stage of the CPU samplers over a tile of kTilePairs Philox pairs (docs/sampling-screen.md):
+// the rule of screen.h applied to every token of the tile as plain float32 loops of fixed length, compiled
+// twice, once for AVX2 (8 float lanes, target attribute) and once portably ("scalar"); cpu_isa.h picks one
+// at run time. Both satisfy the same bound, so the draws are the same whichever runs.
+// The definitions live in screen_tile_cpu.cpp, the one translation unit compiled without trapping-math
+// (its loops are float32 selections the vectorizer must if-convert); the exact FP64 code is elsewhere.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu_isa.h"
+#include "noise_tile.h"  // kTilePairs
+#include "philox.h"
+#include "screen.h"
+
+namespace hdlm {
+
+// The float32 logits of a tile's tokens (even and odd element of each pair; -inf for excluded or absent
+// columns) and their screening intervals.
+struct alignas(64) ScreenTile {
+  float logit_even[kTilePairs], logit_odd[kTilePairs];
+  float lo_even[kTilePairs], hi_even[kTilePairs], lo_odd[kTilePairs], hi_odd[kTilePairs];
+};
+
+// The intervals of all kTilePairs pairs of a tile (words of absent pairs are arbitrary: their logits are
+// -inf); returns the row's floor after the tile (`floor` is the floor before it), and sets `any` when a token
+// of the tile reaches it. With the instruction set named (screen_tile_cpu.cpp).
+float screen_tile_avx2(const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, const uint32_t* w3, float scale,
+                       float floor, ScreenTile& tile, bool& any);
+float screen_tile_scalar(const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, const uint32_t* w3, float scale,
+                         float floor, ScreenTile& tile, bool& any);
+
+// The Philox blocks of all kTilePairs pairs first_pair + p of stream `stream`, word by word, 8 pairs per AVX2
+// instruction (32-bit lanes; the 32 x 32 -> 64-bit products of the even and the odd lanes by vpmuludq): the
+// words of philox_block_for_pair (philox.h), bit for bit. Only called where cpu_has_avx2().
+void philox_tile_avx2(uint64_t seed, uint64_t step, uint32_t stream, uint64_t first_pair, uint32_t* w0, uint32_t* w1,
+                      uint32_t* w2, uint32_t* w3);
+
+using ScreenTileFunction = float (*)(const uint32_t*, const uint32_t*, const uint32_t*, const uint32_t*, float,
+                                     float, ScreenTile&, bool&);
+
+// The tile stage of the instruction set active_cpu_isa() names (read once per call, not per tile).
+inline ScreenTileFunction screen_tile_function() {
+  return active_cpu_isa() == CpuIsa::kAvx2 ? &screen_tile_avx2 : &screen_tile_scalar;
+}
+
+}  // namespace hdlm

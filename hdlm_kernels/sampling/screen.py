@@ -1,0 +1,53 @@
+"""Screen, then decide: how many tokens of each row the exact samplers score in FP64 (docs/sampling-screen.md).
+
+The fused CPU sampler computes a cheap float32 score interval for every token and the exact FP64 score only
+for the tokens whose interval reaches the row's best lower bound (the candidates); the tokens are those of
+the full FP64 walk, bit for bit. ``gumbel_candidates`` reports the number of candidates per row, for
+benchmarks and tests; ``SCREEN_RELATIVE`` and ``SCREEN_ABSOLUTE`` are the constants of the bound
+``|cheap - exact| <= SCREEN_RELATIVE·|a| + SCREEN_ABSOLUTE`` (a = float32 logit times float32(1/T)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from ..checks import seed_and_step
+from .arguments import (
+    check_row_id_values,
+    checked_exclude,
+    checked_logits,
+    checked_row_ids,
+    checked_temperature,
+    exclude_values,
+)
+
+SCREEN_RELATIVE = 2.0 ** -20
+SCREEN_ABSOLUTE = 2.0 ** -13
+SCREEN_NOISE_ERROR = 2.0 ** -14
+
+__all__ = ["SCREEN_ABSOLUTE", "SCREEN_NOISE_ERROR", "SCREEN_RELATIVE", "gumbel_candidates"]
+
+
+def gumbel_candidates(logits: torch.Tensor, seed: int, step: int, row_ids: torch.Tensor | None = None,
+                      temperature: float = 1.0, exclude=None) -> torch.Tensor:
+    """The number of tokens per row whose exact FP64 score the C++ ``gumbel_argmax`` computes, for CPU
+    logits and the arguments of ``gumbel_argmax``: the screen's candidates, or V for a row on the exact
+    path (float64 logits, temperature 0, or 1/T outside [2^-100, 2^100]). int64 [R].
+
+    Raises RuntimeError when the compiled extension is not built."""
+    logits = checked_logits(logits)
+    if logits.device.type != "cpu":
+        raise ValueError(f"gumbel_candidates: logits must be on the CPU (the C++ backend), got {logits.device}")
+    num_rows, vocab = logits.shape
+    seed, step = seed_and_step(seed, step)
+    row_ids = checked_row_ids(row_ids, num_rows, logits.device)
+    check_row_id_values(row_ids, vocab)
+    temperature = checked_temperature(temperature)
+    exclude = exclude_values(checked_exclude(exclude, logits.device), vocab)
+    missing = _extension.operator_probe("gumbel_argmax_counted_cpu", "cpu")("cpu")
+    if missing:
+        raise RuntimeError(f"gumbel_candidates needs the compiled extension: {missing}")
+    operator = _extension.operator_loader("gumbel_argmax_counted_cpu")()
+    _, _, counts = operator(logits, None, row_ids, seed, step, temperature, exclude, True)
+    return counts

@@ -1,0 +1,183 @@
+"""Screen, then decide (docs/sampling-screen.md): the screened C++ gumbel_argmax returns the reference's
+tokens and winning scores bit for bit on adversarial rows (V = 50258, T near 0 and large, ±1e4 and huge
+logits, ±inf, rows all -inf but one, NaN, excluded ids, strided rows, `take`), with either instruction
+set of the screening stage; the Triton kernel (interpreter) agrees on the same rows; the candidate count
+per row is about 1. CUDA runs where a GPU is."""
+
+import math
+
+import pytest
+import torch
+
+import hdlm_kernels as hk
+from hdlm_kernels import _extension
+from hdlm_kernels.sampling.gumbel import _gumbel_argmax_reference
+from tests.sampling_checks import assert_same_draw
+
+pytestmark = pytest.mark.skipif(bool(_extension.missing_reason), reason="needs the compiled extension")
+
+INF = math.inf
+VOCAB = 50258
+SEED, STEP = 0x9E3779B97F4A7C15, 12
+
+
+def C():
+    return _extension._C
+
+
+def isas() -> list[str]:
+    try:
+        C().set_cpu_isa("avx2")
+    except RuntimeError:
+        return ["scalar"]
+    finally:
+        C().set_cpu_isa("auto")
+    return ["scalar", "avx2"]
+
+
+def adversarial_logits(dtype: torch.dtype, rows: int = 12, vocab: int = VOCAB) -> torch.Tensor:
+    """Rows that stress the screen: normal × 3, ±1e4, a near-flat row, a row all -inf but one, a row with
+    +inf twice (ties to the lower), tiny logits, huge logits near the dtype's range, top-k style -inf
+    masks, and equal logits everywhere (the noise decides)."""
+    g = torch.Generator().manual_seed(5)
+    top = torch.finfo(dtype).max
+    x = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3
+    x[1] = torch.randn(vocab, generator=g, dtype=torch.float64) * 1e4
+    x[2] = torch.randn(vocab, generator=g, dtype=torch.float64) * 1e-3
+    x[3] = -INF
+    x[3, vocab // 3] = -7.0
+    x[4, [17, min(4000, vocab - 1)]] = INF
+    x[5] = torch.randn(vocab, generator=g, dtype=torch.float64) * 1e-30
+    x[6] = (torch.rand(vocab, generator=g, dtype=torch.float64) * 2 - 1) * top
+    x[7, torch.randperm(vocab, generator=g)[: vocab - 40]] = -INF
+    x[8] = 0.25
+    x[9, : vocab // 2] = -1e4
+    x[10] = torch.where(torch.rand(vocab, generator=g) < 0.5, -1e4, 1e4)
+    x[11] = x[0].round()  # many exact logit ties
+    return x.clamp(-top, top).where(x.isfinite(), x).to(dtype)
+
+
+def cpp_draw(logits, take, row_ids, temperature, exclude, isa):
+    C().set_cpu_isa(isa)
+    try:
+        return C().gumbel_argmax_cpu(logits, take, row_ids, SEED, STEP, temperature, exclude)
+    finally:
+        C().set_cpu_isa("auto")
+
+
+def reference_draw(logits, take, row_ids, temperature, exclude):
+    return _gumbel_argmax_reference(logits, take, row_ids, SEED, STEP, temperature, exclude, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1e-3, 1e-25, 40.0, 1e20, 1e35])
+def test_adversarial_rows_match_the_reference(dtype, temperature):
+    logits = adversarial_logits(dtype)
+    row_ids = torch.arange(logits.shape[0]) * 3 + 1
+    expected = reference_draw(logits, None, row_ids, temperature, None)
+    for isa in isas():
+        assert_same_draw(cpp_draw(logits, None, row_ids, temperature, None, isa), expected)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_strided_rows_take_and_exclude(temperature):
+    base = adversarial_logits(torch.float32, vocab=2 * 999 + 1)[[0, 1, 3, 4, 7, 9]]
+    logits = base[:, ::2]  # column stride 2, odd V
+    assert not logits.is_contiguous()
+    take = torch.tensor([5, 0, 3, 3, 1])
+    row_ids = torch.tensor([7, 2**40, 3, 4, 123456789])  # odd and even row_id * V: both pair parities
+    exclude = torch.tensor([0, 1, 17, 998])
+    expected = reference_draw(logits, take, row_ids, temperature, exclude)
+    for isa in isas():
+        assert_same_draw(cpp_draw(logits, take, row_ids, temperature, exclude, isa), expected)
+    transposed = base.t().contiguous().t()  # row stride 1, column stride R
+    expected = reference_draw(transposed, None, torch.arange(6), temperature, None)
+    for isa in isas():
+        assert_same_draw(cpp_draw(transposed, None, torch.arange(6), temperature, None, isa), expected)
+
+
+def test_nan_and_all_minus_inf_rows_report_as_the_reference():
+    logits = torch.randn(4, 300)
+    logits[0, [5, 200]] = math.nan
+    logits[1] = -INF
+    logits[2, :] = -INF
+    logits[2, 299] = 1.0
+    exclude = torch.tensor([299])  # row 2 then has no token left
+    for ex in (None, exclude):
+        expected = reference_draw(logits, None, torch.arange(4), 1.0, ex)
+        for isa in isas():
+            assert_same_draw(cpp_draw(logits, None, torch.arange(4), 1.0, ex, isa), expected)
+
+
+def test_small_vocabularies_and_partial_tiles():
+    g = torch.Generator().manual_seed(9)
+    for vocab in (1, 2, 3, 255, 256, 257, 511, 513):
+        logits = torch.randn(5, vocab, generator=g)
+        row_ids = torch.tensor([0, 1, 2, 3, 1001])
+        expected = reference_draw(logits, None, row_ids, 0.9, None)
+        for isa in isas():
+            assert_same_draw(cpp_draw(logits, None, row_ids, 0.9, None, isa), expected)
+
+
+def test_candidates_per_row():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, VOCAB, generator=g) * 3
+    counts = hk.sampling.gumbel_candidates(logits, SEED, STEP)
+    assert counts.dtype == torch.int64 and counts.shape == (64,)
+    assert 1 <= counts.float().mean().item() <= 1.1 and counts.max().item() <= 3
+    # float64 logits and temperature 0 take the exact path on every token.
+    assert hk.sampling.gumbel_candidates(logits[:2].double(), SEED, STEP).tolist() == [VOCAB, VOCAB]
+    assert hk.sampling.gumbel_candidates(logits[:2], SEED, STEP, temperature=0.0).tolist() == [VOCAB, VOCAB]
+    # Excluded tokens and -inf logits are never candidates of a row with a finite token.
+    masked = logits[:4].clone()
+    masked[:, 100:] = -INF
+    assert hk.sampling.gumbel_candidates(masked, SEED, STEP, exclude=[0, 1]).max().item() <= 3
+
+
+def test_gumbel_argmax_cpp_matches_reference_through_the_op():
+    logits = adversarial_logits(torch.bfloat16, rows=12, vocab=4099)[[0, 1, 2, 5, 6, 8, 9, 10, 11]]
+    for temperature in (1.0, 0.3):
+        ours = hk.sampling.gumbel_argmax(logits, SEED, STEP, temperature=temperature, backend="cpp")
+        assert torch.equal(ours, hk.sampling.gumbel_argmax(logits, SEED, STEP, temperature=temperature,
+                                                           backend="reference"))
+
+
+def test_triton_matches_the_reference_on_adversarial_rows():
+    pytest.importorskip("triton")
+    from hdlm_kernels.sampling import triton_gumbel
+
+    logits = adversarial_logits(torch.float32, rows=12, vocab=257)
+    row_ids = torch.arange(12) * 5
+    for temperature in (1.0, 1e-25):
+        expected = reference_draw(logits, None, row_ids, temperature, None)
+        ours = triton_gumbel.gumbel_argmax_triton(logits, None, row_ids, SEED, STEP, temperature, None)
+        assert_same_draw(ours, expected)
+
+
+def test_avx2_philox_words_are_philox():
+    try:
+        words = C().screen_philox_words_cpu(SEED, STEP, 0, 2**32 - 5)  # the counter's low word wraps
+    except RuntimeError:
+        pytest.skip("no AVX2 on this processor")
+    key = [SEED & 0xFFFFFFFF, SEED >> 32]
+    for p in (0, 4, 5, 6, 127):
+        n = 2**32 - 5 + p
+        expected = hk.sampling.philox4x32_10_ref([n & 0xFFFFFFFF, n >> 32, 0, STEP], key)
+        assert [int(w) for w in words[:, p]] == [int(w) for w in expected]
+
+
+def test_set_cpu_isa_rejects_unknown_names():
+    with pytest.raises(RuntimeError, match="isa must be one of"):
+        C().set_cpu_isa("sse9")
+    assert C().cpu_isa() in ("scalar", "avx2")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends_match_the_reference_on_adversarial_rows(backend):
+    logits = adversarial_logits(torch.bfloat16).cuda()
+    row_ids = torch.arange(logits.shape[0], device="cuda") * 3 + 1
+    for temperature in (1.0, 1e-3, 40.0):
+        expected = reference_draw(logits.cpu(), None, row_ids.cpu(), temperature, None)
+        implementation = hk.backends.select("gumbel_argmax", backend, logits.device, "test").function()
+        assert_same_draw(implementation(logits, None, row_ids, SEED, STEP, temperature, None, 4), expected)
