@@ -317,7 +317,7 @@ def test_log_scores_beyond_the_float64_exponent_range_are_scaled_not_overflowed(
 @pytest.mark.parametrize("target", backend_targets("hybrid_step"))
 def test_deferred_step_is_the_same_step_and_reports_bad_rows_instead_of_raising(target):
     vocab, mask_id = 9, 8
-    x, log_score, now, nxt, final = random_inputs(12 if target.interpreted else 64, vocab, mask_id, seed=12)
+    x, log_score, now, nxt, final = random_inputs(8 if target.interpreted else 64, vocab, mask_id, seed=12)
     row_ids = torch.arange(x.shape[0]) * 3 + 1
     on = [t.to(target.device) for t in (x, log_score, now, nxt, final, row_ids)]
     args = (*on[:4], 0.1, mask_id, 5, 6, on[5])
@@ -477,7 +477,7 @@ def test_every_backend_matches_the_reference_bit_for_bit(target, method, gamma, 
 @pytest.mark.parametrize("target", EVERY)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_backend_equals_the_dense_twin_on_a_tiny_vocabulary(target, method):
-    case = random_case(40 if target.interpreted else 300, 7, 6, seed=11, gamma=0.3, method=method)
+    case = random_case(16 if target.interpreted else 300, 7, 6, seed=11, gamma=0.3, method=method)
     args = (case.x, case.log_score, case.now, case.nxt, case.gamma, case.mask_id, case.seed, case.step)
     expected = hk.sampling.hybrid_step_ref(*args, row_ids=case.row_ids, method=method, final=case.final)
     assert torch.equal(step(case, target), expected)
@@ -523,34 +523,37 @@ def test_vocabularies_that_are_not_a_multiple_of_a_tile(target, small_blocks):
 @pytest.mark.parametrize("target", EVERY)
 def test_non_contiguous_log_scores(target):
     base = random_case(30, 620, 599, seed=6).log_score
-    views = {
-        "row stride, column slice": base[::3, 10:610],
-        "column stride 30 (transposed)": base.t().contiguous().t()[5:15, :600],
-        "column stride 2": base[10:20, ::2][:, :300],
-        "row stride 0": base[0:1, :600].expand(10, 600),
-        "bf16 transposed": base.to(torch.bfloat16).t().contiguous().t()[0:10, :600],
-        "fp16 column slice": base.to(torch.float16)[20:30, 15:615],
+    views = {  # applied to the base on each device, so the strides are the same on both
+        "row stride, column slice": lambda b: b[::3, 10:610],
+        "column stride 30 (transposed)": lambda b: b.t().contiguous().t()[5:15, :600],
+        "column stride 2": lambda b: b[10:20, ::2][:, :300],
+        "row stride 0": lambda b: b[0:1, :600].expand(10, 600),
+        "bf16 transposed": lambda b: b.to(torch.bfloat16).t().contiguous().t()[0:10, :600],
+        "fp16 column slice": lambda b: b.to(torch.float16)[20:30, 15:615],
     }
-    for name, view in views.items():
+    if target.interpreted:  # the interpreter pays per row: one view of each kind of stride
+        views = {name: views[name] for name in ("row stride, column slice", "column stride 30 (transposed)",
+                                                "row stride 0", "bf16 transposed")}
+    for name, view_of in views.items():
+        view, ours = view_of(base), view_of(base.to(target.device))
+        if target.interpreted:
+            view, ours = view[:5], ours[:5]
+        assert not ours.is_contiguous() and ours.stride() == view.stride(), name
         vocab = view.shape[1]
-        case = random_case(10, vocab, vocab - 1, seed=7, gamma=0.05)
-        # The same strides on the target's device.
-        case = replace(case.on(target.device), log_score=view.to(target.device) if target.kind == "cpu" else
-                       base.to(target.device).as_strided(view.shape, view.stride(),
-                                                         view.storage_offset()).to(view.dtype))
-        assert not case.log_score.is_contiguous(), name
-        expected = draw(REFERENCE, replace(case.on("cpu"), log_score=view.contiguous()))
-        assert torch.equal(step(case, target), expected[0]), name
-        if target != REFERENCE:
-            assert_same_draw(draw(target, case), expected)
+        case = random_case(view.shape[0], vocab, vocab - 1, seed=7, gamma=0.05)
+        expected = draw(REFERENCE, replace(case, log_score=view.contiguous()))
+        on = replace(case.on(target.device), log_score=ours)
+        assert torch.equal(step(on, target), expected[0]), name
+        if target != REFERENCE and not target.interpreted:
+            assert_same_draw(draw(target, on), expected)
 
 
 @pytest.mark.parametrize("target", EVERY)
 @pytest.mark.parametrize("method", METHODS)
 def test_draws_are_keyed_by_row_identity(target, method):
-    case = random_case(16 if target.interpreted else 64, 97, 96, seed=5, gamma=0.2, method=method)
+    case = random_case(8 if target.interpreted else 64, 97, 96, seed=5, gamma=0.2, method=method)
     tokens, best = draw(target, case)
-    order = torch.randperm(case.x.shape[0], generator=torch.Generator().manual_seed(1))[:10]
+    order = torch.randperm(case.x.shape[0], generator=torch.Generator().manual_seed(1))[:5]
     assert_same_draw(draw(target, case.rows(order)), (tokens[order], best[order]))
     other = draw(target, replace(case, seed=case.seed - 1))
     assert not torch.equal(other[0], tokens)
@@ -645,10 +648,10 @@ SPECIAL = special_cases()
 
 
 @pytest.mark.parametrize("target", FUSED)
-def test_special_log_scores_match_the_reference(target, small_blocks):
+def test_special_log_scores_match_the_reference(target):
     for name, case in SPECIAL.items():
-        if target.interpreted and name.startswith(("rounded", "above_709_float1", "above_709_bfloat")):
-            continue  # the same paths as their float32 / float64 twins, at interpreter cost
+        if target.interpreted and name.startswith(("rounded", "above_709", "minus_inf_and_ties")):
+            continue  # the interpreter pays per row: the "extreme" cases hold -inf, ties and scores above 709
         assert_matches_reference(target, case)
 
 
@@ -713,7 +716,7 @@ def test_nan_and_plus_inf_raise(target):
     bad = torch.tensor([True, True, True, False, False, False, False, False, True, False])
     assert torch.equal(best.isnan(), bad)
     assert torch.isfinite(best[~bad]).all()
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.bfloat16,) if target.interpreted else (torch.float32, torch.bfloat16):
         poisoned = replace(case, log_score=case.log_score.to(dtype))
         with pytest.raises(ValueError, match="log_score must hold finite values or -inf.*row 0 does not "
                                              r"\(4 such row"):
