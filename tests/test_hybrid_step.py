@@ -551,6 +551,8 @@ def test_non_contiguous_log_scores(target):
 @pytest.mark.parametrize("target", EVERY)
 @pytest.mark.parametrize("method", METHODS)
 def test_draws_are_keyed_by_row_identity(target, method):
+    if target.interpreted and method == "euler":
+        pytest.skip("the keying of the draws does not depend on the method; the analytic case covers the interpreter")
     case = random_case(8 if target.interpreted else 64, 97, 96, seed=5, gamma=0.2, method=method)
     tokens, best = draw(target, case)
     order = torch.randperm(case.x.shape[0], generator=torch.Generator().manual_seed(1))[:5]
@@ -660,7 +662,8 @@ def test_large_scores_do_not_overflow(target):
     """A masked row at γ = 0 with one log-score 1e4 (or 800, or 1e300) above the rest: every other ratio
     underflows to 0 and MASK's weight is clamped at 0, so that token is certain."""
     vocab, mask_id = 300, 299
-    for dtype, top in ((torch.float16, 1e4), (torch.float32, 1e4), (torch.bfloat16, 800.0), (torch.float64, 1e300)):
+    tops = ((torch.float16, 1e4), (torch.float32, 1e4), (torch.bfloat16, 800.0), (torch.float64, 1e300))
+    for dtype, top in tops[::3] if target.interpreted else tops:  # the interpreter pays per row
         case = random_case(6, vocab, mask_id, seed=31, dtype=dtype, gamma=0.0)
         case.x[:] = mask_id
         case.nxt[:] = case.now * 0.5
