@@ -8,6 +8,7 @@ of a far tail, and noise beyond the FP32 cap.
 The Triton kernel runs in the interpreter on the CPU (about 10 ms per program), so its cases use fewer rows
 and smaller vocabularies where they test the same thing; tests marked ``cuda`` cover paper-sized ones."""
 
+import itertools
 import math
 from unittest import mock
 
@@ -259,7 +260,9 @@ def test_greedy_is_the_argmax_with_ties_to_the_lowest_index(target, dtype, small
     few = torch.randint(0, 3, (12, 45), generator=g).to(dtype)
     few[0] = 1.0  # all equal
     sets = [random_logits(8 if target.interpreted else 64, 33 if target.interpreted else 600, dtype, scale=0.5)]
-    if dtype == torch.float32 or not target.interpreted:  # the interpreter pays per launch
+    if target.interpreted and dtype in (torch.float16, torch.float64):
+        sets = []  # the interpreter pays per launch: bfloat16 rounds to ties as float16 does
+    if dtype == torch.float32 or not target.interpreted:
         sets.append(few)
     for logits in sets:
         for exclude in (None, 0, [0, 1, 2, 16, 17]):
@@ -286,7 +289,8 @@ def test_exact_score_ties_go_to_the_lowest_index(target, small_blocks):
         assert (logits[0, a] + g[a]) == (logits[0, b] + g[b])
         expected = gumbel_argmax_ref(logits, seed, step, torch.tensor([row_id]))
         assert expected.tolist() == [a]
-        assert sample(target, logits, seed, step, torch.tensor([row_id])).tolist() == [a]
+        if not target.interpreted:  # the interpreter pays per launch: its draw below checks the token
+            assert sample(target, logits, seed, step, torch.tensor([row_id])).tolist() == [a]
         if target != REFERENCE:
             assert_matches_reference(target, logits, seed, step, torch.tensor([row_id]))
 
@@ -297,7 +301,7 @@ def test_infinite_logits(target):
     assert sample(target, logits, 3, 3).tolist() == [1, 2]  # +inf wins outright, first of equals
     assert sample(target, logits, 3, 3, exclude=1).tolist() == [3, 2]
     if target != REFERENCE:
-        for temperature in (1.0, 0.5, 0.0):
+        for temperature in (1.0, 0.0) if target.interpreted else (1.0, 0.5, 0.0):
             assert_matches_reference(target, logits, 3, 3, temperature=temperature)
 
 
@@ -323,9 +327,10 @@ def test_large_and_equal_logits(target):
     base[:, 7] = 1e4  # ties in the low-precision dtypes
     base[:, 20] = 1e4
     base[0, 30:] = 9999.5
-    for dtype in DTYPES:
-        for temperature in ((1.0, 0.0) if target.interpreted else TEMPERATURES):
-            assert_matches_reference(target, base.to(dtype), 1, 2, torch.arange(rows) + 40, temperature, exclude=[3])
+    # In the interpreter, which pays per launch, each dtype with one temperature.
+    pairs = zip(DTYPES, TEMPERATURES) if target.interpreted else itertools.product(DTYPES, TEMPERATURES)
+    for dtype, temperature in pairs:
+        assert_matches_reference(target, base.to(dtype), 1, 2, torch.arange(rows) + 40, temperature, exclude=[3])
     assert_matches_reference(target, torch.zeros(10, 64, dtype=torch.bfloat16), 8, 1, torch.arange(10) * 3, 1.0, 7)
 
 
@@ -338,7 +343,7 @@ def test_nan_rows_report_the_first_nan_column_and_raise(target, small_blocks):
     logits[2] = -torch.inf
     logits[3, vocab - 1] = float("nan")
     if target != REFERENCE:
-        for temperature in (1.0, 0.4, 0.0):
+        for temperature in (1.0, 0.0) if target.interpreted else (1.0, 0.4, 0.0):
             tokens, best = assert_matches_reference(target, logits, 2, 2, None, temperature, exclude=[5])
             assert tokens[[0, 2, 3]].tolist() == [9, 0, vocab - 1]
             assert best[0].isnan() and best[3].isnan() and best[2] == -torch.inf and not best[1].isnan()
