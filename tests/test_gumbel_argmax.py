@@ -146,7 +146,6 @@ def test_every_backend_matches_the_reference_bit_for_bit(target, dtype, temperat
     tokens, _ = assert_matches_reference(target, logits, 99, 7, row_ids, temperature, exclude)
     if not target.interpreted:  # the interpreter pays per launch; its public path is checked elsewhere
         assert torch.equal(sample(target, logits, 99, 7, row_ids, temperature, exclude), tokens)
-    assert torch.equal(tokens, gumbel_argmax_ref(logits, 99, 7, row_ids, temperature, exclude))
 
 
 @pytest.mark.parametrize("target", EVERY)
