@@ -2,6 +2,7 @@
 shares: the torch recipe accurate to a few ulp, its NumPy twin bit-identical, and every backend (C++, Triton)
 bit for bit against the recipe, with the C++ constants equal to the Python ones."""
 
+import functools
 import math
 
 import pytest
@@ -83,6 +84,7 @@ def exp64_inputs():
     return torch.cat([wide, small, halves, ratios, ends])
 
 
+@functools.lru_cache(maxsize=None)
 def inputs_of(function):
     if function == "exp64":
         return exp64_inputs()
