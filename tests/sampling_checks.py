@@ -1,6 +1,14 @@
-"""Checks the sampling backend tests share (imported by test_sampling_cpp, test_hybrid_cpp and the two
-Triton test files; pytest puts this folder on sys.path)."""
+"""What the sampling tests share (pytest puts this folder on sys.path): the backends to parametrize over,
+the bit-identity check of two draws, and the sm_90 PTX probe of the Triton kernels.
 
+Every op's tests are written once, against its contract, and run on every implementation the registry
+(``hdlm_kernels.backends``) has: ``backend_targets(op)`` lists them with the device each runs on here
+(the Triton kernels on CPU tensors under the interpreter, which tests/conftest.py switches on without a
+GPU), skipped with the registry's reason when unavailable and marked ``cuda`` on a GPU."""
+
+from __future__ import annotations
+
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,6 +16,61 @@ import sys
 
 import pytest
 import torch
+
+from hdlm_kernels import backends
+
+# The device kinds each implementation name serves (whether it can run there on this machine is the
+# registry's probe): the Triton kernels serve CPU tensors only when built for the interpreter.
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+SERVES = {"reference": ("cpu", "cuda"), "cpp": ("cpu",), "cuda": ("cuda",), "flex": ("cpu", "cuda"),
+          "triton": ("cpu",) if INTERPRETER else ("cuda",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One implementation of an op on one device kind."""
+
+    op: str
+    name: str
+    kind: str
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.kind)
+
+    @property
+    def interpreted(self) -> bool:
+        """Runs in the Triton interpreter (about 10 ms per program: tests keep its shapes small)."""
+        return self.name == "triton" and self.kind == "cpu"
+
+    @property
+    def implementation(self) -> backends.Implementation:
+        return backends.select(self.op, self.name, self.kind)
+
+    def __str__(self) -> str:
+        return f"{self.name}-{self.kind}"
+
+
+def backend_targets(op: str, *, reference_cpu: bool = True, interpreted: bool = True) -> list:
+    """pytest params (``Target``) of every implementation of ``op`` on every device kind it serves.
+
+    ``reference_cpu=False`` leaves out the reference on the CPU (the oracle of tests that compare the
+    others with it); ``interpreted=False`` leaves out the Triton interpreter (tests whose sizes only a
+    compiled kernel affords). Unavailable implementations are skipped with the registry's reason; the
+    CUDA ones are marked ``cuda`` (skipped without a GPU by tests/conftest.py)."""
+    params = []
+    for implementation in backends.implementations(op):
+        for kind in SERVES[implementation.name]:
+            target = Target(op, implementation.name, kind)
+            if (not reference_cpu and str(target) == "reference-cpu") or (not interpreted and target.interpreted):
+                continue
+            marks = [pytest.mark.cuda] if kind == "cuda" else []
+            if kind == "cpu" or torch.cuda.is_available():
+                reason = implementation.unavailable_reason(kind)
+                if reason:
+                    marks.append(pytest.mark.skip(reason=f"{op} backend {implementation.name!r} on {kind}: {reason}"))
+            params.append(pytest.param(target, marks=marks, id=str(target)))
+    return params
 
 
 def assert_same_draw(ours, expected):
@@ -19,6 +82,13 @@ def assert_same_draw(ours, expected):
     nan = best_ref.isnan()
     assert torch.equal(best.isnan(), nan)
     assert torch.equal(best[~nan].view(torch.int64), best_ref[~nan].view(torch.int64))
+
+
+def assert_same_bits(ours: torch.Tensor, expected: torch.Tensor):
+    """float64 tensors equal bit for bit (NaN payloads included), shape and dtype too."""
+    ours = ours.cpu()
+    assert ours.dtype == expected.dtype == torch.float64 and ours.shape == expected.shape
+    assert torch.equal(ours.view(torch.int64), expected.view(torch.int64))
 
 
 def compiled_ptx_ops(script: str, tmp_path) -> dict:
