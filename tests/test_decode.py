@@ -8,6 +8,7 @@ import hdlm_kernels as hk
 from hdlm_kernels.masks import IntervalMask
 from hdlm_reference.generate import generate
 from hdlm_reference.model import DiT, ModelConfig
+from host_syncs import HostSyncs
 
 pytest.importorskip("hdlm_kernels.attention.triton_attention")
 
@@ -58,7 +59,7 @@ def test_dense_window_over_per_sequence_prefixes(backend, num_splits):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_unchecked_call_computes_the_same_rows(backend):
-    """check=False (the generation loop's, which validates its plan once) skips only the host sync."""
+    """check=False (the generation loop's, which validates its plan once) skips only the device checks."""
     q, k_cache, v_cache, cache_len, k_new, v_new = decode_problem()
     K = int(cache_len.max()) + q.shape[1]
     mask = IntervalMask((cache_len[:, None] + 1 + torch.arange(7, device=DEVICE)).int(),
@@ -72,8 +73,10 @@ def test_unchecked_call_computes_the_same_rows(backend):
         unchecked = hk.attention.decode(*args, backend=backend, check=False)
     assert torch.equal(k_cache[1, 40:47], k_new[1])
     assert torch.equal(checked, unchecked)
-    with pytest.raises(ValueError, match="check=False needs a mask"):
-        hk.attention.decode(*args[:-1], backend=backend, check=False)
+    # Without a mask the dense window is built from cache_len on the device: no check is needed for it.
+    dense_checked = hk.attention.decode(*args[:-1], backend=backend)
+    dense_unchecked = hk.attention.decode(*args[:-1], backend=backend, check=False)
+    assert torch.equal(dense_checked, dense_unchecked)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -107,11 +110,47 @@ def test_one_query_row_and_an_empty_prefix():
     torch.testing.assert_close(out[0].double(), v_new[0].double(), rtol=0, atol=1e-6)  # only key: itself
 
 
-@pytest.mark.parametrize("change,error,message", [
-    (lambda a: {**a, "cache_len": torch.tensor([5, 40, 115], device=DEVICE)}, ValueError,
-     "the cache overflows: cache_len \\+ S = 122 > max_len = 120"),
+@pytest.mark.parametrize("change,message", [
+    (lambda a: {**a, "cache_len": torch.tensor([5, 40, 115], device=DEVICE)},
+     "decode: the cache overflows: cache_len \\+ S = 122 > max_len = 120"),
+    (lambda a: {**a, "cache_len": torch.tensor([5, -2, 7], device=DEVICE)},
+     "decode: cache_len must be >= 0, got a smallest value of -2"),
     (lambda a: {**a, "mask": IntervalMask(torch.full((1, 7), 13), torch.zeros(1, 7, dtype=torch.long), torch.zeros(1, 7, dtype=torch.long),
-                                          13).to(DEVICE)}, ValueError, "attend past cache_len \\+ S"),
+                                          13).to(DEVICE)}, "attend past cache_len \\+ S"),
+])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_value_checks_are_recorded_on_the_device_and_raised_once(change, message, backend):
+    """The checks that need values never stop the call: they are folded into a DecodeErrors on the
+    device, and its check() (one host synchronization) raises them and clears."""
+    q, k_cache, v_cache, cache_len, k_new, v_new = decode_problem()
+    args = change(dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_len=cache_len, k_new=k_new, v_new=v_new))
+    errors = hk.attention.DecodeErrors(DEVICE)
+    with torch.no_grad():
+        hk.attention.decode(**args, backend=backend, errors=errors)
+        hk.attention.decode(**args, backend=backend, errors=errors, check=False)  # records nothing
+    with pytest.raises(ValueError, match=message):
+        errors.check()
+    errors.check()  # cleared
+    # By default a call records into the device's shared DecodeErrors.
+    with torch.no_grad():
+        hk.attention.decode(**args, backend=backend)
+    with pytest.raises(ValueError, match=message):
+        hk.attention.decode_errors(DEVICE).check()
+
+
+def test_valid_calls_record_no_error():
+    q, k_cache, v_cache, cache_len, k_new, v_new = decode_problem()
+    errors = hk.attention.DecodeErrors(DEVICE)
+    with torch.no_grad():
+        hk.attention.decode(q, k_cache, v_cache, cache_len, k_new, v_new, errors=errors)
+    assert errors.messages() == []
+    with pytest.raises(TypeError, match="errors must be a DecodeErrors"):
+        hk.attention.decode(q, k_cache, v_cache, cache_len, k_new, v_new, errors=errors.state)
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (lambda a: {**a, **{name: a[name].repeat(1, 18, 1, 1)[:, :121] for name in ("q", "k_new", "v_new")}},
+     ValueError, "the cache overflows: S = 121 rows > max_len = 120"),
     (lambda a: {**a, "mask": IntervalMask(*torch.ones(3, 1, 6, dtype=torch.long), 9).to(DEVICE)},
      ValueError, "the mask must have \\[1 or 3, 7\\] rows"),
     (lambda a: {**a, "cache_len": torch.tensor([1.0, 2.0, 3.0], device=DEVICE)}, ValueError,
@@ -268,3 +307,42 @@ def test_the_op_finds_the_callers_mask_and_its_tile_maps():
     assert same is mask and same.tiles(16, 16) is tiles
     other = IntervalMask.of_tensors(mask.prefix_end.clone(), mask.window_start, mask.window_end, mask.key_length)
     assert other is not mask and torch.equal(other.prefix_end, mask.prefix_end)
+
+
+# -- no host synchronization ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["dense_window", "mask"])
+def test_decode_never_makes_the_host_wait(backend, with_mask):
+    """decode with its checks on (the default) issues no op that waits for the device: the checks are
+    recorded on the device, the keys read are [0, max_len) under the mask, and the dense window and its
+    tile map are built from cache_len on the device (once per cache_len value version)."""
+    q, k_cache, v_cache, cache_len, k_new, v_new = decode_problem()
+    mask = None
+    if with_mask:
+        ends = (cache_len[:, None] + torch.arange(1, q.shape[1] + 1, device=DEVICE)).to(torch.int32)
+        mask = IntervalMask(ends, torch.zeros_like(ends), torch.zeros_like(ends), k_cache.shape[1])
+    errors = hk.attention.DecodeErrors(DEVICE)
+    with torch.no_grad():
+        expected = hk.attention.decode(q, k_cache.clone(), v_cache.clone(), cache_len, k_new, v_new, mask,
+                                       backend=backend, errors=errors)
+        with HostSyncs(armed=False) as syncs:
+            _ = hk.attention.decode(q, k_cache, v_cache, cache_len, k_new, v_new, mask, backend=backend)
+            syncs.armed = True
+            out = hk.attention.decode(q, k_cache, v_cache, cache_len, k_new, v_new, mask, backend=backend,
+                                      errors=errors)
+            syncs.armed = False
+    assert syncs.seen == []
+    assert torch.equal(out, expected)
+    errors.check()
+
+
+def test_the_dense_window_is_built_once_per_cache_len_version():
+    from hdlm_kernels.attention.decode import _dense_window
+
+    q, k_cache, v_cache, cache_len, k_new, v_new = decode_problem()
+    first = _dense_window(cache_len, 7, 120)
+    assert _dense_window(cache_len, 7, 120) is first  # every layer of one step
+    cache_len += 1  # the step advanced the lengths in place: a new window
+    second = _dense_window(cache_len, 7, 120)
+    assert second is not first and torch.equal(second.prefix_end[:, 0], (cache_len + 7).int())
