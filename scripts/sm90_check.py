@@ -42,6 +42,9 @@ KERNEL_MODULES = ("hdlm_kernels.attention.triton_attention", "hdlm_kernels.sampl
                   "hdlm_kernels.sampling.triton_corrupt")
 CUDA_SOURCES = ("decode_attention_cuda.cu", "gumbel_cuda.cu", "hybrid_cuda.cu", "uniform53_cuda.cu")
 
+# Threads per block of the CUDA kernels (their launch sites' constants).
+CUDA_THREADS = {"decode_attention_cuda.cu": 128}
+
 # sm_90 limits (CUDA programming guide, compute capability 9.0).
 SMEM_PER_BLOCK = 227 * 1024
 SMEM_PER_SM = 228 * 1024
@@ -246,28 +249,80 @@ def _cuda_records(jobs: int) -> tuple[list[dict], str]:
         nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
     if nvcc is None:
         return [], "skipped: no nvcc (CUDA_HOME, PATH, /usr/local/cuda)"
-    from torch.utils.cpp_extension import include_paths
-
-    includes = [f"-I{path}" for path in include_paths()] + [f"-I{REPO / 'csrc'}"]
+    paths, where = _cuda_torch_includes()
+    if paths is None:
+        return [], where
+    includes = [f"-I{path}" for path in paths] + [f"-I{REPO / 'csrc'}"]
     flags = ["-c", "-O3", "-std=c++17", "-arch=sm_90", "-Xptxas", "-v", "--expt-relaxed-constexpr",
              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-             "-D__CUDA_NO_HALF2_OPERATORS__", "-DHDLM_WITH_CUDA", *includes]
+             "-D__CUDA_NO_HALF2_OPERATORS__", *includes]
+    cuobjdump = _tools()["cuobjdump"]
 
-    def compile_source(name: str) -> tuple[str, subprocess.CompletedProcess]:
+    def compile_source(name: str) -> tuple[str, subprocess.CompletedProcess, str]:
         with tempfile.TemporaryDirectory() as directory:
             result = subprocess.run([nvcc, *flags, str(REPO / "csrc" / name), "-o", f"{directory}/out.o"],
                                     capture_output=True, text=True)
-        return name, result
+            sass = subprocess.run([cuobjdump, "-sass", f"{directory}/out.o"], capture_output=True,
+                                  text=True).stdout if result.returncode == 0 else ""
+        return name, result, sass
 
     records = []
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
-        for name, result in pool.map(compile_source, CUDA_SOURCES):
+        for name, result, sass in pool.map(compile_source, CUDA_SOURCES):
             if result.returncode != 0:
+                errors = [line for line in result.stderr.splitlines() if "error" in line][:2]
                 records.append({"kernel": name, "config": "", "source": "cuda",
-                                "error": f"nvcc failed: {result.stderr.strip().splitlines()[-1:]}"})
+                                "error": f"nvcc failed: {errors or result.stderr.strip().splitlines()[-1:]}"})
                 continue
-            records.extend(_parse_ptxas_log(name, result.stderr))
-    return records, f"nvcc {nvcc}"
+            found = _parse_ptxas_log(name, result.stderr)
+            functions = _sass_by_function(sass)
+            for record in found:
+                if record["symbol"] in functions:
+                    record.update(_opcode_counts(functions[record["symbol"]]))
+            records.extend(found)
+    return records, f"nvcc {nvcc} -arch=sm_90, torch headers from {where}"
+
+
+def _cuda_torch_includes() -> tuple[list[str] | None, str]:
+    """torch's C++ include directories from a CUDA build of torch: this interpreter's when it is one, else
+    the one at $HDLM_CUDA_TORCH_PYTHON, else the GPU machine's versions' venv of .ci/device_versions_check.sh
+    when it exists (a CPU wheel of torch lacks c10/cuda's generated headers)."""
+    import torch
+
+    if torch.version.cuda is not None:
+        from torch.utils.cpp_extension import include_paths
+
+        return include_paths(), f"torch {torch.__version__}"
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    candidates = [os.environ.get("HDLM_CUDA_TORCH_PYTHON", ""),
+                  os.path.join(cache, "hdlm-kernels", "venv-torch-2.11.0-triton-3.6.0", "bin", "python")]
+    for python in filter(None, candidates):
+        if not os.path.exists(python):
+            continue
+        result = subprocess.run([python, "-c", "import json, torch; from torch.utils.cpp_extension import "
+                                 "include_paths; print(json.dumps([torch.version.cuda, torch.__version__, include_paths()]))"],
+                                capture_output=True, text=True)
+        if result.returncode == 0:
+            cuda, version, paths = json.loads(result.stdout.strip().splitlines()[-1])
+            if cuda is not None:
+                return paths, f"torch {version} at {python}"
+    return None, ("skipped: this torch is a CPU build (no c10/cuda generated headers) and no CUDA torch was "
+                  "found (set HDLM_CUDA_TORCH_PYTHON, or run .ci/device_versions_check.sh first)")
+
+
+def _sass_by_function(sass: str) -> dict:
+    functions, name, body = {}, None, []
+    for line in sass.splitlines():
+        match = re.match(r"\s*Function : (\S+)", line)
+        if match:
+            if name:
+                functions[name] = "\n".join(body)
+            name, body = match.group(1), []
+        elif name:
+            body.append(line)
+    if name:
+        functions[name] = "\n".join(body)
+    return functions
 
 
 def _demangle(names: list[str]) -> dict:
@@ -406,7 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         cuda_records, cuda_note = _cuda_records(args.jobs)
         records.extend(cuda_records)
     for record in records:
-        record["occupancy"] = occupancy(record, 256 if record.get("source") == "cuda" else None)
+        threads = CUDA_THREADS.get(record["kernel"], 256) if record.get("source") == "cuda" else None
+        record["occupancy"] = occupancy(record, threads)
+        if threads:
+            record["warps"] = threads // 32
         record["failures"] = failures(record)
     seconds = round(time.perf_counter() - start, 1)
     header = {"generated": time.strftime("%Y-%m-%d", time.gmtime()), "triton": triton.__version__,
