@@ -17,7 +17,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["KernelLaunch", "register", "dispatchable", "registered_modules"]
+__all__ = ["KernelLaunch", "register", "dispatchable", "registered_modules", "SMEM_PER_BLOCK", "MAX_REGISTERS"]
+
+# The sm_90 limits the compile gate enforces (CUDA programming guide, compute capability 9.0), shared
+# with the autotuning that prunes its candidates by them.
+SMEM_PER_BLOCK = 227 * 1024
+MAX_REGISTERS = 255
 
 
 @dataclass(frozen=True)

@@ -45,12 +45,14 @@ CUDA_SOURCES = ("decode_attention_cuda.cu", "gumbel_cuda.cu", "hybrid_cuda.cu", 
 # Threads per block of the CUDA kernels (their launch sites' constants).
 CUDA_THREADS = {"decode_attention_cuda.cu": 128}
 
-# sm_90 limits (CUDA programming guide, compute capability 9.0).
-SMEM_PER_BLOCK = 227 * 1024
+# sm_90 limits (CUDA programming guide, compute capability 9.0); the per-block ones live in
+# hdlm_kernels/_kernel_launch.py, where the opt-in autotuning prunes its candidates by them too.
+sys.path.insert(0, str(REPO))
+from hdlm_kernels._kernel_launch import MAX_REGISTERS, SMEM_PER_BLOCK  # noqa: E402
+
 SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_BLOCK = 1024
 REGISTERS_PER_SM = 65536
-MAX_REGISTERS = 255
 MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 
@@ -425,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--name", default="sm90-resources")
-    parser.add_argument("--only", default="", help="compile only launches whose kernel name contains this")
+    parser.add_argument("--only", default="", help="compile only launches whose 'name configuration' contains "
+                        "one of these ';'-separated strings, e.g. 'attention.forward D=128, dtype=bfloat16;sampling'")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA sources")
     parser.add_argument("--device", action="store_true", help="compile for the visible GPU (no stand-in)")
     args = parser.parse_args(argv)
@@ -441,8 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     count = _launch_count(args.device)
     from hdlm_kernels import _kernel_launch
 
-    names = [launch.name for launch in _kernel_launch.dispatchable()]
-    indices = [i for i in range(count) if args.only in names[i]]
+    names = [f"{launch.name} {launch.label()}" for launch in _kernel_launch.dispatchable()]
+    wanted = [part.strip() for part in args.only.split(";")]
+    indices = [i for i in range(count) if any(part in names[i] for part in wanted)]
     print(f"sm90-check: {len(indices)} Triton launches from {len(_kernel_launch.registered_modules())} modules, "
           f"{args.jobs} processes, triton {triton.__version__}", flush=True)
     jobs = max(1, min(args.jobs, len(indices)))

@@ -21,6 +21,7 @@ bfloat16 there is refused rather than answered wrongly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -393,6 +394,9 @@ def forward_config(head_dim: int, dtype: torch.dtype, on_gpu: bool = True, rows:
         return _decode_config(block_m, head_dim, dtype)
     if head_dim <= 64:
         return LaunchConfig(128, 64, num_warps=4, num_stages=3)
+    if dtype == torch.float32 and head_dim > 128:
+        # Two stages of 64-key float32 tiles need about 290 KB of shared memory (sm_90 allows 227 KB).
+        return LaunchConfig(64, 32, num_warps=8, num_stages=2)
     return LaunchConfig(128, 64, num_warps=8, num_stages=2)
 
 
@@ -408,7 +412,69 @@ def backward_config(head_dim: int, dtype: torch.dtype, on_gpu: bool = True) -> L
         return _INTERPRETER_CONFIG
     if head_dim <= 64:
         return LaunchConfig(64, 64, num_warps=4, num_stages=2)
-    return LaunchConfig(64, 64, num_warps=8, num_stages=1)
+    if dtype == torch.float32 and head_dim > 128:
+        return LaunchConfig(32, 32, num_warps=8, num_stages=1)
+    # 32 query rows per inner tile keep the dK/dV pass at D = 96/128 under 180 registers without
+    # spilling (64 rows and one stage reached 255 registers and spilled); two stages overlap the loads.
+    return LaunchConfig(32, 64, num_warps=8, num_stages=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# opt-in autotuning (HDLM_KERNELS_AUTOTUNE=1)
+# --------------------------------------------------------------------------------------------------
+
+AUTOTUNE_ENV = "HDLM_KERNELS_AUTOTUNE"
+AUTOTUNE_WARPS = (4, 8)
+AUTOTUNE_STAGES = (1, 2, 3)
+
+
+def autotune_enabled() -> bool:
+    """Whether launches on a GPU time their candidates first (``HDLM_KERNELS_AUTOTUNE=1``, read per call)."""
+    return os.environ.get(AUTOTUNE_ENV) == "1"
+
+
+def shared_memory_estimate(block_m: int, block_n: int, block_d: int, block_dv: int, element_size: int,
+                           stages: int) -> int:
+    """Bytes of shared memory a pass pipelines: ``stages`` buffers of a K and a V tile plus the query
+    tile (the layout conversions the compiler adds are left out: the gate measures the real figure)."""
+    return max(stages, 1) * block_n * (block_d + block_dv) * element_size + block_m * block_d * element_size
+
+
+def prune_autotune_configs(configs, named_args, **kwargs):
+    """Triton's ``early_config_prune``: keep the candidates whose shared memory fits the limit the sm_90
+    gate enforces (``_kernel_launch.SMEM_PER_BLOCK``); the tiles are fixed by the tile map, so only warps
+    and stages vary. Falls back to the smallest pipeline when none fits."""
+    from .._kernel_launch import SMEM_PER_BLOCK
+
+    values = {**named_args, **kwargs}
+    element_size = values["Q"].element_size()
+    fitting = [c for c in configs
+               if shared_memory_estimate(values["BLOCK_M"], values["BLOCK_N"], values["BLOCK_D"], values["BLOCK_DV"],
+                                         element_size, c.num_stages) <= SMEM_PER_BLOCK]
+    return fitting or [min(configs, key=lambda c: (c.num_stages, c.num_warps))]
+
+
+_TUNED: dict = {}
+
+
+def _tuned(kernel, reset_to_zero: tuple[str, ...] = ()):
+    """``kernel`` wrapped in ``triton.autotune`` over warps x stages, keyed on the head dims and the tile
+    (window class) and, as Triton does for every tensor argument, the dtypes."""
+    if kernel not in _TUNED:
+        configs = [triton.Config({}, num_warps=w, num_stages=s) for w in AUTOTUNE_WARPS for s in AUTOTUNE_STAGES]
+        _TUNED[kernel] = triton.autotune(configs, key=["head_dim", "head_dim_v", "BLOCK_M", "BLOCK_N"],
+                                         prune_configs_by={"early_config_prune": prune_autotune_configs},
+                                         reset_to_zero=list(reset_to_zero) or None)(kernel)
+    return _TUNED[kernel]
+
+
+def _launch(kernel, grid, args: tuple, constexprs: dict, config: LaunchConfig, on_gpu: bool,
+            reset_to_zero: tuple[str, ...] = ()) -> None:
+    """Launch with the configuration the tables chose, or, opted in on a GPU, the fastest candidate."""
+    if on_gpu and autotune_enabled():
+        _tuned(kernel, reset_to_zero)[grid](*args, **constexprs)
+    else:
+        kernel[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _block_dim(dim: int) -> int:
@@ -472,16 +538,15 @@ def _forward(q, k, v, mask: IntervalMask, scale: float, num_splits: int = 1, dec
     tiles = mask.tiles(config.block_m, config.block_n)
     stride_mask_b, stride_count_b, stride_index_b, stride_index_t = _map_strides(mask, tiles)
     grid = (tiles.num_q_tiles, B * H, num_splits)
-    _attention_forward_kernel[grid](
+    _launch(_attention_forward_kernel, grid, (
         q, k, v, out, lse, mask.prefix_end, mask.window_start, mask.window_end,
         tiles.full_kv_count, tiles.full_kv_index, tiles.kv_count, tiles.kv_index,
         scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(out[0] if split else out),
         out.stride(0) if split else 0,
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
-        H, Q, K, D, Dv, num_splits,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(Dv),
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        H, Q, K, D, Dv, num_splits),
+        dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(Dv),
+             DOT_PRECISION=_dot_precision(q.dtype)), config, q.device.type == "cuda")
     return out, lse
 
 
@@ -571,27 +636,28 @@ def _backward(dout, q, k, v, out, lse, mask: IntervalMask, scale: float, determi
     tiles = mask.tiles(config.block_m, config.block_n)
     stride_mask_b, stride_count_b, stride_index_b, stride_index_t = _map_strides(mask, tiles)
     shared = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_dim(D),
-                  BLOCK_DV=_block_dim(Dv), DOT_PRECISION=_dot_precision(q.dtype),
-                  num_warps=config.num_warps, num_stages=config.num_stages)
+                  BLOCK_DV=_block_dim(Dv), DOT_PRECISION=_dot_precision(q.dtype))
+    on_gpu = q.device.type == "cuda"
     # Atomics accumulate dQ in float32 whatever the input dtype.
     dq_accumulator = dq if deterministic else torch.zeros(B, Q, H, D, dtype=torch.float32, device=q.device)
     map_stride_t = tiles.q_index.stride(1)
-    _attention_backward_kv_kernel[(tiles.num_kv_tiles, B * H)](
+    _launch(_attention_backward_kv_kernel, (tiles.num_kv_tiles, B * H), (
         q, k, v, dout, dq_accumulator, dk, dv, lse, delta, mask.prefix_end, mask.window_start, mask.window_end,
         tiles.full_q_count, tiles.full_q_index, tiles.q_count, tiles.q_index,
         scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(dout),
         *_strides_bsh(dq_accumulator), *_strides_bsh(dk), *_strides_bsh(dv),
         stride_mask_b, 0 if mask.batch == 1 else tiles.q_count.stride(0),
         0 if mask.batch == 1 else tiles.q_index.stride(0), map_stride_t,
-        H, Q, K, D, Dv, ATOMIC_DQ=not deterministic, **shared)
+        H, Q, K, D, Dv), dict(ATOMIC_DQ=not deterministic, **shared), config, on_gpu,
+        reset_to_zero=("DQ",))  # autotuning reruns the pass: the atomics must restart from zero
     if not deterministic:
         return dq_accumulator.to(q.dtype), dk, dv
-    _attention_backward_q_kernel[(tiles.num_q_tiles, B * H)](
+    _launch(_attention_backward_q_kernel, (tiles.num_q_tiles, B * H), (
         q, k, v, dout, dq, lse, delta, mask.prefix_end, mask.window_start, mask.window_end,
         tiles.full_kv_count, tiles.full_kv_index, tiles.kv_count, tiles.kv_index,
         scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(dout), *_strides_bsh(dq),
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
-        H, Q, K, D, Dv, **shared)
+        H, Q, K, D, Dv), shared, config, on_gpu)
     return dq, dk, dv
 
 
