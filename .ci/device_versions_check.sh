@@ -5,12 +5,13 @@
 # benchmarks/results/sm90-resources-triton-3.6.0.{json,md}.
 #
 # With HDLM_DEVICE_VERSIONS_SUITE=1 it also runs the whole CPU test suite under those versions (about
-# as long as `make test`; not part of CI): the C++ extension is built CPU-only into a temporary
-# directory against torch 2.11 and put first on PYTHONPATH, with the repository's sources.
+# as long as `make test`; not part of CI): the C++ extension is built CPU-only against torch 2.11 into
+# the venv (incremental across runs) and put, with a copy of the package's sources, first on PYTHONPATH.
 #
-# Environment: HDLM_DEVICE_VENV (venv path), HDLM_DEVICE_TORCH (default torch==2.11.0),
+# Environment: HDLM_DEVICE_VERSIONS_GATE=0 skips the gate; HDLM_DEVICE_VENV (venv path), HDLM_DEVICE_TORCH (default torch==2.11.0),
 # HDLM_DEVICE_TRITON (default triton==3.6.0), PYTHON (interpreter that creates the venv, default python3),
-# SM90_ARGS (extra arguments of the gate), PYTEST_ARGS (extra arguments of the suite).
+# SM90_ONLY (the gate's --only: ';'-separated substrings of "kernel configuration"), SM90_ARGS (other
+# arguments of the gate, split on spaces), PYTEST_ARGS (extra arguments of the suite).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -52,16 +53,21 @@ fi
 "$venv/bin/python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 end_phase "venv"
 
+if [[ "${HDLM_DEVICE_VERSIONS_GATE:-1}" == "1" ]]; then
 begin_phase "sm_90 compile gate under triton $triton_version"
 # The gate imports the package from the source tree (no extension needed) and keeps its Triton cache
 # in the venv, so a warm rerun takes seconds.
+only=()
+if [[ -n "${SM90_ONLY:-}" ]]; then only=(--only "$SM90_ONLY"); fi
 PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}" \
-  "$venv/bin/python" "$repo_root/scripts/sm90_check.py" --name "sm90-resources-triton-$triton_version" ${SM90_ARGS:-}
+  "$venv/bin/python" "$repo_root/scripts/sm90_check.py" --name "sm90-resources-triton-$triton_version" \
+  "${only[@]}" ${SM90_ARGS:-}
 end_phase "sm_90 gate"
+fi
 
 if [[ "${HDLM_DEVICE_VERSIONS_SUITE:-0}" == "1" ]]; then
-  build_dir="$(mktemp -d "${TMPDIR:-/tmp}/hdlm-device-versions.XXXXXX")"
-  trap 'rm -rf "$build_dir"' EXIT
+  build_dir="$venv/hdlm-build"
+  rm -rf "$build_dir/src"
   begin_phase "CPU-only extension against torch ${torch_requirement#*==} into $build_dir"
   (cd "$repo_root" && HDLM_KERNELS_BUILD_CUDA=0 HDLM_KERNELS_REQUIRE_EXTENSION=1 MAX_JOBS="${MAX_JOBS:-2}" \
      PATH="$venv/bin:$PATH" "$venv/bin/python" setup.py -q build_ext --build-lib "$build_dir/lib" \
