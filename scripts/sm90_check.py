@@ -328,8 +328,10 @@ def _sass_by_function(sass: str) -> dict:
 
 
 def _demangle(names: list[str]) -> dict:
-    cufilt = shutil.which("cu++filt") or "/usr/local/cuda/bin/cu++filt"
-    if not os.path.exists(cufilt):
+    # cu++filt where the toolkit has it, else binutils' c++filt (the Itanium mangling is the same).
+    cufilt = next((tool for tool in (shutil.which("cu++filt"), "/usr/local/cuda/bin/cu++filt", shutil.which("c++filt"))
+                   if tool and os.path.exists(tool)), None)
+    if cufilt is None:
         return {}
     result = subprocess.run([cufilt], input="\n".join(names), capture_output=True, text=True)
     return dict(zip(names, result.stdout.splitlines()))
@@ -361,7 +363,7 @@ def _parse_ptxas_log(source: str, log: str) -> list[dict]:
     names = _demangle([r["symbol"] for r in records])
     for record in records:
         pretty = names.get(record["symbol"], record["symbol"])
-        record["config"] = re.sub(r"\(.*", "", pretty.replace("void ", ""))[:90]
+        record["config"] = re.sub(r"\(.*", "", pretty.replace("void ", "").replace("(anonymous namespace)::", ""))[:90]
         # Decode attention in float32 is not a bf16/fp16 kernel: spills there are reported, not failed.
         record["spill_free"] = "float>" not in pretty and "float," not in pretty
     return records
