@@ -287,17 +287,20 @@ def _cuda_records(jobs: int) -> tuple[list[dict], str]:
 
 def _cuda_torch_includes() -> tuple[list[str] | None, str]:
     """torch's C++ include directories from a CUDA build of torch: this interpreter's when it is one, else
-    the one at $HDLM_CUDA_TORCH_PYTHON, else the GPU machine's versions' venv of .ci/device_versions_check.sh
-    when it exists (a CPU wheel of torch lacks c10/cuda's generated headers)."""
+    the one at $HDLM_CUDA_TORCH_PYTHON, else one of the cached venvs of the CI scripts (a CPU wheel of
+    torch lacks c10/cuda's generated headers)."""
     import torch
 
     if torch.version.cuda is not None:
         from torch.utils.cpp_extension import include_paths
 
         return include_paths(), f"torch {torch.__version__}"
+    import glob
+
     cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    # The cached venvs of .ci/cuda_compile_check.sh and .ci/device_versions_check.sh hold CUDA builds.
     candidates = [os.environ.get("HDLM_CUDA_TORCH_PYTHON", ""),
-                  os.path.join(cache, "hdlm-kernels", "venv-torch-2.11.0-triton-3.6.0", "bin", "python")]
+                  *sorted(glob.glob(os.path.join(cache, "hdlm-kernels", "venv-*", "bin", "python")))]
     for python in filter(None, candidates):
         if not os.path.exists(python):
             continue
