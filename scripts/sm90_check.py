@@ -225,8 +225,16 @@ def _compile_one(index: int) -> dict:
             sass = subprocess.run([tools["cuobjdump"], "-sass", str(cubin)], capture_output=True, text=True,
                                   check=True).stdout
             record.update(_opcode_counts(sass))
-            record["spill_bytes"] = (_spill_bytes(tools["ptxas"], compiled.asm["ptx"], arch, directory)
-                                     if record["local"] else 0)
+            # Spills land in local memory or the stack frame; without either there are none. ptxas -v
+            # counts them; it is asked where the policy needs the figure (bf16/fp16 attention with
+            # D <= 128 and everything without FP32-only arithmetic); elsewhere the stack column shows it.
+            uses_local = record["local"] or record["stack"]
+            if not uses_local:
+                record["spill_bytes"] = 0
+            elif launch.spill_free:
+                record["spill_bytes"] = _spill_bytes(tools["ptxas"], compiled.asm["ptx"], arch, directory)
+            else:
+                record["spill_bytes"] = None
         record["arch"] = arch
         record["dynamic_smem"] = int(compiled.metadata.shared)
         record["stages"] = launch.options.get("num_stages", compiled.metadata.num_stages)
@@ -397,7 +405,7 @@ def failures(record: dict) -> list[str]:
         found.append(f"shared memory {smem / 1024:.1f} KB > 227 KB")
     if record.get("registers", 0) > MAX_REGISTERS:
         found.append(f"{record['registers']} registers > {MAX_REGISTERS}")
-    if record.get("spill_free") and record.get("spill_bytes", 0) > 0:
+    if record.get("spill_free") and (record.get("spill_bytes") or 0) > 0:
         found.append(f"spills {record['spill_bytes']} bytes")
     if not record.get("fp64_allowed") and record.get("fp64", 0) > 0:
         found.append(f"{record['fp64']} FP64 instructions where none are designed")
@@ -408,7 +416,9 @@ def _markdown(records: list[dict], header: dict) -> str:
     lines = [f"# sm_90 resources ({header['generated']})", "",
              f"Static figures from the compiled machine code (no GPU): Triton {header['triton']}, torch "
              f"{header['torch']}, target {header['target']}; CUDA via {header['cuda']}. Compile wall time "
-             f"{header['seconds']} s with {header['jobs']} processes. Regenerate: `make sm90-check`.", "",
+             f"{header['seconds']} s with {header['jobs']} processes. Regenerate: `make sm90-check`. Spill bytes from "
+             "`ptxas -v` where the policy needs them (bf16/fp16 attention with D <= 128: must be 0); `-` elsewhere "
+             "when the kernel has a stack frame (see the stack column), 0 when it has no local memory at all.", "",
              "| kernel | configuration | regs | spill B | static smem | dyn smem | stack | warps | stages "
              "| wgmma | mma | TMA | FP64 | occupancy | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -420,7 +430,8 @@ def _markdown(records: list[dict], header: dict) -> str:
         yes = lambda key: "-" if key not in r else ("yes" if r[key] else "no")  # noqa: E731
         verdict = "; ".join(r["failures"]) or "ok"
         lines.append(
-            f"| {r['kernel']} | {r.get('config', '')} | {r.get('registers', '')} | {r.get('spill_bytes', '')} | "
+            f"| {r['kernel']} | {r.get('config', '')} | {r.get('registers', '')} | "
+            f"{'-' if r.get('spill_bytes') is None else r['spill_bytes']} | "
             f"{r.get('static_smem', 0)} | {r.get('dynamic_smem', 0)} | {r.get('stack', '')} | "
             f"{r.get('warps') or '-'} | {r.get('stages') or '-'} | {yes('wgmma')} | {yes('mma')} | {yes('tma')} | "
             f"{r.get('fp64', '-')} | {'-' if occ is None else f'{occ:.0%}'} | {verdict} |")
