@@ -15,7 +15,7 @@ BENCH_ARGS   ?=
 # Sources whose change must rebuild the editable install (the C++/CUDA extension).
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: test bench bench-smoke demo venv cuda-compile-check clean
+.PHONY: test bench bench-smoke demo venv cuda-compile-check sm90-check gpu-validate device-versions-check clean
 
 venv: $(VENV)/.installed
 
@@ -58,6 +58,22 @@ demo: venv
 # Compile the CUDA sources against a CUDA build of torch (no GPU needed); see the script.
 cuda-compile-check:
 	bash .ci/cuda_compile_check.sh
+
+# Compile every dispatchable Triton launch and the CUDA sources for sm_90 without a GPU; write the
+# resource table benchmarks/results/sm90-resources.{json,md}; fail on what cannot run well there.
+SM90_ARGS ?=
+sm90-check: venv
+	$(PY) scripts/sm90_check.py $(SM90_ARGS)
+
+# The one command a GPU machine runs (see README, "GPU validation"); DRY_RUN=1 runs CPU stand-ins.
+# No venv prerequisite: building it (with 16 jobs there) is the script's first, timed phase.
+GPU_VALIDATE_ARGS ?=
+gpu-validate:
+	$(PYTHON) scripts/gpu_validate.py $(GPU_VALIDATE_ARGS)
+
+# The sm_90 gate under the GPU machine's versions (triton 3.6.0, torch 2.11), in a cached venv.
+device-versions-check:
+	bash .ci/device_versions_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info hdlm_kernels/_C*.so hdlm_kernels/_build_info.json benchmarks/out runs/demo

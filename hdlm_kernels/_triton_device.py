@@ -4,6 +4,7 @@ was imported). One check and one availability probe, shared by the attention and
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -12,8 +13,38 @@ import torch
 
 
 def built_for_interpreter(kernel) -> bool:
-    """Whether ``@triton.jit`` made ``kernel`` for the interpreter (it decides when the module loads)."""
-    return type(kernel).__name__ == "InterpretedFunction"
+    """Whether ``@triton.jit`` made ``kernel`` for the interpreter (it decides when the module loads).
+    Every kernel module asks before launching, so the interpreter's shims are applied here."""
+    interpreted = type(kernel).__name__ == "InterpretedFunction"
+    if interpreted:
+        _shim_interpreter_index()
+    return interpreted
+
+
+def _shim_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a scalar into a Python int with ``int(array)`` on a one-element
+    NumPy array, which NumPy 2 refuses ("only 0-dimensional arrays can be converted"): a runtime loop
+    bound or step (``range(n)`` with ``n`` a kernel argument) then fails. Triton 3.8 squeezes the array
+    first; this applies the same conversion once, and only to an interpreter that lacks it, so that the
+    GPU machine's triton 3.6.0 runs the CPU suite as the pinned version does."""
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_hdlm_index_shim", None) is not None:
+        return
+    original = interpreter._patch_lang_tensor
+    try:
+        needed = "int(self.handle.data)" in inspect.getsource(original)
+    except (OSError, TypeError):
+        needed = False
+    interpreter._hdlm_index_shim = needed
+    if not needed:
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 def check_triton_device(tensor: torch.Tensor, context: str, interpreted: bool) -> None:

@@ -4,12 +4,12 @@
 ``decode``; each has a reference twin (``attention_ref``, ``decode_ref``)."""
 
 from .. import backends
-from .decode import decode, decode_ref
+from .decode import DecodeErrors, decode, decode_errors, decode_ref
 from .interface import attention
 from .reference import attention_lse_ref, attention_ref
 
 __all__ = ["attention", "attention_ref", "attention_lse_ref", "BACKENDS", "decode", "decode_ref",
-           "DECODE_BACKENDS"]
+           "DecodeErrors", "decode_errors", "DECODE_BACKENDS"]
 
 BACKENDS = backends.names("attention")
 """Backend names ``attention`` accepts (kept for compatibility; ``hdlm_kernels.backends`` is the source)."""

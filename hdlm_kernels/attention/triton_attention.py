@@ -21,6 +21,7 @@ bfloat16 there is refused rather than answered wrongly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from .._triton_device import built_for_interpreter, check_triton_device
 from ..masks.interval_mask import IntervalMask
 
 __all__ = ["attention_triton", "attention_forward_triton", "attention_split_kv_triton", "split_count",
+           "choose_splits", "forward_config", "backward_config", "window_class", "dispatchable_launches",
            "interpreted", "check_triton_inputs"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,7 +77,7 @@ def _forward_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix_end, window_
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _attention_forward_kernel(
         Q, K, V, O, LSE, PREFIX_END, WINDOW_START, WINDOW_END,
         FULL_COUNT, FULL_INDEX, PARTIAL_COUNT, PARTIAL_INDEX,
@@ -83,11 +85,12 @@ def _attention_forward_kernel(
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_o_split,
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
-        num_heads, num_rows, num_keys, head_dim, head_dim_v,
+        num_heads, num_rows, num_keys, head_dim, head_dim_v, num_splits,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # With NUM_SPLITS > 1 (split-KV, flash-decoding) program `split` takes every NUM_SPLITS-th tile of
-    # each list and writes a partial (out, lse) pair that the caller merges.
+        DOT_PRECISION: tl.constexpr):
+    # With num_splits > 1 (split-KV, flash-decoding) program `split` takes every num_splits-th tile of
+    # each list and writes a partial (out, lse) pair that the caller merges. A runtime argument: one
+    # compiled kernel serves every split count (not specialized: 1 would otherwise compile apart).
     tile_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -113,13 +116,13 @@ def _attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     full_index = FULL_INDEX + b * stride_index_b + tile_m * stride_index_t
-    for j in range(split, tl.load(FULL_COUNT + b * stride_count_b + tile_m), NUM_SPLITS):
+    for j in range(split, tl.load(FULL_COUNT + b * stride_count_b + tile_m), num_splits):
         start_n = tl.load(full_index + j) * BLOCK_N
         acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix_end, window_start,
                                       window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_ks,
                                       stride_vs, BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_PRECISION)
     partial_index = PARTIAL_INDEX + b * stride_index_b + tile_m * stride_index_t
-    for j in range(split, tl.load(PARTIAL_COUNT + b * stride_count_b + tile_m), NUM_SPLITS):
+    for j in range(split, tl.load(PARTIAL_COUNT + b * stride_count_b + tile_m), num_splits):
         start_n = tl.load(partial_index + j) * BLOCK_N
         acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix_end, window_start,
                                       window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_ks,
@@ -305,6 +308,44 @@ def _attention_backward_q_kernel(
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
 
 
+@triton.jit
+def _merge_splits_kernel(OUT_SPLIT, LSE_SPLIT, OUT, LSE,
+                         stride_split_o, stride_ob, stride_os, stride_oh, stride_mb, stride_ms, stride_mh,
+                         stride_split_l, num_heads, num_rows, head_dim_v, num_splits,
+                         BLOCK_Q: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # Split-KV partials over disjoint key sets, merged by an online log-sum-exp over the splits:
+    # lse = log Σ_s exp(lse_s), out = Σ_s exp(lse_s - lse) out_s. A split without keys (lse_s = -inf)
+    # weighs 0; a row without any key keeps out = 0 and lse = -inf.
+    bh = tl.program_id(0)
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_q < num_rows
+    tile_ok = row_ok[:, None] & (offs_dv[None, :] < head_dim_v)
+    m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_DV], dtype=tl.float32)
+    partial = OUT_SPLIT + b * stride_ob + h * stride_oh + offs_q[:, None] * stride_os + offs_dv[None, :]
+    for split in range(num_splits):
+        lse = tl.load(LSE_SPLIT + split * stride_split_l + bh * num_rows + offs_q, mask=row_ok,
+                      other=float("-inf"))
+        out = tl.load(partial + split * stride_split_o, mask=tile_ok, other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_shift)
+        weight = tl.exp(lse - m_shift)
+        total = total * alpha + weight
+        acc = acc * alpha[:, None] + weight[:, None] * out
+        m = m_new
+    has_key = total > 0.0
+    merged = acc / tl.where(has_key, total, 1.0)[:, None]
+    tl.store(OUT + b * stride_mb + h * stride_mh + offs_q[:, None] * stride_ms + offs_dv[None, :],
+             merged.to(OUT.dtype.element_ty), mask=tile_ok)
+    tl.store(LSE + bh * num_rows + offs_q, tl.where(has_key, m + tl.log(tl.where(has_key, total, 1.0)),
+                                                    float("-inf")), mask=row_ok)
+
+
 # --------------------------------------------------------------------------------------------------
 # launch configuration
 # --------------------------------------------------------------------------------------------------
@@ -325,14 +366,118 @@ class LaunchConfig:
     num_stages: int = 2
 
 
-def _launch_configs(head_dim: int, device: torch.device) -> tuple[LaunchConfig, LaunchConfig]:
-    """(forward, backward) configurations; the backward's dK/dV and dQ passes share one tile map."""
-    if device.type != "cuda":
-        # Interpreter: per-program overhead dominates, and tests want several tiles per problem.
-        return LaunchConfig(32, 32), LaunchConfig(32, 32)
+# Interpreter: per-program overhead dominates, and tests want several tiles per problem.
+_INTERPRETER_CONFIG = LaunchConfig(32, 32)
+
+
+DECODE_WINDOW_CLASSES = (16, 32)
+"""Query-row counts of the decode tiles: a KV-cached call with at most 32 rows (the window, plus the
+re-encoded rows) takes a tile of 16 or 32 rows instead of the training tile of 128, most of which
+would be padding."""
+
+
+def window_class(rows: int | None) -> int | None:
+    """The decode tile height for a call with ``rows`` query rows (None: the training tile)."""
+    if rows is None:
+        return None
+    return next((c for c in DECODE_WINDOW_CLASSES if rows <= c), None)
+
+
+def forward_config(head_dim: int, dtype: torch.dtype, on_gpu: bool = True, rows: int | None = None
+                   ) -> LaunchConfig:
+    """The forward pass's configuration for a head dim, dtype and (for split-KV decoding) number of
+    query rows, on the GPU; the interpreter's when not ``on_gpu``."""
+    if not on_gpu:
+        return _INTERPRETER_CONFIG
+    block_m = window_class(rows)
+    if block_m is not None:
+        return _decode_config(block_m, head_dim, dtype)
     if head_dim <= 64:
-        return LaunchConfig(128, 64, num_warps=4, num_stages=3), LaunchConfig(64, 64, num_warps=4, num_stages=2)
-    return LaunchConfig(128, 64, num_warps=8, num_stages=2), LaunchConfig(64, 64, num_warps=8, num_stages=1)
+        return LaunchConfig(128, 64, num_warps=4, num_stages=3)
+    if dtype == torch.float32 and head_dim > 128:
+        # Two stages of 64-key float32 tiles need about 290 KB of shared memory (sm_90 allows 227 KB).
+        return LaunchConfig(64, 32, num_warps=8, num_stages=2)
+    return LaunchConfig(128, 64, num_warps=8, num_stages=2)
+
+
+def _decode_config(block_m: int, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    if dtype == torch.float32 and head_dim > 128:
+        return LaunchConfig(block_m, 32, num_warps=4, num_stages=2)
+    # A 16-row tile at D <= 64 spilled 24 bytes with 3 stages (the sm_90 gate); 2 stages keep it at 64
+    # registers without spills.
+    stages = 2 if head_dim > 128 or (block_m == 16 and head_dim <= 64) else 3
+    return LaunchConfig(block_m, 64, num_warps=4, num_stages=stages)
+
+
+def backward_config(head_dim: int, dtype: torch.dtype, on_gpu: bool = True) -> LaunchConfig:
+    """The backward's configuration; its dK/dV and dQ passes share one tile map."""
+    if not on_gpu:
+        return _INTERPRETER_CONFIG
+    if head_dim <= 64:
+        return LaunchConfig(64, 64, num_warps=4, num_stages=2)
+    if dtype == torch.float32 and head_dim > 128:
+        return LaunchConfig(32, 32, num_warps=8, num_stages=1)
+    # 32 query rows per inner tile keep the dK/dV pass at D = 96/128 under 180 registers without
+    # spilling (64 rows and one stage reached 255 registers and spilled); two stages overlap the loads.
+    return LaunchConfig(32, 64, num_warps=8, num_stages=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# opt-in autotuning (HDLM_KERNELS_AUTOTUNE=1)
+# --------------------------------------------------------------------------------------------------
+
+AUTOTUNE_ENV = "HDLM_KERNELS_AUTOTUNE"
+AUTOTUNE_WARPS = (4, 8)
+AUTOTUNE_STAGES = (1, 2, 3)
+
+
+def autotune_enabled() -> bool:
+    """Whether launches on a GPU time their candidates first (``HDLM_KERNELS_AUTOTUNE=1``, read per call)."""
+    return os.environ.get(AUTOTUNE_ENV) == "1"
+
+
+def shared_memory_estimate(block_m: int, block_n: int, block_d: int, block_dv: int, element_size: int,
+                           stages: int) -> int:
+    """Bytes of shared memory a pass pipelines: ``stages`` buffers of a K and a V tile plus the query
+    tile (the layout conversions the compiler adds are left out: the gate measures the real figure)."""
+    return max(stages, 1) * block_n * (block_d + block_dv) * element_size + block_m * block_d * element_size
+
+
+def prune_autotune_configs(configs, named_args, **kwargs):
+    """Triton's ``early_config_prune``: keep the candidates whose shared memory fits the limit the sm_90
+    gate enforces (``_kernel_launch.SMEM_PER_BLOCK``); the tiles are fixed by the tile map, so only warps
+    and stages vary. Falls back to the smallest pipeline when none fits."""
+    from .._kernel_launch import SMEM_PER_BLOCK
+
+    values = {**named_args, **kwargs}
+    element_size = values["Q"].element_size()
+    fitting = [c for c in configs
+               if shared_memory_estimate(values["BLOCK_M"], values["BLOCK_N"], values["BLOCK_D"], values["BLOCK_DV"],
+                                         element_size, c.num_stages) <= SMEM_PER_BLOCK]
+    return fitting or [min(configs, key=lambda c: (c.num_stages, c.num_warps))]
+
+
+_TUNED: dict = {}
+
+
+def _tuned(kernel, reset_to_zero: tuple[str, ...] = ()):
+    """``kernel`` wrapped in ``triton.autotune`` over warps x stages, keyed on the head dims and the tile
+    (window class) and, as Triton does for every tensor argument, the dtypes."""
+    if kernel not in _TUNED:
+        configs = [triton.Config({}, num_warps=w, num_stages=s) for w in AUTOTUNE_WARPS for s in AUTOTUNE_STAGES]
+        _TUNED[kernel] = triton.autotune(configs, key=["head_dim", "head_dim_v", "BLOCK_M", "BLOCK_N"],
+                                         prune_configs_by={"early_config_prune": prune_autotune_configs},
+                                         reset_to_zero=list(reset_to_zero) or None)(kernel)
+    return _TUNED[kernel]
+
+
+def _launch(kernel, grid, args: tuple, constexprs: dict, config: LaunchConfig, on_gpu: bool,
+            reset_to_zero: tuple[str, ...] = ()) -> None:
+    """Launch with the configuration the tables chose, or, opted in on a GPU, the fastest candidate."""
+    if on_gpu and autotune_enabled():
+        _tuned(kernel, reset_to_zero)[grid](*args, **constexprs)
+    else:
+        kernel[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _block_dim(dim: int) -> int:
@@ -380,7 +525,7 @@ def _map_strides(mask: IntervalMask, tiles) -> tuple[int, int, int, int]:
 # forward / backward drivers
 # --------------------------------------------------------------------------------------------------
 
-def _forward(q, k, v, mask: IntervalMask, scale: float, num_splits: int = 1):
+def _forward(q, k, v, mask: IntervalMask, scale: float, num_splits: int = 1, decoding: bool = False):
     B, Q, H, D = q.shape
     K, Dv = k.shape[1], v.shape[3]
     split = num_splits > 1
@@ -392,44 +537,64 @@ def _forward(q, k, v, mask: IntervalMask, scale: float, num_splits: int = 1):
         return out, lse
     if K == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    config, _ = _launch_configs(D, q.device)
+    config = forward_config(D, q.dtype, q.device.type == "cuda", Q if decoding else None)
     tiles = mask.tiles(config.block_m, config.block_n)
     stride_mask_b, stride_count_b, stride_index_b, stride_index_t = _map_strides(mask, tiles)
     grid = (tiles.num_q_tiles, B * H, num_splits)
-    _attention_forward_kernel[grid](
+    _launch(_attention_forward_kernel, grid, (
         q, k, v, out, lse, mask.prefix_end, mask.window_start, mask.window_end,
         tiles.full_kv_count, tiles.full_kv_index, tiles.kv_count, tiles.kv_index,
         scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(out[0] if split else out),
         out.stride(0) if split else 0,
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
-        H, Q, K, D, Dv,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(Dv),
-        NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        H, Q, K, D, Dv, num_splits),
+        dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(Dv),
+             DOT_PRECISION=_dot_precision(q.dtype)), config, q.device.type == "cuda")
     return out, lse
+
+
+_MERGE_BLOCK_Q = 16
 
 
 def _merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
     """Combine split-KV partials ``out [S, B, Q, H, Dv]``, ``lse [S, B, H, Q]`` over disjoint key
-    sets: ``lse = logsumexp_s lse_s`` and ``out = Σ_s exp(lse_s - lse) out_s``."""
-    total = torch.logsumexp(lse, dim=0)
-    # A split (or a whole row) without keys has lse -inf; its weight is 0, never NaN.
-    weight = torch.where(torch.isneginf(lse), 0.0, torch.exp(lse - total.where(~torch.isneginf(total), 0.0)))
-    merged = (weight.permute(0, 1, 3, 2).unsqueeze(-1) * out).sum(0)
-    return merged.to(dtype), total
+    sets: ``lse = logsumexp_s lse_s`` and ``out = Σ_s exp(lse_s - lse) out_s``, in one kernel."""
+    num_splits, B, Q, H, Dv = out.shape
+    merged = torch.empty((B, Q, H, Dv), dtype=dtype, device=out.device)
+    total = torch.empty((B, H, Q), dtype=torch.float32, device=out.device)
+    _merge_splits_kernel[(B * H, triton.cdiv(Q, _MERGE_BLOCK_Q))](
+        out, lse, merged, total, out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        merged.stride(0), merged.stride(1), merged.stride(2), lse.stride(0), H, Q, Dv, num_splits,
+        BLOCK_Q=_MERGE_BLOCK_Q, BLOCK_DV=_block_dim(Dv), num_warps=4)
+    return merged, total
+
+
+def choose_splits(programs: int, key_tiles: int, multiprocessors: int) -> int:
+    """Split-KV count: enough programs (``programs`` per split) to fill ``multiprocessors`` SMs about
+    twice (264 on a 132-SM H200), at most one split per key tile and at most 16."""
+    if programs >= multiprocessors:
+        return 1
+    return max(1, min(triton.cdiv(2 * multiprocessors, programs), key_tiles, 16))
+
+
+_MULTIPROCESSORS: dict[int, int] = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _MULTIPROCESSORS[index]
 
 
 def split_count(q: torch.Tensor, mask: IntervalMask, key_length: int) -> int:
-    """Number of key splits for a forward-only call: enough (batch·head·query-tile) programs to fill
-    the GPU's SMs about twice, at most one split per key tile and at most 16 (flash-decoding)."""
+    """Number of key splits for a forward-only call on q's GPU (:func:`choose_splits` with the decode
+    tile of q's row count); 1 elsewhere."""
     if q.device.type != "cuda":
         return 1
-    config, _ = _launch_configs(q.shape[-1], q.device)
+    config = forward_config(q.shape[-1], q.dtype, rows=q.shape[1])
     programs = triton.cdiv(q.shape[1], config.block_m) * q.shape[0] * q.shape[2]
-    multiprocessors = torch.cuda.get_device_properties(q.device).multi_processor_count
-    if programs >= multiprocessors:
-        return 1
-    return max(1, min(triton.cdiv(2 * multiprocessors, programs), triton.cdiv(key_length, config.block_n), 16))
+    return choose_splits(programs, triton.cdiv(key_length, config.block_n), _multiprocessors(q.device))
 
 
 def attention_split_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: IntervalMask,
@@ -453,7 +618,7 @@ def attention_split_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"attention_split_kv_triton: num_splits must be an int >= 1, got {num_splits!r}")
     q, k, v = _head_contiguous(q), _head_contiguous(k), _head_contiguous(v)
     with torch.no_grad():
-        out, lse = _forward(q, k, v, mask, scale, num_splits)
+        out, lse = _forward(q, k, v, mask, scale, num_splits, decoding=True)
         if num_splits > 1 and q.shape[1] and k.shape[1]:
             return _merge_splits(out, lse, q.dtype)
         if num_splits > 1:  # nothing to merge: no rows or no keys
@@ -470,31 +635,32 @@ def _backward(dout, q, k, v, out, lse, mask: IntervalMask, scale: float, determi
     dout = _head_contiguous(dout)
     # Δ_i = Σ_d O_id dO_id = Σ_j P_ij dP_ij: the softmax-backward row term, [B, H, Q] like the lse.
     delta = (out.float() * dout.float()).sum(-1).transpose(1, 2).contiguous()
-    _, config = _launch_configs(D, q.device)
+    config = backward_config(D, q.dtype, q.device.type == "cuda")
     tiles = mask.tiles(config.block_m, config.block_n)
     stride_mask_b, stride_count_b, stride_index_b, stride_index_t = _map_strides(mask, tiles)
     shared = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_dim(D),
-                  BLOCK_DV=_block_dim(Dv), DOT_PRECISION=_dot_precision(q.dtype),
-                  num_warps=config.num_warps, num_stages=config.num_stages)
+                  BLOCK_DV=_block_dim(Dv), DOT_PRECISION=_dot_precision(q.dtype))
+    on_gpu = q.device.type == "cuda"
     # Atomics accumulate dQ in float32 whatever the input dtype.
     dq_accumulator = dq if deterministic else torch.zeros(B, Q, H, D, dtype=torch.float32, device=q.device)
     map_stride_t = tiles.q_index.stride(1)
-    _attention_backward_kv_kernel[(tiles.num_kv_tiles, B * H)](
+    _launch(_attention_backward_kv_kernel, (tiles.num_kv_tiles, B * H), (
         q, k, v, dout, dq_accumulator, dk, dv, lse, delta, mask.prefix_end, mask.window_start, mask.window_end,
         tiles.full_q_count, tiles.full_q_index, tiles.q_count, tiles.q_index,
         scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(dout),
         *_strides_bsh(dq_accumulator), *_strides_bsh(dk), *_strides_bsh(dv),
         stride_mask_b, 0 if mask.batch == 1 else tiles.q_count.stride(0),
         0 if mask.batch == 1 else tiles.q_index.stride(0), map_stride_t,
-        H, Q, K, D, Dv, ATOMIC_DQ=not deterministic, **shared)
+        H, Q, K, D, Dv), dict(ATOMIC_DQ=not deterministic, **shared), config, on_gpu,
+        reset_to_zero=("DQ",))  # autotuning reruns the pass: the atomics must restart from zero
     if not deterministic:
         return dq_accumulator.to(q.dtype), dk, dv
-    _attention_backward_q_kernel[(tiles.num_q_tiles, B * H)](
+    _launch(_attention_backward_q_kernel, (tiles.num_q_tiles, B * H), (
         q, k, v, dout, dq, lse, delta, mask.prefix_end, mask.window_start, mask.window_end,
         tiles.full_kv_count, tiles.full_kv_index, tiles.kv_count, tiles.kv_index,
         scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(dout), *_strides_bsh(dq),
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
-        H, Q, K, D, Dv, **shared)
+        H, Q, K, D, Dv), shared, config, on_gpu)
     return dq, dk, dv
 
 
@@ -554,3 +720,78 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: In
     """
     return attention_forward_triton(q, k, v, mask, scale, deterministic)[0]
 
+
+
+# --------------------------------------------------------------------------------------------------
+# the launches the dispatch above can choose, for the sm_90 compile gate (scripts/sm90_check.py)
+# --------------------------------------------------------------------------------------------------
+
+GATE_HEAD_DIMS = (32, 64, 96, 128, 256)
+"""Head dims the gate compiles: the common ones and the largest accepted (``_MAX_HEAD_DIM``)."""
+
+
+def dispatchable_launches():
+    """Every (kernel, configuration) this module's dispatch can launch on a GPU, built from the
+    configuration functions that dispatch reads (forward_config, backward_config)."""
+    from .._kernel_launch import KernelLaunch
+
+    launches = []
+    int32, fp32 = torch.int32, torch.float32
+    heads, rows = 12, 2048
+    for head_dim in GATE_HEAD_DIMS:
+        stride = (rows * heads * head_dim, heads * head_dim, head_dim)
+        mask_and_map = (int32,) * 7
+        for dtype in _SUPPORTED_DTYPES:
+            spill_free = dtype != torch.float32 and head_dim <= 128
+            common = dict(BLOCK_D=_block_dim(head_dim), BLOCK_DV=_block_dim(head_dim),
+                          DOT_PRECISION=_dot_precision(dtype))
+            labels = dict(D=head_dim, dtype=str(dtype).replace("torch.", ""))
+            # The training forward; split-KV decoding with more rows than a window class (float32
+            # partials), and with the decode tiles.
+            for window, split in ((None, False), (None, True), *((w, True) for w in DECODE_WINDOW_CLASSES)):
+                config = forward_config(head_dim, dtype, rows=window)
+                q_rows = window or rows
+                name = "attention.forward" if not split else (
+                    "attention.forward_split_kv" if window is None else "attention.decode_forward")
+                launches.append(KernelLaunch(
+                    name, _attention_forward_kernel,
+                    (dtype, dtype, dtype, fp32 if split else dtype, fp32, *mask_and_map[:3],
+                     int32, int32, int32, int32, 0.125, *stride, *stride, *stride, *stride,
+                     q_rows * heads * head_dim if split else 0, q_rows, 1, rows // 64, 64,
+                     heads, q_rows, rows, head_dim, head_dim, 4 if split else 1),
+                    dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common),
+                    dict(num_warps=config.num_warps, num_stages=config.num_stages),
+                    dict(labels, block=f"{config.block_m}x{config.block_n}"), spill_free=spill_free))
+            launches.append(KernelLaunch(
+                "attention.merge_splits", _merge_splits_kernel,
+                (fp32, fp32, dtype, fp32, 16 * heads * head_dim * 8, *stride, *stride, 8 * heads * 16, heads, 16,
+                 head_dim, 4),
+                dict(BLOCK_Q=_MERGE_BLOCK_Q, BLOCK_DV=_block_dim(head_dim)), dict(num_warps=4), labels,
+                spill_free=spill_free))
+            config = backward_config(head_dim, dtype)
+            tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)
+            options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+            for atomic in (False, True):
+                launches.append(KernelLaunch(
+                    "attention.backward_dkdv" + ("_atomic_dq" if atomic else ""),
+                    _attention_backward_kv_kernel,
+                    (dtype, dtype, dtype, dtype, fp32 if atomic else dtype, dtype, dtype, fp32, fp32,
+                     int32, int32, int32, int32, int32, int32, int32, 0.125, *stride * 7,
+                     rows, rows // 32, rows, 64, heads, rows, rows, head_dim, head_dim),
+                    dict(ATOMIC_DQ=atomic, **tile), options,
+                    dict(labels, block=f"{config.block_m}x{config.block_n}"), spill_free=spill_free))
+            launches.append(KernelLaunch(
+                "attention.backward_dq", _attention_backward_q_kernel,
+                (dtype, dtype, dtype, dtype, dtype, fp32, fp32, int32, int32, int32, int32, int32, int32, int32,
+                 0.125, *stride * 5, rows, rows // 32, rows, 64, heads, rows, rows, head_dim, head_dim),
+                tile, options, dict(labels, block=f"{config.block_m}x{config.block_n}"), spill_free=spill_free))
+    return launches
+
+
+def _register_launches() -> None:
+    from .. import _kernel_launch
+
+    _kernel_launch.register(__name__, dispatchable_launches)
+
+
+_register_launches()

@@ -27,11 +27,15 @@ class IntervalMask:
             ``0 <= window_start <= window_end <= key_length`` (an empty window has start == end).
         key_length: number of keys ``K``.
 
+        check: validate the values (one host synchronization, since they are read on the host). ``False``
+            skips it, for masks whose bounds hold by construction (:meth:`dense`, a generation plan
+            checked once); ``attends_all`` then stays False.
+
     A row whose two intervals are empty attends to nothing; attention outputs zeros there.
     """
 
     def __init__(self, prefix_end: torch.Tensor, window_start: torch.Tensor, window_end: torch.Tensor,
-                 key_length: int):
+                 key_length: int, *, check: bool = True):
         tensors = {"prefix_end": prefix_end, "window_start": window_start, "window_end": window_end}
         for name, value in tensors.items():
             if not isinstance(value, torch.Tensor):
@@ -58,7 +62,9 @@ class IntervalMask:
         # Whether every row attends every key (a full mask, e.g. flat inference): known on the host
         # from the bounds check, so attention can drop the mask without reading it.
         self.attends_all = False
-        if self.prefix_end.numel():
+        if not isinstance(check, bool):
+            raise TypeError(f"IntervalMask: check must be a bool, got {check!r}")
+        if check and self.prefix_end.numel():
             self._check_bounds()
         _LIVE_MASKS[id(self.prefix_end)] = self
 
@@ -72,7 +78,21 @@ class IntervalMask:
         if (mask is not None and mask.prefix_end is prefix_end and mask.window_start is window_start
                 and mask.window_end is window_end and mask.key_length == key_length):
             return mask
-        return cls(prefix_end, window_start, window_end, key_length)
+        # The caller built (and checked) the mask before the crossing: no second check, no host wait.
+        return cls(prefix_end, window_start, window_end, key_length, check=False)
+
+    @classmethod
+    def dense(cls, ends: torch.Tensor, num_rows: int, key_length: int) -> "IntervalMask":
+        """The dense window of KV-cached decoding: every one of ``num_rows`` rows of sequence ``b`` sees
+        keys ``[0, ends[b])``. Built without reading ``ends`` on the host (no synchronization); the
+        caller guarantees ``0 <= ends <= key_length`` (``decode`` flags violations on the device)."""
+        if not isinstance(ends, torch.Tensor) or ends.dim() != 1:
+            raise ValueError(f"IntervalMask.dense: ends must be a 1-d tensor [B], got {ends!r}")
+        if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+            raise ValueError(f"IntervalMask.dense: num_rows must be an int >= 0, got {num_rows!r}")
+        prefix_end = ends.to(torch.int32)[:, None].expand(ends.shape[0], num_rows)
+        empty = torch.zeros((1, 1), dtype=torch.int32, device=ends.device).expand(ends.shape[0], num_rows)
+        return cls(prefix_end, empty, empty, key_length, check=False)
 
     def _check_bounds(self) -> None:
         K = self.key_length

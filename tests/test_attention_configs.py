@@ -1,0 +1,128 @@
+"""The attention kernels' launch configurations: decode window classes, the split-KV choice for the
+GPU's SM count, the dispatchable launches the sm_90 gate compiles, the one-kernel split merge, and the
+opt-in autotuning's pruning (docs/attention.md, "Launch configurations")."""
+
+import pytest
+import torch
+
+from hdlm_kernels.masks import IntervalMask
+
+ta = pytest.importorskip("hdlm_kernels.attention.triton_attention")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.mark.parametrize("rows,expected", [(1, 16), (16, 16), (17, 32), (32, 32), (33, None), (None, None)])
+def test_window_classes(rows, expected):
+    assert ta.window_class(rows) == expected
+    config = ta.forward_config(64, torch.bfloat16, rows=rows)
+    assert config.block_m == (expected or ta.forward_config(64, torch.bfloat16).block_m)
+
+
+def test_the_interpreter_keeps_its_own_tiles():
+    for rows in (None, 4, 100):
+        assert ta.forward_config(64, torch.float32, on_gpu=False, rows=rows) == ta.LaunchConfig(32, 32)
+    assert ta.backward_config(128, torch.float16, on_gpu=False) == ta.LaunchConfig(32, 32)
+
+
+@pytest.mark.parametrize("programs,key_tiles,expected", [
+    (12, 100, 16),   # 264 / 12 = 22 programs per query tile wanted: capped at 16
+    (96, 100, 3),    # ceil(264 / 96)
+    (100, 2, 2),     # never more splits than key tiles
+    (132, 100, 1),   # the SMs are full already
+    (500, 100, 1),
+])
+def test_split_kv_fills_132_sms_about_twice(programs, key_tiles, expected):
+    assert ta.choose_splits(programs, key_tiles, 132) == expected
+
+
+def test_the_gate_compiles_what_dispatch_chooses():
+    """Every (head dim, dtype) the package accepts has each pass, with the configuration dispatch reads."""
+    launches = ta.dispatchable_launches()
+    seen = {(l.name, l.config["D"], l.config["dtype"]) for l in launches}
+    names = ("attention.forward", "attention.forward_split_kv", "attention.decode_forward", "attention.merge_splits",
+             "attention.backward_dkdv", "attention.backward_dkdv_atomic_dq", "attention.backward_dq")
+    for D in (32, 64, 96, 128, 256):
+        for dtype in ("float16", "bfloat16", "float32"):
+            assert {(n, D, dtype) for n in names} <= seen
+    for launch in launches:
+        dtype = getattr(torch, launch.config["dtype"])
+        c = launch.constexprs
+        if launch.name.startswith("attention.backward"):
+            expected = ta.backward_config(launch.config["D"], dtype)
+        elif launch.name == "attention.decode_forward":
+            expected = ta.forward_config(launch.config["D"], dtype, rows=c["BLOCK_M"])
+        elif launch.name == "attention.merge_splits":
+            continue
+        else:
+            expected = ta.forward_config(launch.config["D"], dtype)
+        assert (c["BLOCK_M"], c["BLOCK_N"], launch.options["num_warps"], launch.options["num_stages"]) == (
+            expected.block_m, expected.block_n, expected.num_warps, expected.num_stages)
+        assert launch.spill_free == (dtype != torch.float32 and launch.config["D"] <= 128)
+
+
+def _merge_in_torch(out, lse):
+    total = torch.logsumexp(lse, dim=0)
+    weight = torch.where(torch.isneginf(lse), 0.0, torch.exp(lse - total.where(~torch.isneginf(total), 0.0)))
+    return (weight.permute(0, 1, 3, 2).unsqueeze(-1) * out).sum(0), total
+
+
+def test_split_merge_kernel_equals_the_log_sum_exp_formula():
+    g = torch.Generator().manual_seed(0)
+    S, B, Q, H, Dv = 3, 2, 21, 2, 40
+    out = torch.randn(S, B, Q, H, Dv, generator=g)
+    lse = torch.randn(S, B, H, Q, generator=g) * 4
+    lse[1, 0, :, :5] = float("-inf")   # a split without keys for some rows
+    lse[:, 1, 1, 7] = float("-inf")    # a row without any key
+    out[:, 1, 7, 1] = 0.0
+    merged, total = ta._merge_splits(out, lse.contiguous(), torch.float32)
+    want_out, want_total = _merge_in_torch(out, lse)
+    torch.testing.assert_close(merged, want_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(total, want_total, rtol=1e-6, atol=1e-6)
+    assert torch.isneginf(total[1, 1, 7]) and (merged[1, 7, 1] == 0).all()
+
+
+@pytest.mark.parametrize("block_m", ta.DECODE_WINDOW_CLASSES)
+def test_decode_tiles_compute_the_reference(monkeypatch, block_m):
+    """The GPU's decode tiles (16 or 32 query rows), run in the interpreter in float32."""
+    from hdlm_kernels.attention.reference import attention_ref
+
+    monkeypatch.setattr(ta, "forward_config", lambda head_dim, dtype, on_gpu=True, rows=None:
+                        ta._decode_config(block_m, head_dim, dtype))
+    g = torch.Generator().manual_seed(1)
+    B, S, H, D, K = 2, 11, 2, 32, 150
+    q, k, v = (torch.randn(B, n, H, D, generator=g) for n in (S, K, K))
+    ends = torch.tensor([[60 + i for i in range(S)], [K - S + i + 1 for i in range(S)]], dtype=torch.int32)
+    mask = IntervalMask(ends, torch.zeros_like(ends), torch.zeros_like(ends), K)
+    for num_splits in (1, 3):
+        out, _ = ta.attention_split_kv_triton(q, k, v, mask, num_splits=num_splits)
+        torch.testing.assert_close(out, attention_ref(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_autotune_candidates_are_pruned_by_the_gate_limit():
+    import triton
+
+    from hdlm_kernels._kernel_launch import SMEM_PER_BLOCK
+
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in ta.AUTOTUNE_WARPS for s in ta.AUTOTUNE_STAGES]
+    q32 = torch.empty(1, dtype=torch.float32)
+    args = {"Q": q32, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 256, "BLOCK_DV": 256}
+    kept = ta.prune_autotune_configs(configs, args)
+    assert kept and all(ta.shared_memory_estimate(64, 64, 256, 256, 4, c.num_stages) <= SMEM_PER_BLOCK for c in kept)
+    assert {c.num_stages for c in kept} == {s for s in ta.AUTOTUNE_STAGES
+                                            if ta.shared_memory_estimate(64, 64, 256, 256, 4, s) <= SMEM_PER_BLOCK}
+    # Small tiles keep every candidate.
+    assert len(ta.prune_autotune_configs(configs, dict(args, BLOCK_D=64, BLOCK_DV=64))) == len(configs)
+
+
+def test_autotune_is_a_gpu_option(monkeypatch):
+    """HDLM_KERNELS_AUTOTUNE=1 changes nothing in the interpreter (nothing to time there)."""
+    from hdlm_kernels.attention.reference import attention_ref
+
+    monkeypatch.setenv(ta.AUTOTUNE_ENV, "1")
+    assert ta.autotune_enabled()
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=g) for _ in range(3))
+    ends = torch.arange(1, 41, dtype=torch.int32)[None]
+    mask = IntervalMask(ends, torch.zeros_like(ends), torch.zeros_like(ends), 40)
+    torch.testing.assert_close(ta.attention_triton(q, k, v, mask), attention_ref(q, k, v, mask), rtol=1e-5, atol=1e-5)
