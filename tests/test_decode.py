@@ -376,7 +376,7 @@ FUSED = [pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda_operator]),
 # -- the reference -------------------------------------------------------------------------------------
 
 def allowed_keys(prefix_end, window_start, window_end, batch, keys):
-    """Bool [B, S, L]: row i of sequence b may attend key c (the definition of DESIGN §4)."""
+    """Bool [B, S, L]: row i of sequence b may attend key c (the definition in docs/conventions.md, masks)."""
     c = torch.arange(keys, device=prefix_end.device)
     pe, ws, we = (t.long()[..., None] for t in (prefix_end, window_start, window_end))
     allowed = (c < pe) | ((ws <= c) & (c < we))
