@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from hdlm_kernels import backends
+from hdlm_kernels import _extension, backends
 
 # The device kinds each implementation name serves (whether it can run there on this machine is the
 # registry's probe): the Triton kernels serve CPU tensors only when built for the interpreter.
@@ -104,3 +104,16 @@ def compiled_ptx_ops(script: str, tmp_path) -> dict:
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cpu_isas() -> list[str]:
+    """The instruction sets of the C++ screening stage this machine runs ("scalar" always, "avx2" where
+    the CPU has it); leaves the extension on its automatic choice."""
+    C = _extension._C
+    try:
+        C.set_cpu_isa("avx2")
+    except RuntimeError:
+        return ["scalar"]
+    finally:
+        C.set_cpu_isa("auto")
+    return ["scalar", "avx2"]

@@ -12,7 +12,7 @@ import torch
 import hdlm_kernels as hk
 from hdlm_kernels import _extension
 from hdlm_kernels.sampling.gumbel import _gumbel_argmax_reference
-from tests.sampling_checks import assert_same_draw
+from tests.sampling_checks import assert_same_draw, cpu_isas
 
 pytestmark = pytest.mark.skipif(bool(_extension.missing_reason), reason="needs the compiled extension")
 
@@ -25,14 +25,6 @@ def C():
     return _extension._C
 
 
-def isas() -> list[str]:
-    try:
-        C().set_cpu_isa("avx2")
-    except RuntimeError:
-        return ["scalar"]
-    finally:
-        C().set_cpu_isa("auto")
-    return ["scalar", "avx2"]
 
 
 def adversarial_logits(dtype: torch.dtype, rows: int = 12, vocab: int = VOCAB) -> torch.Tensor:
@@ -75,7 +67,7 @@ def test_adversarial_rows_match_the_reference(dtype, temperature):
     logits = adversarial_logits(dtype)
     row_ids = torch.arange(logits.shape[0]) * 3 + 1
     expected = reference_draw(logits, None, row_ids, temperature, None)
-    for isa in isas():
+    for isa in cpu_isas():
         assert_same_draw(cpp_draw(logits, None, row_ids, temperature, None, isa), expected)
 
 
@@ -88,11 +80,11 @@ def test_strided_rows_take_and_exclude(temperature):
     row_ids = torch.tensor([7, 2**40, 3, 4, 123456789])  # odd and even row_id * V: both pair parities
     exclude = torch.tensor([0, 1, 17, 998])
     expected = reference_draw(logits, take, row_ids, temperature, exclude)
-    for isa in isas():
+    for isa in cpu_isas():
         assert_same_draw(cpp_draw(logits, take, row_ids, temperature, exclude, isa), expected)
     transposed = base.t().contiguous().t()  # row stride 1, column stride R
     expected = reference_draw(transposed, None, torch.arange(6), temperature, None)
-    for isa in isas():
+    for isa in cpu_isas():
         assert_same_draw(cpp_draw(transposed, None, torch.arange(6), temperature, None, isa), expected)
 
 
@@ -105,7 +97,7 @@ def test_nan_and_all_minus_inf_rows_report_as_the_reference():
     exclude = torch.tensor([299])  # row 2 then has no token left
     for ex in (None, exclude):
         expected = reference_draw(logits, None, torch.arange(4), 1.0, ex)
-        for isa in isas():
+        for isa in cpu_isas():
             assert_same_draw(cpp_draw(logits, None, torch.arange(4), 1.0, ex, isa), expected)
 
 
@@ -115,7 +107,7 @@ def test_small_vocabularies_and_partial_tiles():
         logits = torch.randn(5, vocab, generator=g)
         row_ids = torch.tensor([0, 1, 2, 3, 1001])
         expected = reference_draw(logits, None, row_ids, 0.9, None)
-        for isa in isas():
+        for isa in cpu_isas():
             assert_same_draw(cpp_draw(logits, None, row_ids, 0.9, None, isa), expected)
 
 

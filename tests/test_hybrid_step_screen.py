@@ -10,7 +10,7 @@ import torch
 
 from hdlm_kernels import _extension
 from hdlm_kernels.sampling.hybrid import _hybrid_step_reference, step_coefficients
-from tests.sampling_checks import assert_same_draw
+from tests.sampling_checks import assert_same_draw, cpu_isas
 
 pytestmark = pytest.mark.skipif(bool(_extension.missing_reason), reason="needs the compiled extension")
 
@@ -23,14 +23,6 @@ def C():
     return _extension._C
 
 
-def isas() -> list[str]:
-    try:
-        C().set_cpu_isa("avx2")
-    except RuntimeError:
-        return ["scalar"]
-    finally:
-        C().set_cpu_isa("auto")
-    return ["scalar", "avx2"]
 
 
 def rows(dtype):
@@ -56,7 +48,7 @@ def test_cpp_matches_the_reference_with_every_isa(dtype, method, gamma):
     coefficients = step_coefficients(x, now, nxt, gamma, MASK_ID, VOCAB, method, final)
     row_ids = torch.tensor([0, 3, 10**9, 7, 8, 2**33 + 1])
     expected = _hybrid_step_reference(log_score, x, coefficients, row_ids, MASK_ID, SEED, STEP, 2)
-    for isa in isas():
+    for isa in cpu_isas():
         C().set_cpu_isa(isa)
         try:
             ours = C().hybrid_step_cpu(log_score, x, coefficients, row_ids, MASK_ID, SEED, STEP)

@@ -14,7 +14,7 @@ from hdlm_kernels import _extension
 from hdlm_kernels.sampling.gumbel import _gumbel_argmax_reference
 from hdlm_kernels.sampling.log64 import gumbel_noise
 from hdlm_kernels.sampling.screen import SCREEN_ABSOLUTE, SCREEN_NOISE_ERROR, SCREEN_RELATIVE
-from tests.sampling_checks import assert_same_draw
+from tests.sampling_checks import assert_same_draw, cpu_isas
 
 pytestmark = pytest.mark.skipif(bool(_extension.missing_reason), reason="needs the compiled extension")
 
@@ -146,15 +146,6 @@ def near_tie_rows(vocab: int, temperature: float, dtype: torch.dtype, offsets=ra
     return torch.stack(rows), torch.full((len(rows),), row_id), seed, step
 
 
-def isas() -> list[str]:
-    """The instruction sets of the screening stage this machine runs."""
-    try:
-        C().set_cpu_isa("avx2")
-    except RuntimeError:
-        return ["scalar"]
-    finally:
-        C().set_cpu_isa("auto")
-    return ["scalar", "avx2"]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.37, 1e-20, 50.0])
@@ -162,7 +153,7 @@ def isas() -> list[str]:
 def test_near_ties_exactly_at_the_bound(dtype, temperature):
     logits, row_ids, seed, step = near_tie_rows(4096, temperature, dtype)
     expected = _gumbel_argmax_reference(logits, None, row_ids, seed, step, temperature, None, 16)
-    for isa in isas():
+    for isa in cpu_isas():
         C().set_cpu_isa(isa)
         try:
             tokens, best, count = C().gumbel_argmax_counted_cpu(logits, None, row_ids, seed, step, temperature, None,
