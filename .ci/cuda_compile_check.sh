@@ -18,24 +18,9 @@ venv_name="venv-${torch_requirement//==/-}"
 venv="${HDLM_CUDA_CHECK_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hdlm-kernels/${venv_name//[^A-Za-z0-9.-]/_}}"
 python="${PYTHON:-python3}"
 
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-phase_start=""
-begin_phase() { phase_start="$(now)"; echo "== cuda-compile-check: $1"; }
-end_phase() { echo "== cuda-compile-check: $1 took $(elapsed "$phase_start") s"; }
-
-# pip's output (including one warning per unreachable local index entry) only matters on failure.
-quiet_pip() {
-  local log
-  log="$(mktemp)"
-  if ! "$venv/bin/python" -m pip install -q "$@" >"$log" 2>&1; then
-    cat "$log"
-    rm -f "$log"
-    echo "== cuda-compile-check: FAILED to install $* into $venv"
-    return 1
-  fi
-  rm -f "$log"
-}
+check_name="cuda-compile-check"
+# shellcheck source=phases.sh
+source "$repo_root/.ci/phases.sh"
 
 # A toolkit has bin/nvcc and include/cuda_runtime.h; an nvcc on PATH may be a wrapper script
 # outside it (e.g. /usr/local/bin/nvcc), so its parent only counts when it holds the toolkit.

@@ -22,23 +22,9 @@ venv="${HDLM_DEVICE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hdlm-kernels/${venv_na
 python="${PYTHON:-python3}"
 triton_version="${triton_requirement#*==}"
 
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-phase_start=""
-begin_phase() { phase_start="$(now)"; echo "== device-versions-check: $1"; }
-end_phase() { echo "== device-versions-check: $1 took $(elapsed "$phase_start") s"; }
-
-quiet_pip() {
-  local log
-  log="$(mktemp)"
-  if ! "$venv/bin/python" -m pip install -q "$@" >"$log" 2>&1; then
-    cat "$log"
-    rm -f "$log"
-    echo "== device-versions-check: FAILED to install $* into $venv"
-    return 1
-  fi
-  rm -f "$log"
-}
+check_name="device-versions-check"
+# shellcheck source=phases.sh
+source "$repo_root/.ci/phases.sh"
 
 total_start="$(now)"
 begin_phase "venv at $venv"
@@ -79,8 +65,11 @@ if [[ "${HDLM_DEVICE_VERSIONS_SUITE:-0}" == "1" ]]; then
   cp -r "$repo_root/hdlm_kernels" "$build_dir/src/"
   cp "$build_dir"/lib/hdlm_kernels/_C*.so "$build_dir"/lib/hdlm_kernels/_build_info.json "$build_dir/src/hdlm_kernels/"
   ln -s "$repo_root/reference" "$build_dir/src/hdlm_reference"
+  ln -s "$repo_root/benchmarks" "$build_dir/src/benchmarks"
+  # -P: `python -m` would put the repository first on sys.path, and its hdlm_kernels (whose _C, if any,
+  # was built against another torch) would shadow the copy above.
   (cd "$repo_root" && HDLM_KERNELS_REQUIRE_EXTENSION=1 PYTHONPATH="$build_dir/src" \
-     "$venv/bin/python" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-})
+     "$venv/bin/python" -P -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-})
   end_phase "suite"
 fi
 echo "== device-versions-check: OK in $(elapsed "$total_start") s"
