@@ -66,6 +66,7 @@ if [[ "${HDLM_DEVICE_VERSIONS_SUITE:-0}" == "1" ]]; then
   cp "$build_dir"/lib/hdlm_kernels/_C*.so "$build_dir"/lib/hdlm_kernels/_build_info.json "$build_dir/src/hdlm_kernels/"
   ln -s "$repo_root/reference" "$build_dir/src/hdlm_reference"
   ln -s "$repo_root/benchmarks" "$build_dir/src/benchmarks"
+  ln -s "$repo_root/tests" "$build_dir/src/tests"
   # -P: `python -m` would put the repository first on sys.path, and its hdlm_kernels (whose _C, if any,
   # was built against another torch) would shadow the copy above.
   (cd "$repo_root" && HDLM_KERNELS_REQUIRE_EXTENSION=1 PYTHONPATH="$build_dir/src" \
