@@ -139,7 +139,7 @@ struct Scratch {
   Tile tile;
   ScreenTile screen;
   std::vector<std::pair<int64_t, float>> candidates;  // (column, upper bound)
-  alignas(32) float run[2 * kTilePairs];               // float32 log-scores of the sum pass
+  std::vector<float> values;                           // the row in float32
 };
 
 // The instruction set's stages, chosen once per call.
@@ -167,43 +167,41 @@ bool draw_row_screened(const scalar_t* row, int64_t stride_col, int64_t vocab, i
                        const HybridSetup& setup, Scratch& scratch, Candidate& winner, int64_t& exact) {
   constexpr float kMinusInfFloat = -std::numeric_limits<float>::infinity();
   const double minus_inf = -std::numeric_limits<double>::infinity();
-  const auto load = [&](int64_t column) -> float { return static_cast<float>(row[column * stride_col]); };
+  // The row once as float32 (exact for float32, bf16 and fp16), the tokens that are not read as -inf (ratio
+  // 0, score -inf): the three passes read this buffer, which stays in the cache.
+  std::vector<float>& values = scratch.values;
+  values.resize(static_cast<size_t>(vocab));
+  float* buffer = values.data();
+  for (int64_t column = 0; column < vocab; ++column) {
+    buffer[column] = static_cast<float>(row[column * stride_col]);
+  }
+  buffer[current] = kMinusInfFloat;
+  buffer[mask_id] = kMinusInfFloat;
   const auto read = [&](int64_t column) { return column != current && column != mask_id; };
 
-  // Pass 1: the maximum of the read entries (float32 values: max is exact, as on their float64 widening).
+  // Pass 1: the maximum of the read entries (float32 values: max is exact, as on their float64 widening);
+  // a NaN or +inf one makes the row bad (then draw_row reports it).
   float read_max = kMinusInfFloat;
+  int bad = 0;
   for (int64_t column = 0; column < vocab; ++column) {
-    if (!read(column)) {
-      continue;
-    }
-    const float s = load(column);
-    if (hybrid_bad_score(static_cast<double>(s))) {
-      return false;  // draw_row reports the bad row
-    }
+    const float s = buffer[column];
+    bad |= static_cast<int>(!(s < std::numeric_limits<float>::infinity()));  // NaN or +inf
     read_max = s > read_max ? s : read_max;
+  }
+  if (bad != 0) {
+    return false;
   }
   const double shift = hybrid_shift(static_cast<double>(read_max), current != mask_id);
 
-  // Pass 2: the exact fixed-point sum, in runs of 2 kTilePairs columns.
+  // Pass 2: the exact fixed-point sum.
   FixedSum sum{0, 0};
-  const bool lanes = setup.avx2 && vocab < kFixedLanesMaxVocab;
-  FixedSumLanes lane_sums;
-  fixed_lanes_clear(lane_sums);
-  constexpr int64_t kRun = 2 * kTilePairs;
-  for (int64_t first = 0; first < vocab; first += kRun) {
-    const int count = static_cast<int>(std::min<int64_t>(kRun, vocab - first));
-    for (int i = 0; i < count; ++i) {
-      const int64_t column = first + i;
-      scratch.run[i] = read(column) ? load(column) : kMinusInfFloat;  // ratio 0: as not summed
-    }
-    if (lanes) {
-      fixed_sum_avx2(scratch.run, count, shift, lane_sums);
-    } else {
-      fixed_sum_scalar(scratch.run, count, shift, sum);
-    }
-  }
-  if (lanes) {
+  if (setup.avx2 && vocab < kFixedLanesMaxVocab) {
+    FixedSumLanes lane_sums;
+    fixed_lanes_clear(lane_sums);
+    fixed_sum_avx2(buffer, vocab, shift, lane_sums);
     sum = fixed_lanes_total(lane_sums);
+  } else {
+    fixed_sum_scalar(buffer, vocab, shift, sum);
   }
   const HybridRow weights = hybrid_row(shift, sum, c);
 
@@ -243,11 +241,19 @@ bool draw_row_screened(const scalar_t* row, int64_t stride_col, int64_t vocab, i
                   tile.w3);
     }
     const int64_t base = 2 * first - pairs.parity;
-    for (int p = 0; p < kTilePairs; ++p) {
-      const int64_t even = base + 2 * p;
-      const bool present = p < count;
-      screen.logit_even[p] = present && even >= 0 && read(even) ? load(even) : kMinusInfFloat;
-      screen.logit_odd[p] = present && even + 1 < vocab && read(even + 1) ? load(even + 1) : kMinusInfFloat;
+    if (count == kTilePairs && base >= 0 && base + 2 * kTilePairs <= vocab) {
+      const float* pairs_start = buffer + base;
+      for (int p = 0; p < kTilePairs; ++p) {
+        screen.logit_even[p] = pairs_start[2 * p];
+        screen.logit_odd[p] = pairs_start[2 * p + 1];
+      }
+    } else {  // the row's first or last tile: absent columns and pairs score -inf
+      for (int p = 0; p < kTilePairs; ++p) {
+        const int64_t even = base + 2 * p;
+        const bool present = p < count;
+        screen.logit_even[p] = present && even >= 0 ? buffer[even] : kMinusInfFloat;
+        screen.logit_odd[p] = present && even + 1 < vocab ? buffer[even + 1] : kMinusInfFloat;
+      }
     }
     bool any = false;
     floor = setup.tile(tile.w0, tile.w1, tile.w2, tile.w3, screen_row, floor, screen, any);
@@ -272,7 +278,7 @@ bool draw_row_screened(const scalar_t* row, int64_t stride_col, int64_t vocab, i
       continue;
     }
     ++exact;
-    const double log_weight = hybrid_read_log_weight(hybrid_ratio(static_cast<double>(load(column)), shift), weights);
+    const double log_weight = hybrid_read_log_weight(hybrid_ratio(static_cast<double>(buffer[column]), shift), weights);
     if (log_weight == minus_inf) {
       continue;
     }
@@ -308,6 +314,9 @@ void draw_rows(const at::Tensor& log_score, const int64_t* x, const double* coef
   {
     Scratch scratch;  // one per thread
     scratch.candidates.reserve(1024);
+    if (screened) {
+      scratch.values.reserve(static_cast<size_t>(vocab));
+    }
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, chunk)
 #endif

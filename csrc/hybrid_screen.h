@@ -48,17 +48,25 @@ constexpr float kTiny = 0x1p-40f;
 // The error of y's computed bounds (three float32 roundings, ln K to float32): kYRelative (|ln K| + |s - m|).
 constexpr float kYRelative = 0x1p-21f;
 // The final margin: kMarginRelative (|ln c1| + |s - m| + |φ| + 40) + kMarginAbsolute covers the float32
-// roundings of the sums, ln c1 to float32, the cheap noise (screen.h, kNoiseError) and screen_log (2^-17).
+// roundings of the sums, ln c1 to float32 and the cheap noise (screen.h, kNoiseError).
 constexpr float kMarginRelative = 0x1p-19f;
 constexpr float kMarginAbsolute = 0x1p-12f;
-// screen_log's absolute error bound on [2^-60, 2^11] (screen.h: 2^-17), doubled.
-constexpr float kLogError = 0x1p-16f;
+// ln 2 rounded up and down, and the slack of the float32 evaluations of e ln 2 - y/2 and y - 1 (|e| <= 60,
+// 0 < y < 1: at most two roundings of at most 2^-24 * 42 each).
+constexpr float kLn2Up = 0x1.62e430p-1f;
+constexpr float kLn2Down = 0x1.62e42ep-1f;
+constexpr float kPhiSlack = 0x1p-16f;
 constexpr float kSmallestY = 0x1p-60f;
 // Below these, r' may be 0 (exp64 flushes below -708) or the weight below 2^-1022 (ln 2^-1022 = -708.4):
 // the lower end is -inf. Below kDead the ratio is exactly 0, so the score is exactly -inf.
 constexpr float kLowRatio = -707.5f;
 constexpr float kLowLogWeight = -707.0f;
 constexpr float kDead = -709.0f;
+
+// The exponent e of a positive normal float y in [2^e, 2^(e+1)), as a float (exact).
+HDLM_HOST_DEVICE inline float exponent_of(float y) {
+  return static_cast<float>(static_cast<int32_t>(screen_detail::bits_of(y) >> 23) - 127);
+}
 
 HDLM_HOST_DEVICE inline float magnitude(float x) { return screen_detail::float_of(screen_detail::bits_of(x) & 0x7FFFFFFFu); }
 
@@ -90,34 +98,50 @@ HDLM_HOST_DEVICE inline bool hybrid_screen_row(double shift, double c1, double k
 
 // The interval of the exact score of a read token with float32 log-score `score` (the dtype widened
 // exactly; -inf for tokens that are not read: their exact score is -inf) and cheap noise `noise`
-// (screen_noise of its Philox words).
-HDLM_HOST_DEVICE inline ScreenBounds hybrid_screen_bounds(float score, float noise, const HybridScreenRow& row) {
+// (screen_noise of its Philox words), with the row's HybridScreenRow fields. kKZero: the row's K is 0 (then φ = 0). Written as a chain of
+// selections, each on one comparison, so that vectorizers if-convert it.
+template <bool kKZero>
+HDLM_HOST_DEVICE inline ScreenBounds hybrid_screen_bounds(float score, float noise, float shift, float log_c1,
+                                                          float log_k) {
   using namespace hybrid_screen_detail;
   const float minus_inf = screen_detail::float_of(0xFF800000u);
-  const float x = score - row.shift;  // <= 0: ln r' within kLogRatioRelative |x| + kTiny
+  const float x = score - shift;  // <= 0: ln r' within kLogRatioRelative |x| + kTiny
   const float ax = magnitude(x);
   const float e1 = kLogRatioRelative * ax + kTiny;
-  const float ek = kYRelative * (magnitude(row.log_k) + ax) + kTiny;
-  const float y_hi = ((x + e1) - row.log_k) + ek;  // y = ln r' - ln K lies in [y_lo, y_hi]
-  const float y_lo = ((x - e1) - row.log_k) - ek;
-  // φ(y) <= min(0, ln y) at y_hi; y <= 0 is an exact zero weight.
-  const float log_y_hi = screen_log(y_hi > kSmallestY ? y_hi : kSmallestY) + kLogError;
-  const float phi_hi = row.k_zero ? 0.0f : (log_y_hi < 0.0f ? log_y_hi : 0.0f);
-  const bool zero_weight = !row.k_zero && !(y_hi > 0.0f);
-  // φ(y) >= ln y - y/2 below 1, the ladder above.
-  const float log_y_lo = screen_log(y_lo > kSmallestY ? y_lo : 1.0f) - kLogError - 0.5f * y_lo;
-  float phi_lo = y_lo >= 1.0f ? ladder_bound(y_lo) : log_y_lo;
-  phi_lo = row.k_zero ? 0.0f : phi_lo;
-  const bool unknown_low = !row.k_zero && !(y_lo >= kSmallestY);
-  const float base = row.log_c1 + x;  // ln c1 + ln r', up to the margin
-  const float lw_hi = base + phi_hi;
+  float phi_hi = 0.0f;
+  float phi_lo = 0.0f;
+  float y_hi = 1.0f;
+  float y_lo = 1.0f;
+  if (!kKZero) {
+    const float ek = kYRelative * (magnitude(log_k) + ax) + kTiny;
+    y_hi = ((x + e1) - log_k) + ek;  // y = ln r' - ln K lies in [y_lo, y_hi]
+    y_lo = ((x - e1) - log_k) - ek;
+    // φ(y) <= min(0, ln y) at y_hi, with ln y <= min(y - 1, (e + 1) ln 2) for y in [2^e, 2^(e+1)), e the
+    // exponent field (y_hi <= 0, an exact zero weight, is handled below).
+    const float e_hi = exponent_of(y_hi > kSmallestY ? y_hi : kSmallestY);
+    const float log_y_hi = (e_hi + 1.0f) * kLn2Down;  // e + 1 <= 0 where it matters
+    const float below_one = (y_hi - 1.0f < log_y_hi ? y_hi - 1.0f : log_y_hi) + kPhiSlack;
+    phi_hi = below_one < 0.0f ? below_one : 0.0f;
+    // φ(y) >= ln y - y/2 >= e ln 2 - y/2 below 1, the ladder above (y_lo < kSmallestY is handled below).
+    const float e_lo = exponent_of(y_lo > kSmallestY ? y_lo : 1.0f);
+    phi_lo = y_lo >= 1.0f ? ladder_bound(y_lo) : (e_lo * kLn2Up - 0.5f * y_lo) - kPhiSlack;
+  }
+  const float base = log_c1 + x;  // ln c1 + ln r', up to the margin
+  const float size = magnitude(log_c1) + ax + 40.0f;
   const float lw_lo = base + phi_lo;
-  const float size = magnitude(row.log_c1) + ax + 40.0f;
-  const float hi = (lw_hi + noise) + (kMarginRelative * (size + magnitude(phi_hi)) + kMarginAbsolute);
-  const float lo = (lw_lo + noise) - (kMarginRelative * (size + magnitude(phi_lo)) + kMarginAbsolute);
-  const bool dead = !(x >= kDead);  // r' = 0 exactly (also -inf and absent tokens)
-  const bool low = unknown_low || !(x - e1 >= kLowRatio) || !(lw_lo >= kLowLogWeight);
-  return ScreenBounds{dead || low ? minus_inf : lo, dead || zero_weight ? minus_inf : hi};
+  float hi = ((base + phi_hi) + noise) + (kMarginRelative * (size + magnitude(phi_hi)) + kMarginAbsolute);
+  float lo = (lw_lo + noise) - (kMarginRelative * (size + magnitude(phi_lo)) + kMarginAbsolute);
+  // Lower end -inf where r' may be 0, the weight below 2^-1022, or y below kSmallestY.
+  lo = x - e1 >= kLowRatio ? lo : minus_inf;
+  lo = lw_lo >= kLowLogWeight ? lo : minus_inf;
+  if (!kKZero) {
+    lo = y_lo >= kSmallestY ? lo : minus_inf;
+    hi = y_hi > 0.0f ? hi : minus_inf;  // r' <= K: the weight is exactly <= 0
+  }
+  // r' = 0 exactly (also -inf and absent tokens): the score is exactly -inf.
+  lo = x >= kDead ? lo : minus_inf;
+  hi = x >= kDead ? hi : minus_inf;
+  return ScreenBounds{lo, hi};
 }
 
 }  // namespace hdlm

@@ -13,6 +13,25 @@ namespace {
 
 constexpr int kFloorLanes = 8;
 
+template <bool kKZero>
+__attribute__((always_inline)) inline void hybrid_screen_pairs(const uint32_t* __restrict w0,
+                                                               const uint32_t* __restrict w1,
+                                                               const uint32_t* __restrict w2,
+                                                               const uint32_t* __restrict w3,
+                                                               const float shift, const float log_c1,
+                                                               const float log_k, ScreenTile& tile) {
+  for (int p = 0; p < kTilePairs; ++p) {
+    const ScreenBounds even = hybrid_screen_bounds<kKZero>(tile.logit_even[p], screen_noise(w0[p], w1[p]), shift,
+                                                                log_c1, log_k);
+    const ScreenBounds odd = hybrid_screen_bounds<kKZero>(tile.logit_odd[p], screen_noise(w2[p], w3[p]), shift,
+                                                               log_c1, log_k);
+    tile.lo_even[p] = even.lo;
+    tile.hi_even[p] = even.hi;
+    tile.lo_odd[p] = odd.lo;
+    tile.hi_odd[p] = odd.hi;
+  }
+}
+
 __attribute__((always_inline)) inline float hybrid_screen_tile_body(const uint32_t* __restrict w0,
                                                                     const uint32_t* __restrict w1,
                                                                     const uint32_t* __restrict w2,
@@ -20,13 +39,10 @@ __attribute__((always_inline)) inline float hybrid_screen_tile_body(const uint32
                                                                     const HybridScreenRow& row_in, float floor,
                                                                     ScreenTile& tile, bool& any) {
   const HybridScreenRow row = row_in;  // a local copy: no aliasing with the tile's stores
-  for (int p = 0; p < kTilePairs; ++p) {
-    const ScreenBounds even = hybrid_screen_bounds(tile.logit_even[p], screen_noise(w0[p], w1[p]), row);
-    const ScreenBounds odd = hybrid_screen_bounds(tile.logit_odd[p], screen_noise(w2[p], w3[p]), row);
-    tile.lo_even[p] = even.lo;
-    tile.hi_even[p] = even.hi;
-    tile.lo_odd[p] = odd.lo;
-    tile.hi_odd[p] = odd.hi;
+  if (row.k_zero) {
+    hybrid_screen_pairs<true>(w0, w1, w2, w3, row.shift, row.log_c1, row.log_k, tile);
+  } else {
+    hybrid_screen_pairs<false>(w0, w1, w2, w3, row.shift, row.log_c1, row.log_k, tile);
   }
   float lanes[kFloorLanes];
   for (int j = 0; j < kFloorLanes; ++j) {
