@@ -38,9 +38,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "instruction set of the CPU samplers' screening stage: 'auto', 'scalar' or 'avx2'");
   m.def("cpu_isa", &hdlm::cpu_isa_name, "the instruction set the CPU samplers' screening stage runs with now");
   m.def("screen_scores_cpu", &hdlm::screen_scores_cpu, pybind11::arg("word_a"), pybind11::arg("word_b"),
-        pybind11::arg("logit"), pybind11::arg("scale"),
+        pybind11::arg("logit"), pybind11::arg("scale"), pybind11::arg("atanh") = false,
         "the screen of csrc/screen.h elementwise: (noise, lo, hi) float32 of the uniforms' words (int64 tensors "
-        "holding uint32) and float32 logits at scale float32(1/T)");
+        "holding uint32) and float32 logits at scale float32(1/T); the noise of screen_noise_fast (the CPU "
+        "tiles'), or of screen_noise with atanh=True");
   m.def("screen_philox_words_cpu", &hdlm::screen_philox_words_cpu, pybind11::arg("seed"), pybind11::arg("step"),
         pybind11::arg("stream"), pybind11::arg("first_pair"),
         "the words [4, 128] (int64) of Philox pairs first_pair.. of `stream` from the AVX2 tile stage");

@@ -22,6 +22,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -136,6 +137,23 @@ Candidate sample_row_screened(const scalar_t* row, int64_t stride_col, int64_t v
         const bool present = p < count;
         screen.logit_even[p] = present && even >= 0 ? load(even) : kMinusInfFloat;
         screen.logit_odd[p] = present && even + 1 < vocab ? load(even + 1) : kMinusInfFloat;
+      }
+    }
+    // Skip the tile when no exact score in it can reach the floor (docs/sampling-screen.md, "Skipping
+    // tiles"): s <= fl64(l_max / T) + g_max, each rounding within 2^-52 relative.
+    if (floor > kMinusInfFloat) {
+      bool nan = false;
+      const float top = tile_max(screen, nan);
+      if (!nan) {
+        if (top == kMinusInfFloat) {
+          continue;  // every score of the tile is exactly -inf, below a finite floor
+        }
+        const double x_up = params.divide ? static_cast<double>(top) / params.temperature : static_cast<double>(top);
+        const double g_up = tile_noise_bound(tile.w0, tile.w2);
+        const double bound = (x_up + g_up) + 0x1p-48 * (std::fabs(x_up) + std::fabs(g_up) + 1.0);
+        if (bound < static_cast<double>(floor)) {
+          continue;
+        }
       }
     }
     bool any = false;

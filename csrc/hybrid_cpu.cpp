@@ -226,6 +226,7 @@ bool draw_row_screened(const scalar_t* row, int64_t stride_col, int64_t vocab, i
   }
 
   // Pass 3, the screen: tiles of Philox pairs, candidates against the running floor.
+  const double log_c1 = no_read_weight ? 0.0 : log64(weights.c1);
   auto& candidates = scratch.candidates;
   candidates.clear();
   Tile& tile = scratch.tile;
@@ -253,6 +254,21 @@ bool draw_row_screened(const scalar_t* row, int64_t stride_col, int64_t vocab, i
         const bool present = p < count;
         screen.logit_even[p] = present && even >= 0 ? buffer[even] : kMinusInfFloat;
         screen.logit_odd[p] = present && even + 1 < vocab ? buffer[even + 1] : kMinusInfFloat;
+      }
+    }
+    // Skip the tile when no exact score in it can reach the floor (docs/sampling-screen.md, "Skipping
+    // tiles"): s <= log64(c1) + fl64(s_max - m) + g_max up to a few float64 roundings.
+    if (floor > kMinusInfFloat) {
+      bool nan = false;  // never: a row with a NaN read entry is bad and not screened
+      const float top = tile_max(screen, nan);
+      if (top == kMinusInfFloat) {
+        continue;  // no read token in the tile has a ratio: every score is exactly -inf
+      }
+      const double d_up = static_cast<double>(top) - shift;
+      const double g_up = tile_noise_bound(tile.w0, tile.w2);
+      const double bound = (log_c1 + d_up + g_up) + 0x1p-44 * (std::fabs(log_c1) + std::fabs(d_up) + std::fabs(g_up) + 1.0);
+      if (!nan && bound < static_cast<double>(floor)) {
+        continue;
       }
     }
     bool any = false;

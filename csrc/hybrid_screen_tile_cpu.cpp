@@ -21,9 +21,9 @@ __attribute__((always_inline)) inline void hybrid_screen_pairs(const uint32_t* _
                                                                const float shift, const float log_c1,
                                                                const float log_k, ScreenTile& tile) {
   for (int p = 0; p < kTilePairs; ++p) {
-    const ScreenBounds even = hybrid_screen_bounds<kKZero>(tile.logit_even[p], screen_noise(w0[p], w1[p]), shift,
+    const ScreenBounds even = hybrid_screen_bounds<kKZero>(tile.logit_even[p], screen_noise_fast(w0[p], w1[p]), shift,
                                                                 log_c1, log_k);
-    const ScreenBounds odd = hybrid_screen_bounds<kKZero>(tile.logit_odd[p], screen_noise(w2[p], w3[p]), shift,
+    const ScreenBounds odd = hybrid_screen_bounds<kKZero>(tile.logit_odd[p], screen_noise_fast(w2[p], w3[p]), shift,
                                                                log_c1, log_k);
     tile.lo_even[p] = even.lo;
     tile.hi_even[p] = even.hi;

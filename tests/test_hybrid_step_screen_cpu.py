@@ -40,14 +40,12 @@ def near_ties(log_score: torch.Tensor, row: int, level: float, spacing: float, c
     log_score[row, columns] = level - exact_noise(int(ROW_IDS[row]), columns) + offsets
 
 
-def cancelling(log_score: torch.Tensor, row: int, count: int = 4096) -> None:
-    """Row of equal log-scores up to 1e-6 relative noise: with B = e^{-γΔ} near 0 on a MASK row, every ratio
-    r' is within 1e-6 of c2·S ≈ mean ratio, so about half the weights are c1·(r' - c2·S) of 1e-7 and the
-    rest exactly 0."""
+def cancelling(log_score: torch.Tensor, row: int) -> None:
+    """Row of equal log-scores up to 1e-6 noise: with B = e^{-γΔ} near 0 on a MASK row (huge Δ), every ratio
+    r' is within about 1e-6 of c2·S = (1 - B)·mean ratio, so about half the weights are c1·(r' - c2·S) of
+    order 1e-6 and the rest exactly 0 (with smaller Δ, r' - c2·S ≈ B·r' instead)."""
     g = torch.Generator().manual_seed(100 + row)
-    log_score[row] = -math.inf
-    columns = torch.randperm(VOCAB - 1, generator=g)[:count]
-    log_score[row, columns] = 1.0 + 1e-6 * torch.randn(count, generator=g, dtype=torch.float64)
+    log_score[row] = 1.0 + 1e-6 * torch.randn(VOCAB, generator=g, dtype=torch.float64)
 
 
 def rows(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
