@@ -127,9 +127,17 @@ Candidate sample_row_screened(const scalar_t* row, int64_t stride_col, int64_t v
     }
     const int64_t base = 2 * first - pairs.parity;  // column of the even element of the tile's first pair
     if (count == kTilePairs && base >= 0 && base + 2 * kTilePairs <= vocab) {
-      for (int p = 0; p < kTilePairs; ++p) {
-        screen.logit_even[p] = load(base + 2 * p);
-        screen.logit_odd[p] = load(base + 2 * p + 1);
+      if (excluded == nullptr && stride_col == 1) {  // the common case, a plain loop the vectorizer takes
+        const scalar_t* pairs_start = row + base;
+        for (int p = 0; p < kTilePairs; ++p) {
+          screen.logit_even[p] = static_cast<float>(pairs_start[2 * p]);
+          screen.logit_odd[p] = static_cast<float>(pairs_start[2 * p + 1]);
+        }
+      } else {
+        for (int p = 0; p < kTilePairs; ++p) {
+          screen.logit_even[p] = load(base + 2 * p);
+          screen.logit_odd[p] = load(base + 2 * p + 1);
+        }
       }
     } else {  // the row's first or last tile: absent columns and pairs score -inf
       for (int p = 0; p < kTilePairs; ++p) {
