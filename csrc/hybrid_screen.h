@@ -7,7 +7,7 @@
 // The interval is built in the log domain, where nothing cancels: ln w = ln c1 + ln r' + φ(y), with
 // y = ln r' - ln K and φ(y) = ln(1 - e^-y) (φ = 0 when K = 0). φ is increasing, and for y > 0
 //   ln y - y/2 <= φ(y) <= min(0, ln y)        (1 - e^-y = 2 e^-y/2 sinh(y/2), sinh(t) >= t; e^y - 1 <= y e^y)
-//   φ(y) >= φ(a) for y >= a                    (monotonicity: the ladder of kLadder below)
+//   φ(y) >= φ(a) for y >= a                    (monotonicity: the ladder of ladder_bound below)
 // A token with y <= 0 has r' <= K, so its weight is exactly <= 0 and its score exactly -inf.
 //
 // Like screen.h, nothing here must be bit-identical across backends: any IEEE round-to-nearest float32
@@ -26,7 +26,6 @@ namespace hdlm {
 namespace hybrid_screen_detail {
 
 // ln(1 - e^-a) rounded down (to float32, after subtracting 2^-40): lower bounds of φ(y) for y >= a.
-constexpr int kLadderSteps = 9;
 HDLM_HOST_DEVICE inline float ladder_bound(float y) {
   // Written as a chain of selections (no table), so that vectorizers if-convert it.
   float phi = -0x1.d5aef0p-2f;            // a = 1
