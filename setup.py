@@ -37,7 +37,7 @@ EXTENSION_NAME = "hdlm_kernels._C"
 BUILD_INFO_FILE = "_build_info.json"
 CPU_SOURCES = ["csrc/bindings.cpp", "csrc/uniform53_cpu.cpp", "csrc/gumbel_cpu.cpp", "csrc/hybrid_cpu.cpp",
                "csrc/log64_cpu.cpp", "csrc/cpu_isa.cpp", "csrc/screen_cpu.cpp",
-               "csrc/screen_tile_cpu.cpp"]
+               "csrc/screen_tile_cpu.cpp", "csrc/hybrid_screen_tile_cpu.cpp", "csrc/hybrid_sum_cpu.cpp"]
 CUDA_SOURCES = [
     "csrc/uniform53_cuda.cu", "csrc/gumbel_cuda.cu", "csrc/hybrid_cuda.cu", "csrc/decode_attention_cuda.cu",
 ]

@@ -33,7 +33,9 @@ cost proportional to the changing rows shows next to the full draw of the gumbel
 ``hybrid_step gamma=... [R x V]`` groups time one γ-hybrid analytic step (paper App. B.4; τ-leaping)
 of ``R`` rows of log-scores (about half the rows MASK, Δσ̄ = 0.05 at σ̄ = 2, γ = 0.01): ``ours_*`` call
 ``hk.sampling.hybrid_step`` (the fused form: a max pass, an exact fixed-point sum of ``exp64`` ratios,
-and a race pass with ``log64`` weights and FP64 Gumbel noise, bit-identical across backends);
+and a race pass with ``log64`` weights and FP64 Gumbel noise, bit-identical across backends; the C++
+race is screened in float32, its record carries the exact scores per row as ``candidates_mean`` /
+``candidates_max``);
 ``official_analytic`` is the official ``AnalyticPredictor`` recipe (docs/official-code.md §6): ``exp`` of the
 log-scores, the interpolated staggered score and the transition row as fp32 ``[R, V]`` tensors, then
 ``argmax(probs / (-log(u_fp64 + 1e-10)))`` with float64 ``torch.rand`` of ``[R, V]``, the baseline.
@@ -271,7 +273,12 @@ def hybrid_ours_triton(p: HybridProblem) -> Case:
 
 
 def hybrid_ours_cpp(p: HybridProblem) -> Case:
-    return hybrid_ours(p, "cpp")
+    case = hybrid_ours(p, "cpp")
+    # The race's exact scores per row (docs/sampling-screen.md, "The γ step"): the current cell plus candidates.
+    counts = hk.sampling.hybrid_candidates(p.x, p.log_score, SIGMA_NOW, SIGMA_NEXT, GAMMA, MASK_ID, SEED,
+                                           STEP).double()
+    return Case(case.run, case.rounds, dict(candidates_mean=round(counts.mean().item(), 4),
+                                            candidates_max=int(counts.max())))
 
 
 def hybrid_ours_reference(p: HybridProblem) -> Case:

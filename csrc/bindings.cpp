@@ -38,9 +38,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "instruction set of the CPU samplers' screening stage: 'auto', 'scalar' or 'avx2'");
   m.def("cpu_isa", &hdlm::cpu_isa_name, "the instruction set the CPU samplers' screening stage runs with now");
   m.def("screen_scores_cpu", &hdlm::screen_scores_cpu, pybind11::arg("word_a"), pybind11::arg("word_b"),
-        pybind11::arg("logit"), pybind11::arg("scale"),
+        pybind11::arg("logit"), pybind11::arg("scale"), pybind11::arg("atanh") = false,
         "the screen of csrc/screen.h elementwise: (noise, lo, hi) float32 of the uniforms' words (int64 tensors "
-        "holding uint32) and float32 logits at scale float32(1/T)");
+        "holding uint32) and float32 logits at scale float32(1/T); the noise of screen_noise_fast (the CPU "
+        "tiles'), or of screen_noise with atanh=True");
   m.def("screen_philox_words_cpu", &hdlm::screen_philox_words_cpu, pybind11::arg("seed"), pybind11::arg("step"),
         pybind11::arg("stream"), pybind11::arg("first_pair"),
         "the words [4, 128] (int64) of Philox pairs first_pair.. of `stream` from the AVX2 tile stage");
@@ -53,6 +54,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("step"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "fused γ-hybrid step of CPU log-scores [R, V] (current tokens x, constants c1..c6 [R, 6], identities "
         "`row_ids`) -> (tokens int64 [R], winning scores float64 [R]: NaN for a bad row, -inf without weight)");
+  m.def("hybrid_step_counted_cpu", &hdlm::hybrid_step_counted_cpu, pybind11::arg("log_score"), pybind11::arg("x"),
+        pybind11::arg("coefficients"), pybind11::arg("row_ids"), pybind11::arg("mask_id"), pybind11::arg("seed"),
+        pybind11::arg("step"), pybind11::arg("count"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "hybrid_step_cpu plus, with count=True, the tokens scored exactly per row (int64 [R]): the current cell "
+        "and the screen's candidates (docs/sampling-screen.md)");
   m.def("exp64_cpu", &hdlm::exp64_cpu, pybind11::arg("x"), "exp64 of a float64 CPU tensor, same shape");
   m.def("exp64_constants", &hdlm::exp64_constants,
         "the constants of exp64 in log64.h: the Horner coefficients E[0..13] = 1/n!, INV_LN2, EXP64_MIN");

@@ -22,6 +22,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -126,9 +127,17 @@ Candidate sample_row_screened(const scalar_t* row, int64_t stride_col, int64_t v
     }
     const int64_t base = 2 * first - pairs.parity;  // column of the even element of the tile's first pair
     if (count == kTilePairs && base >= 0 && base + 2 * kTilePairs <= vocab) {
-      for (int p = 0; p < kTilePairs; ++p) {
-        screen.logit_even[p] = load(base + 2 * p);
-        screen.logit_odd[p] = load(base + 2 * p + 1);
+      if (excluded == nullptr && stride_col == 1) {  // the common case, a plain loop the vectorizer takes
+        const scalar_t* pairs_start = row + base;
+        for (int p = 0; p < kTilePairs; ++p) {
+          screen.logit_even[p] = static_cast<float>(pairs_start[2 * p]);
+          screen.logit_odd[p] = static_cast<float>(pairs_start[2 * p + 1]);
+        }
+      } else {
+        for (int p = 0; p < kTilePairs; ++p) {
+          screen.logit_even[p] = load(base + 2 * p);
+          screen.logit_odd[p] = load(base + 2 * p + 1);
+        }
       }
     } else {  // the row's first or last tile: absent columns and pairs score -inf
       for (int p = 0; p < kTilePairs; ++p) {
@@ -136,6 +145,23 @@ Candidate sample_row_screened(const scalar_t* row, int64_t stride_col, int64_t v
         const bool present = p < count;
         screen.logit_even[p] = present && even >= 0 ? load(even) : kMinusInfFloat;
         screen.logit_odd[p] = present && even + 1 < vocab ? load(even + 1) : kMinusInfFloat;
+      }
+    }
+    // Skip the tile when no exact score in it can reach the floor (docs/sampling-screen.md, "Skipping
+    // tiles"): s <= fl64(l_max / T) + g_max, each rounding within 2^-52 relative.
+    if (floor > kMinusInfFloat) {
+      bool nan = false;
+      const float top = tile_max(screen, nan);
+      if (!nan) {
+        if (top == kMinusInfFloat) {
+          continue;  // every score of the tile is exactly -inf, below a finite floor
+        }
+        const double x_up = params.divide ? static_cast<double>(top) / params.temperature : static_cast<double>(top);
+        const double g_up = tile_noise_bound(tile.w0, tile.w2);
+        const double bound = (x_up + g_up) + 0x1p-48 * (std::fabs(x_up) + std::fabs(g_up) + 1.0);
+        if (bound < static_cast<double>(floor)) {
+          continue;
+        }
       }
     }
     bool any = false;

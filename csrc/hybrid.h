@@ -27,6 +27,13 @@ namespace hdlm {
 std::tuple<at::Tensor, at::Tensor> hybrid_step_cpu(const at::Tensor& log_score, const at::Tensor& x,
                                                    const at::Tensor& coefficients, const at::Tensor& row_ids,
                                                    int64_t mask_id, uint64_t seed, int64_t step);
+// hybrid_step_cpu plus, with count = true, the number of tokens per row whose exact score was computed
+// (int64 [R]): the current cell and the screen's candidates (docs/sampling-screen.md, "The γ step"), or V for
+// a row on the full exact race (float64 log-scores, a bad row, extreme constants).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hybrid_step_counted_cpu(const at::Tensor& log_score, const at::Tensor& x,
+                                                                    const at::Tensor& coefficients,
+                                                                    const at::Tensor& row_ids, int64_t mask_id,
+                                                                    uint64_t seed, int64_t step, bool count);
 #ifdef HDLM_WITH_CUDA
 // The same on CUDA tensors (all on log_score's device). The values of x and row_ids are not checked here
 // (that would cost a device sync): the Python wrapper validates them.

@@ -115,6 +115,66 @@ HDLM_HOST_DEVICE inline float screen_noise(uint32_t word_a, uint32_t word_b) {
   return -screen_log(t);
 }
 
+namespace screen_detail {
+
+// ln(1 + f) = f * P(f) on f in [√2/2 - 1, √2 - 1]: P of degree 7 fitted to ln(1 + f) / f (Chebyshev nodes,
+// coefficients rounded to float32). Relative error of f * P(f): <= 2^-22.4 in exact arithmetic, <= 2^-21.8
+// over every float32 f when evaluated in float32 as written (tests/test_screen_math.py checks both);
+// any round-to-nearest evaluation (fused or not) adds at most 5.1 * 2^-24 (docs/sampling-screen.md).
+constexpr float kP0 = 0x1.fffffep-1f;
+constexpr float kP1 = -0x1.00007ap-1f;
+constexpr float kP2 = 0x1.555ap-2f;
+constexpr float kP3 = -0x1.ff6316p-3f;
+constexpr float kP4 = 0x1.9785cap-3f;
+constexpr float kP5 = -0x1.613806p-3f;
+constexpr float kP6 = 0x1.4c79e8p-3f;
+constexpr float kP7 = -0x1.9f174ap-4f;
+// Below this v, -log(1 - v) is taken as -f P(f) at f = -v (f stays in the polynomial's range).
+constexpr float kNearOne = 0x1.2p-2f;  // 0.28125 < 1 - √2/2
+
+HDLM_HOST_DEVICE inline float log1p_poly(float f) {
+  float p = kP7;
+  p = p * f + kP6;
+  p = p * f + kP5;
+  p = p * f + kP4;
+  p = p * f + kP3;
+  p = p * f + kP2;
+  p = p * f + kP1;
+  p = p * f + kP0;
+  return f * p;
+}
+
+// e * ln 2 + ln(1 + f), division-free.
+HDLM_HOST_DEVICE inline float log_poly_parts(float f, float e) { return e * kLn2Hi + (e * kLn2Lo + log1p_poly(f)); }
+
+}  // namespace screen_detail
+
+// The division-free twins of screen_log and screen_noise (a polynomial in f instead of 2 atanh(f / (2 + f))),
+// within the same bounds (docs/sampling-screen.md, "The cheap noise"); the CPU tile stages use these.
+HDLM_HOST_DEVICE inline float screen_log_fast(float x) {
+  float f, e;
+  screen_detail::split(x, f, e);
+  return screen_detail::log_poly_parts(f, e);
+}
+
+// -log u: for u <= 1/2 from v = u; for u > 1/2 (v = 1 - u) as -log(1 - v), from f = -v directly while
+// v <= kNearOne (so that small v keeps its relative accuracy), else from 1 - v, rounded once (v > 1/4: an
+// error of at most 2^-25 on a result >= 1/2).
+HDLM_HOST_DEVICE inline float screen_noise_fast(uint32_t word_a, uint32_t word_b) {
+  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(word_a) >> 31);  // all ones when u > 1/2
+  word_a ^= flip;
+  word_b ^= flip;
+  const float v = static_cast<float>(static_cast<int32_t>(word_a >> 6)) * 0x1p-26f +
+                  static_cast<float>(static_cast<int32_t>(((word_b >> 6) << 1) | 1u)) * 0x1p-53f;
+  const bool upper = flip != 0u;
+  const bool near_one = upper && v <= screen_detail::kNearOne;
+  float f, e;
+  screen_detail::split(upper ? 1.0f - v : v, f, e);
+  const float minus_v = -v;
+  const float t = -screen_detail::log_poly_parts(near_one ? minus_v : f, near_one ? 0.0f : e);  // -log u
+  return -screen_log_fast(t);
+}
+
 // The interval [lo, hi] that holds the exact score of a token with float32 logit `logit` (the logits dtype
 // widened exactly: fp32, bf16, fp16) and cheap noise `noise`, at scale = float32(1 / T) (1 for T = 1):
 //   a = logit * scale;  c = a + noise;  B = kRelative |a| + kAbsolute;  [lo, hi] = [c - B, c + B]

@@ -6,6 +6,7 @@
 // (its loops are float32 selections the vectorizer must if-convert); the exact FP64 code is elsewhere.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "cpu_isa.h"
@@ -35,6 +36,39 @@ float screen_tile_scalar(const uint32_t* w0, const uint32_t* w1, const uint32_t*
 // words of philox_block_for_pair (philox.h), bit for bit. Only called where cpu_has_avx2().
 void philox_tile_avx2(uint64_t seed, uint64_t step, uint32_t stream, uint64_t first_pair, uint32_t* w0, uint32_t* w1,
                       uint32_t* w2, uint32_t* w3);
+
+// Tile skipping (docs/sampling-screen.md, "Skipping tiles"): the exact Gumbel noise is increasing in u, and
+// u <= (a + 1) 2^-26 for the largest a = word >> 6 of the tile's first words (w0 of the even, w2 of the odd
+// elements), so every exact noise of the tile is at most the value returned here (+inf when that bound
+// reaches u = 1). The words of absent pairs only loosen it. One scalar float64 evaluation per tile (glibc's
+// log, within 1 ulp, plus a margin of 2^-40).
+inline double tile_noise_bound(const uint32_t* w0, const uint32_t* w2) {
+  uint32_t top = 0;
+  for (int p = 0; p < kTilePairs; ++p) {
+    const uint32_t even = w0[p] >> 6, odd = w2[p] >> 6;
+    top = even > top ? even : top;
+    top = odd > top ? odd : top;
+  }
+  if (top >= (uint32_t{1} << 26) - 1) {
+    return HUGE_VAL;
+  }
+  const double u_up = static_cast<double>(top + 1) * 0x1p-26;
+  return -std::log(-std::log(u_up)) + 0x1p-40;
+}
+
+// The largest float32 of the tile's logits (or log-scores), and whether one is NaN.
+inline float tile_max(const ScreenTile& tile, bool& nan) {
+  float top = -HUGE_VALF;
+  int any_nan = 0;
+  for (int p = 0; p < kTilePairs; ++p) {
+    const float even = tile.logit_even[p], odd = tile.logit_odd[p];
+    any_nan |= static_cast<int>(even != even) | static_cast<int>(odd != odd);
+    top = even > top ? even : top;
+    top = odd > top ? odd : top;
+  }
+  nan = any_nan != 0;
+  return top;
+}
 
 using ScreenTileFunction = float (*)(const uint32_t*, const uint32_t*, const uint32_t*, const uint32_t*, float,
                                      float, ScreenTile&, bool&);

@@ -11,7 +11,7 @@
 namespace hdlm {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> screen_scores_cpu(const at::Tensor& word_a, const at::Tensor& word_b,
-                                                                 const at::Tensor& logit, double scale) {
+                                                                 const at::Tensor& logit, double scale, bool atanh) {
   TORCH_CHECK(word_a.scalar_type() == at::kLong && word_b.scalar_type() == at::kLong,
               "screen_scores_cpu: word_a and word_b must be int64 tensors, got ", word_a.scalar_type(), " and ",
               word_b.scalar_type());
@@ -34,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> screen_scores_cpu(const at::Tenso
   float* hi_data = hi.mutable_data_ptr<float>();
   const float scale_float = static_cast<float>(scale);
   for (int64_t i = 0; i < l.numel(); ++i) {
-    noise_data[i] = screen_noise(static_cast<uint32_t>(a_data[i]), static_cast<uint32_t>(b_data[i]));
+    const uint32_t word_a = static_cast<uint32_t>(a_data[i]), word_b = static_cast<uint32_t>(b_data[i]);
+    noise_data[i] = atanh ? screen_noise(word_a, word_b) : screen_noise_fast(word_a, word_b);
     const ScreenBounds bounds = screen_bounds(l_data[i], noise_data[i], scale_float);
     lo_data[i] = bounds.lo;
     hi_data[i] = bounds.hi;

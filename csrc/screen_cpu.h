@@ -9,9 +9,10 @@
 namespace hdlm {
 
 // For words (int64 tensors of uint32 values, one shape) and float32 logits of the same shape: the cheap
-// noise screen_noise(word_a, word_b) and the interval screen_bounds(logit, noise, scale), all float32.
+// noise screen_noise_fast(word_a, word_b) (the CPU tiles' noise; screen_noise with atanh = true) and the interval
+// screen_bounds(logit, noise, scale), all float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> screen_scores_cpu(const at::Tensor& word_a, const at::Tensor& word_b,
-                                                                 const at::Tensor& logit, double scale);
+                                                                 const at::Tensor& logit, double scale, bool atanh);
 
 // The words of Philox pairs first_pair .. first_pair + 127 of `stream` from the AVX2 tile stage
 // (philox_tile_avx2), as an int64 tensor [4, 128]; an error where the processor lacks AVX2.

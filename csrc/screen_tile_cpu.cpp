@@ -22,8 +22,8 @@ __attribute__((always_inline)) inline float screen_tile_body(const uint32_t* __r
                                                              const uint32_t* __restrict w3, float scale,
                                                              float floor, ScreenTile& tile, bool& any) {
   for (int p = 0; p < kTilePairs; ++p) {
-    const ScreenBounds even = screen_bounds(tile.logit_even[p], screen_noise(w0[p], w1[p]), scale);
-    const ScreenBounds odd = screen_bounds(tile.logit_odd[p], screen_noise(w2[p], w3[p]), scale);
+    const ScreenBounds even = screen_bounds(tile.logit_even[p], screen_noise_fast(w0[p], w1[p]), scale);
+    const ScreenBounds odd = screen_bounds(tile.logit_odd[p], screen_noise_fast(w2[p], w3[p]), scale);
     tile.lo_even[p] = even.lo;
     tile.hi_even[p] = even.hi;
     tile.lo_odd[p] = odd.lo;

@@ -51,17 +51,18 @@ def exact_scores(logit32: torch.Tensor, noise64: torch.Tensor, temperature: floa
     return x + noise64
 
 
-def screen(word_a, word_b, logit32, temperature):
+def screen(word_a, word_b, logit32, temperature, atanh=False):
     scale = 1.0 if temperature == 1.0 else float(torch.tensor(1.0 / temperature, dtype=torch.float32))
-    return C().screen_scores_cpu(word_a, word_b, logit32, scale)
+    return C().screen_scores_cpu(word_a, word_b, logit32, scale, atanh)
 
 
-def test_cheap_noise_within_its_bound():
+@pytest.mark.parametrize("atanh", [False, True], ids=["polynomial", "atanh"])
+def test_cheap_noise_within_its_bound(atanh):
     word_a, word_b = extreme_words()
     u = uniform_of_words(word_a, word_b)
     assert u.min() == 2.0 ** -53 and u.max() == 1 - 2.0 ** -53
     exact = gumbel_noise(u)
-    cheap, _, _ = screen(word_a, word_b, torch.zeros(u.shape), 1.0)
+    cheap, _, _ = screen(word_a, word_b, torch.zeros(u.shape), 1.0, atanh)
     error = (cheap.to(torch.float64) - exact).abs().max().item()
     # The proof gives 2^-15.4; the measured worst case is about 2^-19.
     assert error <= SCREEN_NOISE_ERROR / 8, error
@@ -163,3 +164,31 @@ def test_near_ties_exactly_at_the_bound(dtype, temperature):
         assert_same_draw((tokens, best), expected)
         # At the bound (offset 0, row 3) both tokens are candidates; every row has one or both.
         assert int(count[3]) == 2 and set(count.tolist()) <= {1, 2}, count
+
+
+# The polynomial of screen_noise_fast (csrc/screen.h, screen_detail::kP0..kP7): ln(1 + f) = f P(f).
+LOG1P_COEFFICIENTS = ["0x1.fffffep-1", "-0x1.00007ap-1", "0x1.555ap-2", "-0x1.ff6316p-3", "0x1.9785cap-3",
+                      "-0x1.613806p-3", "0x1.4c79e8p-3", "-0x1.9f174ap-4"]
+
+
+def test_log1p_polynomial_over_every_float32_mantissa():
+    """docs/sampling-screen.md, "The division-free form": f P(f) evaluated in float32 (Horner, no FMA, as the
+    CPU build) is within 2^-21.7 relative of ln(1 + f) for every float32 f = m - 1, m in (√2/2, √2], and
+    the exact polynomial within 2^-22.3 (dense float64 grid)."""
+    coefficients = [float.fromhex(c) for c in LOG1P_COEFFICIENTS]
+    ones = torch.arange(0x3F800001, 0x3FB504F4, dtype=torch.int64)   # m in (1, √2]
+    below = torch.arange(0x3F3504F4, 0x3F800000, dtype=torch.int64)  # m in (√2/2, 1)
+    m = torch.cat([ones, below]).to(torch.int32).view(torch.float32)
+    f = m - 1.0  # exact (Sterbenz)
+    p = torch.full_like(f, coefficients[-1])
+    for c in coefficients[-2::-1]:
+        p = p * f + c  # float32 multiply, then add: two roundings
+    cheap = (f * p).double()
+    exact = torch.log1p(f.double())
+    assert ((cheap / exact - 1).abs().max().item()) <= 2.0 ** -21.7
+    grid = torch.linspace(math.sqrt(0.5) - 1, math.sqrt(2) - 1, 1_000_001, dtype=torch.float64)
+    grid = grid[grid != 0]
+    value = torch.zeros_like(grid)
+    for c in coefficients[::-1]:
+        value = value * grid + c
+    assert ((grid * value / torch.log1p(grid) - 1).abs().max().item()) <= 2.0 ** -22.3

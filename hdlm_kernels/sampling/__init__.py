@@ -15,7 +15,7 @@ from .acs import acs_apply, acs_decisions, acs_plan, acs_step, acs_step_ref
 from .corrupt import corrupt, corrupt_deferred, corrupt_ref
 from .gumbel import fused_backend, gumbel_argmax, gumbel_argmax_deferred, gumbel_argmax_ref
 from .hybrid import hybrid_step, hybrid_step_deferred, hybrid_step_ref
-from .screen import gumbel_candidates
+from .screen import gumbel_candidates, hybrid_candidates
 from .philox import philox4x32_10, philox4x32_10_ref, uniform53, uniform53_ref
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "gumbel_argmax_deferred",
     "gumbel_argmax_ref",
     "gumbel_candidates",
+    "hybrid_candidates",
     "hybrid_step",
     "hybrid_step_deferred",
     "hybrid_step_ref",

@@ -1,0 +1,89 @@
+// The γ step's screening stage over a tile (hybrid_screen_avx2.h), compiled twice: for AVX2 (target attribute,
+// 8 float lanes) and portably ("scalar"). Without trapping-math in this file only, for the reason given in
+// screen_tile_cpu.cpp (the float32 selections become blends); it holds no FP64 code.
+#pragma GCC optimize("no-trapping-math")
+
+#include "hybrid_screen_avx2.h"
+
+#include "hybrid_screen.h"
+#include "screen.h"
+
+namespace hdlm {
+namespace {
+
+constexpr int kFloorLanes = 8;
+
+template <bool kKZero>
+__attribute__((always_inline)) inline void hybrid_screen_pairs(const uint32_t* __restrict w0,
+                                                               const uint32_t* __restrict w1,
+                                                               const uint32_t* __restrict w2,
+                                                               const uint32_t* __restrict w3,
+                                                               const float shift, const float log_c1,
+                                                               const float log_k, ScreenTile& tile) {
+  for (int p = 0; p < kTilePairs; ++p) {
+    const ScreenBounds even = hybrid_screen_bounds<kKZero>(tile.logit_even[p], screen_noise_fast(w0[p], w1[p]), shift,
+                                                                log_c1, log_k);
+    const ScreenBounds odd = hybrid_screen_bounds<kKZero>(tile.logit_odd[p], screen_noise_fast(w2[p], w3[p]), shift,
+                                                               log_c1, log_k);
+    tile.lo_even[p] = even.lo;
+    tile.hi_even[p] = even.hi;
+    tile.lo_odd[p] = odd.lo;
+    tile.hi_odd[p] = odd.hi;
+  }
+}
+
+__attribute__((always_inline)) inline float hybrid_screen_tile_body(const uint32_t* __restrict w0,
+                                                                    const uint32_t* __restrict w1,
+                                                                    const uint32_t* __restrict w2,
+                                                                    const uint32_t* __restrict w3,
+                                                                    const HybridScreenRow& row_in, float floor,
+                                                                    ScreenTile& tile, bool& any) {
+  const HybridScreenRow row = row_in;  // a local copy: no aliasing with the tile's stores
+  if (row.k_zero) {
+    hybrid_screen_pairs<true>(w0, w1, w2, w3, row.shift, row.log_c1, row.log_k, tile);
+  } else {
+    hybrid_screen_pairs<false>(w0, w1, w2, w3, row.shift, row.log_c1, row.log_k, tile);
+  }
+  float lanes[kFloorLanes];
+  for (int j = 0; j < kFloorLanes; ++j) {
+    lanes[j] = screen_detail::float_of(0xFF800000u);
+  }
+  for (int p = 0; p < kTilePairs; p += kFloorLanes) {
+    for (int j = 0; j < kFloorLanes; ++j) {
+      lanes[j] = screen_floor(screen_floor(lanes[j], tile.lo_even[p + j]), tile.lo_odd[p + j]);
+    }
+  }
+  for (int j = 0; j < kFloorLanes; ++j) {
+    floor = screen_floor(floor, lanes[j]);
+  }
+  int reach = 0;
+  for (int p = 0; p < kTilePairs; ++p) {
+    reach |= static_cast<int>(screen_candidate(tile.hi_even[p], floor)) |
+             static_cast<int>(screen_candidate(tile.hi_odd[p], floor));
+  }
+  any = reach != 0;
+  return floor;
+}
+
+}  // namespace
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) float hybrid_screen_tile_avx2(const uint32_t* w0, const uint32_t* w1,
+                                                              const uint32_t* w2, const uint32_t* w3,
+                                                              const HybridScreenRow& row, float floor,
+                                                              ScreenTile& tile, bool& any) {
+  return hybrid_screen_tile_body(w0, w1, w2, w3, row, floor, tile, any);
+}
+#else
+float hybrid_screen_tile_avx2(const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, const uint32_t* w3,
+                              const HybridScreenRow& row, float floor, ScreenTile& tile, bool& any) {
+  return hybrid_screen_tile_body(w0, w1, w2, w3, row, floor, tile, any);
+}
+#endif
+
+float hybrid_screen_tile_scalar(const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, const uint32_t* w3,
+                                const HybridScreenRow& row, float floor, ScreenTile& tile, bool& any) {
+  return hybrid_screen_tile_body(w0, w1, w2, w3, row, floor, tile, any);
+}
+
+}  // namespace hdlm

@@ -1,0 +1,105 @@
+// The exact fixed-point row sum of the γ step over float32 log-scores (hybrid_screen_avx2.h): the AVX2 build
+// runs exp64 (log64.h) in 4 float64 lanes with the same IEEE operations in the same order, so each ratio, and
+// hence each truncation, is bit-identical to the scalar code; only the order of the (exact, integer-valued)
+// additions differs, which changes nothing.
+#include "hybrid_screen_avx2.h"
+
+#include "hybrid_rule.h"
+#include "log64.h"
+
+namespace hdlm {
+
+void fixed_sum_scalar(const float* scores, int count, double shift, FixedSum& sum) {
+  for (int i = 0; i < count; ++i) {
+    fixed_add(sum, hybrid_ratio(static_cast<double>(scores[i]), shift));
+  }
+}
+
+}  // namespace hdlm
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+namespace hdlm {
+namespace {
+
+// exp64 of 4 lanes, operation by operation as log64.h's exp64 (lanes below kExp64Min, or NaN, give 0).
+__attribute__((target("avx2"), always_inline)) inline __m256d exp64_lanes(__m256d x) {
+  using namespace log64_detail;
+  const __m256d live = _mm256_cmp_pd(x, _mm256_set1_pd(kExp64Min), _CMP_GE_OQ);
+  x = _mm256_and_pd(x, live);  // dead lanes compute exp64(0), then give 0
+  const __m256d t = _mm256_mul_pd(x, _mm256_set1_pd(kInvLn2));
+  const __m256d half = _mm256_set1_pd(0.5);
+  const __m256d nonnegative = _mm256_cmp_pd(t, _mm256_setzero_pd(), _CMP_GE_OQ);
+  const __m256d rounded = _mm256_blendv_pd(_mm256_sub_pd(t, half), _mm256_add_pd(t, half), nonnegative);
+  const __m256d kf = _mm256_round_pd(rounded, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);  // |k| < 2^11: exact
+  const __m256d r = _mm256_sub_pd(_mm256_sub_pd(x, _mm256_mul_pd(kf, _mm256_set1_pd(kLn2Hi))),
+                                  _mm256_mul_pd(kf, _mm256_set1_pd(kLn2Lo)));
+  __m256d p = _mm256_set1_pd(kE13);
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE12));
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE11));
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE10));
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE9));
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE8));
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE7));
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE6));
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE5));
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE4));
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE3));
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE2));
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE1));
+  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE0));
+  // 2^k from the exponent field k + 1023 (k an exact integer in [-1021, 1024)).
+  const __m128i k32 = _mm256_cvtpd_epi32(kf);
+  const __m256i field = _mm256_add_epi64(_mm256_cvtepi32_epi64(k32), _mm256_set1_epi64x(1023));
+  const __m256d scale = _mm256_castsi256_pd(_mm256_slli_epi64(field, 52));
+  return _mm256_and_pd(_mm256_mul_pd(p, scale), live);
+}
+
+// fixed_add of 4 ratios into integer-valued float64 lanes: trunc(r' 2^32) and trunc(frac(r' 2^32) 2^31),
+// the truncations of hybrid_rule.h as exact roundings toward zero.
+__attribute__((target("avx2"), always_inline)) inline void fixed_add_lanes(__m256d ratio, __m256d& hi,
+                                                                           __m256d& lo) {
+  const __m256d scaled = _mm256_mul_pd(ratio, _mm256_set1_pd(0x1p32));
+  const __m256d high = _mm256_round_pd(scaled, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __m256d low = _mm256_round_pd(_mm256_mul_pd(_mm256_sub_pd(scaled, high), _mm256_set1_pd(0x1p31)),
+                                      _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  hi = _mm256_add_pd(hi, high);
+  lo = _mm256_add_pd(lo, low);
+}
+
+}  // namespace
+
+__attribute__((target("avx2"))) void fixed_sum_avx2(const float* scores, int count, double shift,
+                                                    FixedSumLanes& lanes) {
+  __m256d hi = _mm256_load_pd(lanes.hi);
+  __m256d lo = _mm256_load_pd(lanes.lo);
+  const __m256d m = _mm256_set1_pd(shift);
+  int i = 0;
+  for (; i + 4 <= count; i += 4) {
+    const __m256d s = _mm256_cvtps_pd(_mm_loadu_ps(scores + i));  // exact widening
+    fixed_add_lanes(exp64_lanes(_mm256_sub_pd(s, m)), hi, lo);
+  }
+  if (i < count) {  // the tail, padded with -inf (ratio 0)
+    alignas(16) float tail[4];
+    for (int j = 0; j < 4; ++j) {
+      tail[j] = i + j < count ? scores[i + j] : -__builtin_inff();
+    }
+    fixed_add_lanes(exp64_lanes(_mm256_sub_pd(_mm256_cvtps_pd(_mm_load_ps(tail)), m)), hi, lo);
+  }
+  _mm256_store_pd(lanes.hi, hi);
+  _mm256_store_pd(lanes.lo, lo);
+}
+
+}  // namespace hdlm
+#else
+namespace hdlm {
+// No AVX2 in this build (cpu_has_avx2() is false, so this is never called): the scalar code into the lanes.
+void fixed_sum_avx2(const float* scores, int count, double shift, FixedSumLanes& lanes) {
+  FixedSum sum{0, 0};
+  fixed_sum_scalar(scores, count, shift, sum);
+  lanes.hi[0] += static_cast<double>(sum.hi);
+  lanes.lo[0] += static_cast<double>(sum.lo);
+}
+}  // namespace hdlm
+#endif
