@@ -2,8 +2,10 @@
 ``[lo, hi]`` per token that provably holds the token's exact FP64 score, the twin of ``csrc/screen.h``.
 
 Nothing here has to be bit-identical to the C++ screen: the proof holds for any float32 evaluation with
-round-to-nearest operations (a fused or a 2-ulp division only removes or adds one rounding, within the
-margin of the bound; see the "GPU kernels" section of the page). Only float32 and integer operations:
+round-to-nearest operations. The kernels launch with ``enable_fp_fusion=False`` for the sake of their
+exact FP64 pass, so the float32 products and sums that can be fused are written as explicit ``tl.fma``
+(a fused operation only removes a rounding); Triton's float32 ``/`` is the 2-ulp ``div.full.f32``, one
+more rounding in each logarithm, within the margin of the bound (the "GPU kernels" section of the page). Only float32 and integer operations:
 the screening loops of the kernels that use these functions hold no FP64 instruction
 (``scripts/screen_sass_counts.py`` counts them in the sm_90 machine code).
 """
@@ -19,17 +21,17 @@ from .screen import SCREEN_ABSOLUTE, SCREEN_RELATIVE
 
 __all__ = ["screen_bounds", "screen_noise", "screen_scale_bits"]
 
-# The float32 constants of csrc/screen.h (every one exact in float32, so the Python float literal that
-# Triton narrows to float32 keeps its value).
-LN2_HI = float.fromhex("0x1.63p-1")
-LN2_LO = float.fromhex("-0x1.bd0106p-13")
-A1 = float.fromhex("0x1.555556p-2")
-A2 = float.fromhex("0x1.99999ap-3")
-A3 = float.fromhex("0x1.24924ap-3")
-A4 = float.fromhex("0x1.c71c72p-4")
-SQRT2_BITS = 0x3FB504F3  # √2 rounded to float32: a mantissa above it is halved
-RELATIVE = SCREEN_RELATIVE  # 2^-20
-ABSOLUTE = SCREEN_ABSOLUTE  # 2^-13
+# The float32 constants of csrc/screen.h (every one exact in float32, so that Triton's narrowing of a Python
+# float to float32 keeps its value).
+LN2_HI = tl.constexpr(float.fromhex("0x1.63p-1"))
+LN2_LO = tl.constexpr(float.fromhex("-0x1.bd0106p-13"))
+A1 = tl.constexpr(float.fromhex("0x1.555556p-2"))
+A2 = tl.constexpr(float.fromhex("0x1.99999ap-3"))
+A3 = tl.constexpr(float.fromhex("0x1.24924ap-3"))
+A4 = tl.constexpr(float.fromhex("0x1.c71c72p-4"))
+SQRT2_BITS = tl.constexpr(0x3FB504F3)  # √2 rounded to float32: a mantissa above it is halved
+RELATIVE = tl.constexpr(SCREEN_RELATIVE)  # 2^-20
+ABSOLUTE = tl.constexpr(SCREEN_ABSOLUTE)  # 2^-13
 
 
 @triton.jit
@@ -38,13 +40,13 @@ def _log_from_parts(f, e, FIVE_TERMS: tl.constexpr):
     s = f / (2.0 + f)
     z = s * s
     if FIVE_TERMS:
-        p = A4 * z + A3
+        p = tl.fma(z, A4, A3)
     else:
         p = tl.zeros_like(z) + A3
-    p = p * z + A2
-    p = p * z + A1
-    p = p * z + 1.0
-    return e * LN2_HI + (e * LN2_LO + (s + s) * p)
+    p = tl.fma(p, z, A2)
+    p = tl.fma(p, z, A1)
+    p = tl.fma(p, z, 1.0)
+    return tl.fma(e, LN2_HI, tl.fma(e, LN2_LO, (s + s) * p))
 
 
 @triton.jit
@@ -71,7 +73,7 @@ def screen_noise(word_a, word_b):
     # v = min(u, 1 - u) in [2^-53, 1/2]: two exact int -> float conversions, one rounding each.
     high = (word_a >> 6).to(tl.int32).to(tl.float32)
     low = (((word_b >> 6) << 1) | 1).to(tl.int32).to(tl.float32)
-    v = high * 1.4901161193847656e-08 + low * 1.1102230246251565e-16  # 2^-26, 2^-53
+    v = tl.fma(high, 1.4901161193847656e-08, low * 1.1102230246251565e-16)  # 2^-26, 2^-53
     f, e = _split(v)
     t = -_log_from_parts(tl.where(upper, -v, f), tl.where(upper, 0.0, e), True)  # -log u in (0, 36.8]
     f2, e2 = _split(t)
@@ -85,7 +87,7 @@ def screen_bounds(logit, noise, scale):
     [-inf, -inf] (its exact score), a NaN logit a NaN hi (always a candidate)."""
     a = logit * scale
     c = a + noise
-    bound = RELATIVE * tl.abs(a) + ABSOLUTE
+    bound = tl.fma(tl.abs(a), RELATIVE, ABSOLUTE)
     minus_inf = float("-inf")
     lo = c - bound
     hi = tl.where(logit == minus_inf, minus_inf, c + bound)
