@@ -155,10 +155,13 @@ def small_triton_tiles(monkeypatch):
     monkeypatch.setattr(triton_gumbel, "INTERPRETER_BLOCK_PAIRS", 128)
 
 
+@pytest.mark.slow
 def test_triton_screened_full_vocabulary_rows():
     # V = 50258 in the interpreter: a subset of the adversarial rows (normal x 3, ±1e4, all -inf but one,
-    # +inf twice, top-k style -inf masks, the ±1e4 halves), odd and even row_id * V.
-    logits = adversarial_logits(torch.float32)[[0, 1, 3, 4, 7, 10]]
+    # +inf twice, top-k style -inf masks, the ±1e4 halves), odd and even row_id * V, in a column-major
+    # layout (column stride = rows).
+    logits = adversarial_logits(torch.float32)[[0, 1, 3, 4, 7, 10]].t().contiguous().t()
+    assert logits.stride() == (1, 6)
     row_ids = torch.tensor([1, 4, 7, 2**33 + 1, 9, 12])
     for temperature in (1.0, 1e-3):
         expected = reference_draw(logits, None, row_ids, temperature, None)
@@ -173,8 +176,9 @@ def test_triton_screened_full_vocabulary_rows():
             assert int(counts[-1]) == int((logits[-1] == logits[-1].max()).sum()), counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,temperature", [(torch.float32, t) for t in (1.0, 0.6, 1e-3, 1e-25, 40.0, 1e20, 1e35)]
-                         + [(d, t) for d in (torch.bfloat16, torch.float16) for t in (1.0, 1e-3, 1e35)])
+                         + [(torch.bfloat16, 1.0), (torch.float16, 1e-3)])
 def test_triton_adversarial_rows_across_tiles(dtype, temperature, small_triton_tiles):
     logits = adversarial_logits(dtype, vocab=1001)
     row_ids = torch.arange(logits.shape[0]) * 3 + 1
@@ -182,6 +186,7 @@ def test_triton_adversarial_rows_across_tiles(dtype, temperature, small_triton_t
     assert_same_draw(triton_draw(logits, None, row_ids, temperature, None), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_triton_strided_rows_take_and_exclude(temperature, small_triton_tiles):
     base = adversarial_logits(torch.float32, vocab=2 * 999 + 1)[[0, 1, 3, 4, 7, 9]]
@@ -207,8 +212,9 @@ def test_triton_nan_and_all_minus_inf_rows(small_triton_tiles):
         assert_same_draw(triton_draw(logits, None, torch.arange(4), 1.0, ex), expected)
 
 
-@pytest.mark.parametrize("dtype,temperature", [(torch.float32, t) for t in (1.0, 0.37, 1e-20, 50.0)]
-                         + [(torch.bfloat16, 1.0), (torch.float16, 0.37)])
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, 1.0), (torch.float32, 1e-20), (torch.float32, 50.0),
+                                               (torch.bfloat16, 1.0), (torch.float16, 0.37)])
 def test_triton_near_ties_exactly_at_the_bound(dtype, temperature, small_triton_tiles):
     from tests.test_screen_math import near_tie_rows
 
