@@ -15,7 +15,7 @@ BENCH_ARGS   ?=
 # Sources whose change must rebuild the editable install (the C++/CUDA extension).
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: test bench bench-smoke demo venv cuda-compile-check sm90-check gpu-validate device-versions-check clean
+.PHONY: test bench bench-smoke demo venv cuda-compile-check sm90-check screen-counts gpu-validate device-versions-check clean
 
 venv: $(VENV)/.installed
 
@@ -64,6 +64,11 @@ cuda-compile-check:
 SM90_ARGS ?=
 sm90-check: venv
 	$(PY) scripts/sm90_check.py $(SM90_ARGS)
+
+# Static instruction and FP64 counts per loop of the sampling kernels for sm_90 (no GPU needed):
+# benchmarks/results/screen-sass-counts.{json,md}; fails when a screen loop holds an FP64 instruction.
+screen-counts: venv
+	$(PY) scripts/screen_sass_counts.py $(SCREEN_COUNTS_ARGS)
 
 # The one command a GPU machine runs (see README, "GPU validation"); DRY_RUN=1 runs CPU stand-ins.
 # No venv prerequisite: building it (with 16 jobs there) is the script's first, timed phase.

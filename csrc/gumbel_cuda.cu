@@ -1,4 +1,6 @@
-// CUDA backend of FP64 Gumbel-max (docs/sampling-stream.md): one thread block per sampled row; each thread walks
+// CUDA backend of FP64 Gumbel-max (docs/sampling-stream.md): one thread block per sampled row. bf16 / fp16 / fp32
+// logits at most temperatures take the screened kernel (a float32 screen, then the exact score of the few
+// candidates: docs/sampling-screen.md); the others the exact walk below, where each thread walks
 // the row's Philox pairs with a block-sized stride (one Philox block feeds two adjacent columns), keeps
 // its best (score, column), and the block reduces them with the rule of gumbel_rule.h. The arithmetic
 // is the header code the CPU backend compiles too (philox.h, log64.h, gumbel_rule.h), with every float64
@@ -13,6 +15,8 @@
 #include "gumbel_rule.h"
 #include "log64.h"
 #include "philox.h"
+#include "screen.h"
+#include "screen_cuda.cuh"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -22,6 +26,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 namespace hdlm {
 namespace {
@@ -80,6 +86,154 @@ __global__ void __launch_bounds__(kThreadsPerRow)
   }
 }
 
+// Screen, then decide (docs/sampling-screen.md, "GPU kernels"), for bf16 / fp16 / fp32 logits at a
+// temperature whose float32 1/T is normal (`scale`). Block i samples row i as gumbel_argmax_kernel does, in
+// chunks of kColumns = 16 / sizeof(scalar_t) columns (whole Philox pairs: chunk q starts at column
+// kColumns q - parity), chunk q = k 256 + t for thread t at iteration k, so a warp's 32 chunks are adjacent
+// and a warp iterates as one (its lanes run the same iterations).
+//   1. float32 only: each column's cheap interval (screen.h); each thread's running floor; each warp's
+//      largest upper bound per iteration, into shared memory (iterations past kScreenSlots share the
+//      last slot, which then holds their maximum).
+//   2. L = the block's floor. Each warp re-walks only the iterations whose slot reaches L (a
+//      warp-uniform branch), recomputing the chunk's Philox blocks and intervals; the lanes whose columns
+//      are candidates (hi >= L, or a NaN hi) compute the exact FP64 score with today's functions and
+//      keep the best with beats() of gumbel_rule.h.
+// kExclude: `excluded` marks excluded ids (else it is null); kVector: every row is contiguous and 16-byte
+// aligned (one 16-byte load per chunk). `counts` (may be null) receives the number of candidates of each row.
+constexpr int kScreenSlots = 128;
+
+template <typename scalar_t, bool kExclude, bool kVector>
+__global__ void __launch_bounds__(kThreadsPerRow)
+    gumbel_argmax_screened_kernel(const scalar_t* __restrict__ logits, int64_t stride_row, int64_t stride_col,
+                                  int64_t vocab, const int64_t* __restrict__ take, const int64_t* __restrict__ row_ids,
+                                  const uint8_t* __restrict__ excluded, GumbelParams params, float scale,
+                                  int64_t* __restrict__ tokens, double* __restrict__ best_scores,
+                                  int64_t* __restrict__ counts) {
+  constexpr int kColumns = Chunk<scalar_t>::kColumns;
+  constexpr int kPairs = kColumns / 2;
+  __shared__ float slot_top[kWarpsPerRow][kScreenSlots];
+  __shared__ float warp_floor[kWarpsPerRow];
+  __shared__ int row_candidates;
+
+  const int64_t i = blockIdx.x;
+  const int64_t row = take != nullptr ? take[i] : i;
+  const scalar_t* row_logits = logits + row * stride_row;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const float minus_inf = __int_as_float(0xFF800000);
+  const RowPairs pairs = row_pairs(static_cast<uint64_t>(row_ids[i]), vocab);
+  const int64_t num_chunks = (pairs.count + kPairs - 1) / kPairs;
+  if (threadIdx.x == 0) {
+    row_candidates = 0;
+  }
+
+  // The intervals of chunk q's columns (absent and excluded columns: [-inf, -inf], an excluded token's
+  // exact score being -inf), with its logits and Philox blocks for the exact pass.
+  struct ScreenedChunk {
+    Chunk<scalar_t> logits;
+    PhiloxBlock blocks[kPairs];
+    float lo[kColumns];
+    float hi[kColumns];
+  };
+  const auto screen_chunk = [&](int64_t q) {
+    ScreenedChunk chunk;
+    const int64_t first = kColumns * q - pairs.parity;
+    chunk.logits = load_chunk<scalar_t, kVector>(row_logits, stride_col, vocab, first);
+#pragma unroll
+    for (int p = 0; p < kPairs; ++p) {
+      chunk.blocks[p] = philox_block_for_pair(params.seed, params.step, kGumbelStream,
+                                              pairs.first_pair + static_cast<uint64_t>(kPairs * q + p));
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int c = 2 * p + half;
+        const ScreenBounds bounds =
+            screen_bounds(chunk.logits.x[c], screen_noise_device(chunk.blocks[p].w[2 * half], chunk.blocks[p].w[2 * half + 1]),
+                          scale);
+        const int64_t column = first + c;
+        bool absent = q >= num_chunks || column < 0 || column >= vocab;
+        if constexpr (kExclude) {
+          absent = absent || excluded[column];
+        }
+        chunk.lo[c] = absent ? minus_inf : bounds.lo;
+        chunk.hi[c] = absent ? minus_inf : bounds.hi;
+      }
+    }
+    return chunk;
+  };
+
+  // Pass 1 (float32 only).
+  float floor = minus_inf;
+  int64_t iterations = 0;
+  for (int64_t base = warp * kWarpSize; base < num_chunks; base += kThreadsPerRow, ++iterations) {
+    const ScreenedChunk chunk = screen_chunk(base + lane);
+    float top = minus_inf;
+#pragma unroll
+    for (int c = 0; c < kColumns; ++c) {
+      floor = screen_floor(floor, chunk.lo[c]);
+      top = fmaxf(top, nan_as_infinity(chunk.hi[c]));
+    }
+    top = warp_max_float(top);
+    if (lane == 0) {
+      const int64_t slot = iterations < kScreenSlots ? iterations : kScreenSlots - 1;
+      slot_top[warp][slot] = iterations < kScreenSlots ? top : fmaxf(slot_top[warp][slot], top);
+    }
+  }
+  floor = warp_max_float(floor);
+  if (lane == 0) {
+    warp_floor[warp] = floor;
+  }
+  __syncthreads();
+  float row_floor = minus_inf;
+#pragma unroll
+  for (int w = 0; w < kWarpsPerRow; ++w) {
+    row_floor = fmaxf(row_floor, warp_floor[w]);
+  }
+
+  // Pass 2: the exact score of the candidates only.
+  Candidate best = no_candidate();
+  int candidates = 0;
+  int64_t k = 0;
+  for (int64_t base = warp * kWarpSize; base < num_chunks; base += kThreadsPerRow, ++k) {
+    if (slot_top[warp][k < kScreenSlots ? k : kScreenSlots - 1] < row_floor) {
+      continue;  // no candidate in this iteration of the warp (uniform across the warp)
+    }
+    const int64_t q = base + lane;
+    const ScreenedChunk chunk = screen_chunk(q);
+    const int64_t first = kColumns * q - pairs.parity;
+#pragma unroll
+    for (int c = 0; c < kColumns; ++c) {
+      const bool present = q < num_chunks && first + c >= 0 && first + c < vocab;
+      if (present && screen_candidate(chunk.hi[c], row_floor)) {
+        const PhiloxBlock& block = chunk.blocks[c / 2];
+        double score = gumbel_score(static_cast<double>(chunk.logits.x[c]),
+                                    gumbel_noise(uniform53_from_words(block.w[2 * (c % 2)], block.w[2 * (c % 2) + 1])),
+                                    params);
+        // hi = -inf proves the exact score -inf (lo <= s <= hi): excluded columns, in a row whose floor is -inf.
+        if (chunk.hi[c] == minus_inf) {
+          score = no_candidate().score;
+        }
+        take_if_better(best, Candidate{score, first + c});
+        ++candidates;
+      }
+    }
+  }
+  if (counts != nullptr) {
+    const int warp_candidates = __reduce_add_sync(kFullWarp, candidates);
+    if (lane == 0) {
+      atomicAdd(&row_candidates, warp_candidates);
+    }
+  }
+
+  best = block_best(best);  // synchronizes the block (row_candidates is complete after it)
+  if (threadIdx.x == 0) {
+    tokens[i] = best.column;
+    best_scores[i] = best.score;
+    if (counts != nullptr) {
+      counts[i] = row_candidates;
+    }
+  }
+}
+
 // excluded[ids[k]] = 1; ids outside [0, V) (which the Python wrapper refuses) are skipped rather than
 // written out of bounds.
 __global__ void mark_excluded_kernel(const int64_t* __restrict__ ids, int64_t count, int64_t vocab,
@@ -94,9 +248,26 @@ template <typename scalar_t>
 void launch(const at::Tensor& logits, const int64_t* take, const int64_t* row_ids, int64_t num_rows,
             const uint8_t* excluded, const GumbelParams& params, int64_t* tokens, double* best,
             cudaStream_t stream) {
-  gumbel_argmax_kernel<scalar_t><<<static_cast<unsigned int>(num_rows), kThreadsPerRow, 0, stream>>>(
-      logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), logits.size(1), take, row_ids, excluded,
-      params, tokens, best);
+  float scale = 1.0f;
+  // float64 logits, temperature 0 and a 1/T outside [2^-100, 2^100] take the exact walk on every token.
+  if (!std::is_same_v<scalar_t, double> && params.noise && screen_temperature(params.temperature, scale)) {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const bool vector = logits.stride(1) == 1 && reinterpret_cast<uintptr_t>(logits.const_data_ptr()) % 16 == 0 &&
+                          (logits.size(0) == 1 || (logits.stride(0) * logits.element_size()) % 16 == 0);
+      const auto kernel = excluded != nullptr
+                              ? (vector ? gumbel_argmax_screened_kernel<scalar_t, true, true>
+                                        : gumbel_argmax_screened_kernel<scalar_t, true, false>)
+                              : (vector ? gumbel_argmax_screened_kernel<scalar_t, false, true>
+                                        : gumbel_argmax_screened_kernel<scalar_t, false, false>);
+      kernel<<<static_cast<unsigned int>(num_rows), kThreadsPerRow, 0, stream>>>(
+          logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), logits.size(1), take, row_ids,
+          excluded, params, scale, tokens, best, nullptr);
+    }
+  } else {
+    gumbel_argmax_kernel<scalar_t><<<static_cast<unsigned int>(num_rows), kThreadsPerRow, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), logits.size(1), take, row_ids,
+        excluded, params, tokens, best);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

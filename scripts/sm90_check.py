@@ -144,6 +144,20 @@ def sampling_launches():
                     {"HAS_TAKE": take, "HAS_EXCLUDE": exclude, "NOISE": noise, "DIVIDE": divide, "BLOCK_P": pairs},
                     triton_stream.launch_options(warps),
                     dict(labels, take=take, exclude=exclude, noise=noise, divide=divide), fp64_allowed=True))
+    # The screened Gumbel-max (float32 screen, exact FP64 decision of the candidates): bf16 / fp16 / fp32.
+    pairs = min(triton_gumbel.GPU_BLOCK_PAIRS, 1 << (vocab // 2).bit_length())
+    warps = max(1, min(triton_gumbel.MAX_WARPS, pairs // triton_gumbel.PAIRS_PER_WARP))
+    for dtype, take, exclude, divide in ((torch.bfloat16, False, False, False), (torch.bfloat16, True, True, True),
+                                         (torch.float16, False, False, False), (torch.float32, False, False, False)):
+        launches.append(KernelLaunch(
+            "sampling.gumbel_argmax_screened", triton_gumbel._gumbel_argmax_screened_kernel,
+            (dtype, i64, i64, torch.int8, f64, i64, f64, i64, vocab, 1, vocab, 1, 2, 3, 4607182418800017408,
+             1065353216),
+            {"HAS_TAKE": take, "HAS_EXCLUDE": exclude, "DIVIDE": divide, "BLOCK_P": pairs,
+             "MAX_TILES": triton_gumbel.max_tiles(vocab, pairs)},
+            triton_stream.launch_options(warps),
+            {"dtype": str(dtype).replace("torch.", ""), "BLOCK_P": pairs, "take": take, "exclude": exclude,
+             "divide": divide}, fp64_allowed=True))
     launches.append(KernelLaunch(
         "sampling.corrupt", triton_corrupt._corrupt_kernel,
         (i64, f64, f64, i64, i64, torch.int8, torch.int8, numel, 50257, 50257, 1, 2, 3),

@@ -1,8 +1,9 @@
 """Screen, then decide (docs/sampling-screen.md): the screened C++ gumbel_argmax returns the reference's
 tokens and winning scores bit for bit on adversarial rows (V = 50258, T near 0 and large, ±1e4 and huge
 logits, ±inf, rows all -inf but one, NaN, excluded ids, strided rows, `take`), with either instruction
-set of the screening stage; the Triton kernel (interpreter) agrees on the same rows; the candidate count
-per row is about 1. CUDA runs where a GPU is."""
+set of the screening stage; the screened Triton kernel (interpreter, with small tiles so that rows span
+several) agrees on the same rows, on near-ties engineered at the bound, and on V = 50258; the
+candidate count per row is about 1. The CUDA and GPU Triton screens run where a GPU is."""
 
 import math
 
@@ -134,16 +135,149 @@ def test_gumbel_argmax_cpp_matches_reference_through_the_op():
                                                            backend="reference"))
 
 
-def test_triton_matches_the_reference_on_adversarial_rows():
+def triton_draw(logits, take, row_ids, temperature, exclude, counted=False):
     pytest.importorskip("triton")
     from hdlm_kernels.sampling import triton_gumbel
 
-    logits = adversarial_logits(torch.float32, rows=12, vocab=257)
-    row_ids = torch.arange(12) * 5
-    for temperature in (1.0, 1e-25):
+    if counted:
+        return triton_gumbel._draw(logits, take, row_ids, SEED, STEP, temperature, exclude)
+    return triton_gumbel.gumbel_argmax_triton(logits, None if take is None else take, row_ids, SEED, STEP,
+                                              temperature, exclude)
+
+
+@pytest.fixture
+def small_triton_tiles(monkeypatch):
+    """Tiles of 128 Philox pairs in the interpreter, so that a row of a few thousand tokens spans several
+    tiles and the screened kernel's tile skipping is exercised (the interpreter's cost is per tile)."""
+    pytest.importorskip("triton")
+    from hdlm_kernels.sampling import triton_gumbel
+
+    monkeypatch.setattr(triton_gumbel, "INTERPRETER_BLOCK_PAIRS", 128)
+
+
+@pytest.mark.slow
+def test_triton_screened_full_vocabulary_rows():
+    # V = 50258 in the interpreter: a subset of the adversarial rows (normal x 3, ±1e4, all -inf but one,
+    # +inf twice, top-k style -inf masks, the ±1e4 halves), odd and even row_id * V, in a column-major
+    # layout (column stride = rows).
+    logits = adversarial_logits(torch.float32)[[0, 1, 3, 4, 7, 10]].t().contiguous().t()
+    assert logits.stride() == (1, 6)
+    row_ids = torch.tensor([1, 4, 7, 2**33 + 1, 9, 12])
+    for temperature in (1.0, 1e-3):
         expected = reference_draw(logits, None, row_ids, temperature, None)
-        ours = triton_gumbel.gumbel_argmax_triton(logits, None, row_ids, SEED, STEP, temperature, None)
-        assert_same_draw(ours, expected)
+        tokens, best, counts = triton_draw(logits, None, row_ids, temperature, None, counted=True)
+        assert_same_draw((tokens, best), expected)
+        assert int(counts.min()) >= 1
+        if temperature == 1.0:
+            assert int(counts.max()) <= 3, counts
+        else:
+            # At T = 1e-3 the ±1e4 row scales to ±1e7, where float32's spacing (1) exceeds the noise's
+            # spread: the bound (2^-20 |a| ≈ 9.5) keeps every token at +1e7 a candidate.
+            assert int(counts[-1]) == int((logits[-1] == logits[-1].max()).sum()), counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, t) for t in (1.0, 0.6, 1e-3, 1e-25, 40.0, 1e20, 1e35)]
+                         + [(torch.bfloat16, 1.0), (torch.float16, 1e-3)])
+def test_triton_adversarial_rows_across_tiles(dtype, temperature, small_triton_tiles):
+    logits = adversarial_logits(dtype, vocab=1001)
+    row_ids = torch.arange(logits.shape[0]) * 3 + 1
+    expected = reference_draw(logits, None, row_ids, temperature, None)
+    assert_same_draw(triton_draw(logits, None, row_ids, temperature, None), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_triton_strided_rows_take_and_exclude(temperature, small_triton_tiles):
+    base = adversarial_logits(torch.float32, vocab=2 * 999 + 1)[[0, 1, 3, 4, 7, 9]]
+    logits = base[:, ::2]  # column stride 2, odd V
+    take = torch.tensor([5, 0, 3, 3, 1])
+    row_ids = torch.tensor([7, 2**40, 3, 4, 123456789])
+    exclude = torch.tensor([0, 1, 17, 998])
+    expected = reference_draw(logits, take, row_ids, temperature, exclude)
+    assert_same_draw(triton_draw(logits, take, row_ids, temperature, exclude), expected)
+    transposed = base.t().contiguous().t()
+    expected = reference_draw(transposed, None, torch.arange(6), temperature, None)
+    assert_same_draw(triton_draw(transposed, None, torch.arange(6), temperature, None), expected)
+
+
+def test_triton_nan_and_all_minus_inf_rows(small_triton_tiles):
+    logits = torch.randn(4, 300)
+    logits[0, [5, 200]] = math.nan
+    logits[1] = -INF
+    logits[2, :] = -INF
+    logits[2, 299] = 1.0
+    for ex in (None, torch.tensor([299])):
+        expected = reference_draw(logits, None, torch.arange(4), 1.0, ex)
+        assert_same_draw(triton_draw(logits, None, torch.arange(4), 1.0, ex), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, 1.0), (torch.float32, 1e-20), (torch.float32, 50.0),
+                                               (torch.bfloat16, 1.0), (torch.float16, 0.37)])
+def test_triton_near_ties_exactly_at_the_bound(dtype, temperature, small_triton_tiles):
+    from tests.test_screen_math import near_tie_rows
+
+    logits, row_ids, seed, step = near_tie_rows(2048, temperature, dtype)
+    expected = _gumbel_argmax_reference(logits, None, row_ids, seed, step, temperature, None, 16)
+    from hdlm_kernels.sampling import triton_gumbel
+
+    tokens, best, counts = triton_gumbel._draw(logits, None, row_ids, seed, step, temperature, None)
+    assert_same_draw((tokens, best), expected)
+    # Triton's float32 bits may differ from the C++ screen's near the bound: one or both tokens are candidates.
+    assert set(counts.tolist()) <= {1, 2}, counts
+
+
+def test_triton_exact_path_where_the_screen_does_not_apply():
+    from hdlm_kernels.sampling import triton_gumbel
+
+    logits = adversarial_logits(torch.float32, vocab=513)[:4]
+    row_ids = torch.arange(4)
+    assert triton_gumbel.screened(logits, 1.0) and triton_gumbel.screened(logits.half(), 1e-25)
+    for x, temperature in ((logits.double(), 1.0), (logits, 0.0), (logits, 1e-35), (logits, 1e35)):
+        assert not triton_gumbel.screened(x, temperature)
+        expected = reference_draw(x, None, row_ids, temperature, None)
+        tokens, best, counts = triton_draw(x, None, row_ids, temperature, None, counted=True)
+        assert_same_draw((tokens, best), expected)
+        assert counts.tolist() == [513] * 4
+
+
+_SCREENED_PTX_SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hdlm_kernels.sampling import triton_gumbel, triton_stream
+
+signature = {"LOGITS": "*bf16", "TAKE": "*i64", "ROW_IDS": "*i64", "EXCLUDE": "*i8", "CONSTS": "*fp64",
+             "TOKENS": "*i64", "BEST": "*fp64", "COUNTS": "*i64", "stride_row": "i32", "stride_col": "i32",
+             "vocab": "i32", "key0": "i64", "key1": "i64", "step_lo": "i64", "temperature_bits": "i64",
+             "scale_bits": "i32", "HAS_TAKE": "constexpr", "HAS_EXCLUDE": "constexpr", "DIVIDE": "constexpr",
+             "BLOCK_P": "constexpr", "MAX_TILES": "constexpr"}
+constexprs = {"HAS_TAKE": True, "HAS_EXCLUDE": True, "DIVIDE": True, "BLOCK_P": 512, "MAX_TILES": 64}
+source = ASTSource(fn=triton_gumbel._gumbel_argmax_screened_kernel, signature=signature, constexprs=constexprs)
+kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=triton_stream.launch_options(8))
+ptx = kernel.asm["ptx"]
+json.dump({"f64": sorted(set(re.findall(r"\b[a-z]+(?:\.[a-z0-9]+)*\.f64\b", ptx))),
+           "f32": sorted(set(re.findall(r"\b[a-z]+(?:\.[a-z0-9]+)*\.f32\b", ptx))),
+           "literals": sorted(set(re.findall(r"\b0d[0-9A-F]{16}\b", ptx)))}, sys.stdout)
+"""
+
+
+def test_triton_screened_kernel_decides_without_fma(tmp_path):
+    """The screened kernel compiled for sm_90 (no GPU): its exact FP64 pass has no fused multiply-add and
+    only IEEE round-to-nearest float64 arithmetic and exact float64 literals, as the exact kernel; its
+    float32 screen does use fused multiply-adds (written as tl.fma: allowed by the proof)."""
+    from tests.sampling_checks import compiled_ptx_ops
+
+    found = compiled_ptx_ops(_SCREENED_PTX_SCRIPT, tmp_path)
+    assert not [op for op in found["f64"] if op.startswith("fma") or "approx" in op], found["f64"]
+    arithmetic = [op for op in found["f64"] if op.split(".")[0] in ("add", "sub", "mul", "div")]
+    assert "div.rn.f64" in arithmetic and all(".rn." in op for op in arithmetic), found["f64"]
+    exact = {"0d3CA0000000000000", "0d3FF0000000000000", "0dBFF0000000000000", "0d4000000000000000",
+             "0d7FF0000000000000", "0dFFF0000000000000", "0d7FF8000000000000", "0d0000000000000000"}
+    assert set(found["literals"]) <= exact, found["literals"]
+    assert "fma.rn.f32" in found["f32"], found["f32"]
 
 
 def test_avx2_philox_words_are_philox():
@@ -167,9 +301,42 @@ def test_set_cpu_isa_rejects_unknown_names():
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_backends_match_the_reference_on_adversarial_rows(backend):
-    logits = adversarial_logits(torch.bfloat16).cuda()
-    row_ids = torch.arange(logits.shape[0], device="cuda") * 3 + 1
-    for temperature in (1.0, 1e-3, 40.0):
-        expected = reference_draw(logits.cpu(), None, row_ids.cpu(), temperature, None)
-        implementation = hk.backends.select("gumbel_argmax", backend, logits.device, "test").function()
-        assert_same_draw(implementation(logits, None, row_ids, SEED, STEP, temperature, None, 4), expected)
+    implementation = hk.backends.select("gumbel_argmax", backend, "cuda", "test").function()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        logits = adversarial_logits(dtype).cuda()
+        row_ids = torch.arange(logits.shape[0], device="cuda") * 3 + 1
+        for temperature in (1.0, 0.6, 1e-3, 1e-25, 40.0, 1e20, 1e35):
+            expected = reference_draw(logits.cpu(), None, row_ids.cpu(), temperature, None)
+            assert_same_draw(implementation(logits, None, row_ids, SEED, STEP, temperature, None, 4), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_screen_on_strided_misaligned_and_excluded_rows(backend):
+    # The CUDA screen loads 16-byte vectors only from contiguous, aligned rows: a column slice starting at
+    # column 1 (misaligned), a column stride of 2 and a transposed layout take the column-by-column loads.
+    implementation = hk.backends.select("gumbel_argmax", backend, "cuda", "test").function()
+    base = adversarial_logits(torch.bfloat16, vocab=VOCAB + 1).cuda()
+    take = torch.tensor([5, 0, 3, 3, 1, 11], device="cuda")
+    row_ids = torch.tensor([7, 2**40, 3, 4, 123456789, 0], device="cuda")
+    exclude = torch.tensor([0, 1, 17, 998, VOCAB - 1], device="cuda")
+    for logits in (base[:, 1:], base[:, :VOCAB], base[:, ::2], base.t().contiguous().t()):
+        for temperature in (1.0, 0.5):
+            for ex in (None, exclude[exclude < logits.shape[1]]):
+                expected = reference_draw(logits.cpu(), take.cpu(), row_ids.cpu(), temperature,
+                                          None if ex is None else ex.cpu())
+                assert_same_draw(implementation(logits, take, row_ids, SEED, STEP, temperature, ex, 4), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_near_ties_exactly_at_the_bound(backend, dtype):
+    from tests.test_screen_math import near_tie_rows
+
+    implementation = hk.backends.select("gumbel_argmax", backend, "cuda", "test").function()
+    for temperature in (1.0, 0.37, 1e-20, 50.0):
+        logits, row_ids, seed, step = near_tie_rows(VOCAB, temperature, dtype)
+        expected = _gumbel_argmax_reference(logits, None, row_ids, seed, step, temperature, None, 16)
+        assert_same_draw(implementation(logits.cuda(), None, row_ids.cuda(), seed, step, temperature, None, 4),
+                         expected)

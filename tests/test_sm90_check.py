@@ -93,3 +93,27 @@ def test_one_launch_compiles_for_sm90_without_a_gpu(tmp_path):
     (record,) = json.loads((tmp_path / "gate.json").read_text())["records"]
     assert record["arch"] == "sm_90a" and 0 < record["registers"] <= 255 and record["failures"] == []
     assert "| attention.merge_splits | D=64, dtype=float32 |" in (tmp_path / "gate.md").read_text()
+
+
+@pytest.mark.slow
+def test_screen_loop_of_the_triton_screen_has_no_fp64(tmp_path):
+    """scripts/screen_sass_counts.py on one kernel: the screened Triton gumbel_argmax compiled for sm_90
+    (stand-in driver), its loops found in the SASS, and no FP64 instruction in its screen loop (its
+    decide loop holds the exact FP64 score)."""
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "screen_sass_counts.py"), "--no-cuda", "--only",
+                             "triton gumbel_argmax screened bfloat16", "--out-dir", str(tmp_path)],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (record,) = json.loads((tmp_path / "screen-sass-counts.json").read_text())["kernels"]
+    roles = {loop["role"]: loop for loop in record["loops"]}
+    assert roles["screen"]["fp64"] == 0 and record["screen_fp64"] == 0
+    assert roles["decide"]["fp64"] > 0  # the exact pass is in this kernel, only outside the screen loop
+    assert 0 < roles["screen"]["instructions_per_element"] < roles["decide"]["instructions_per_element"]
+    assert "| triton gumbel_argmax screened | bfloat16" in (tmp_path / "screen-sass-counts.md").read_text()

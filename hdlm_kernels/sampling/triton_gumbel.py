@@ -26,8 +26,10 @@ from .triton_stream import (
     stream_block,
     uniform53_of_words,
 )
+from .triton_screen import screen_bounds, screen_noise, screen_scale_bits
 
-__all__ = ["gumbel_argmax_triton", "interpreted", "row_winner", "take_if_better"]
+__all__ = ["gumbel_argmax_triton", "gumbel_candidates_triton", "interpreted", "row_winner", "screened",
+           "take_if_better"]
 
 # Pairs of columns (Philox blocks) per loop iteration: a GPU size, and a larger one under the
 # interpreter. On sm_90 the kernel with 512 pairs and 8 warps (2 pairs, 4 columns per thread)
@@ -50,6 +52,21 @@ def take_if_better(best_val, best_idx, score, col, valid, SENTINEL: tl.constexpr
     return tl.where(take, score, best_val), tl.where(take, col, best_idx)
 
 
+@triton.jit
+def exact_score(x, word_a, word_b, temperature, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, ln2_hi, ln2_lo,
+                NOISE: tl.constexpr, DIVIDE: tl.constexpr):
+    """The exact FP64 score of loaded logits x with the Philox words of their uniforms: fl64(x) / T
+    (skipped at T = 1) + gumbel_noise(u) (skipped at T = 0), each operation rounded once."""
+    if x.dtype == tl.float64:
+        score = x
+    else:  # bf16 / fp16 / fp32 -> fp32 -> fp64: exact
+        score = x.to(tl.float32).to(tl.float64)
+    if DIVIDE:
+        score = score / temperature
+    if NOISE:
+        score = score + gumbel_noise(uniform53_of_words(word_a, word_b), c0, c1, c2, c3, c4, c5, c6, c7, c8, c9,
+                                     c10, ln2_hi, ln2_lo)
+    return score
 
 
 @triton.jit
@@ -106,21 +123,17 @@ def _gumbel_argmax_kernel(
         valid_odd = col_odd < vocab
         x_even = tl.load(row_ptr + col_even.to(tl.int64) * stride_col, mask=valid_even, other=0.0)
         x_odd = tl.load(row_ptr + col_odd.to(tl.int64) * stride_col, mask=valid_odd, other=0.0)
-        if LOGITS.dtype.element_ty == tl.float64:
-            s_even = x_even
-            s_odd = x_odd
-        else:  # bf16 / fp16 / fp32 -> fp32 -> fp64: exact
-            s_even = x_even.to(tl.float32).to(tl.float64)
-            s_odd = x_odd.to(tl.float32).to(tl.float64)
-        if DIVIDE:
-            s_even = s_even / temperature
-            s_odd = s_odd / temperature
         if NOISE:
             w0, w1, w2, w3 = stream_block(pair_base + j, k0, k1, 0, step_word)
-            s_even = s_even + gumbel_noise(uniform53_of_words(w0, w1), c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10,
-                                      ln2_hi, ln2_lo)
-            s_odd = s_odd + gumbel_noise(uniform53_of_words(w2, w3), c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10,
-                                    ln2_hi, ln2_lo)
+        else:
+            w0 = lanes.to(tl.uint32)  # not read
+            w1 = w0
+            w2 = w0
+            w3 = w0
+        s_even = exact_score(x_even, w0, w1, temperature, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10,
+                             ln2_hi, ln2_lo, NOISE, DIVIDE)
+        s_odd = exact_score(x_odd, w2, w3, temperature, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10,
+                            ln2_hi, ln2_lo, NOISE, DIVIDE)
         if HAS_EXCLUDE:
             excluded_even = tl.load(EXCLUDE + col_even, mask=valid_even, other=0)
             excluded_odd = tl.load(EXCLUDE + col_odd, mask=valid_odd, other=0)
@@ -133,6 +146,111 @@ def _gumbel_argmax_kernel(
     token, best = row_winner(best_val, best_idx, SENTINEL)
     tl.store(TOKENS + i, token.to(tl.int64))
     tl.store(BEST + i, best.to(tl.float64))
+
+
+@triton.jit
+def _tile_bounds(row_ptr, EXCLUDE, stride_col, vocab, j, parity, pair_base, k0, k1, step_word, scale,
+                 HAS_EXCLUDE: tl.constexpr):
+    # The screen of one tile of Philox pairs (float32 and integer work only): the logits, the Philox
+    # words, and the cheap intervals of the even and odd columns; absent and excluded columns get
+    # [-inf, -inf] (an excluded token's exact score is -inf).
+    col_even = 2 * j - parity
+    col_odd = col_even + 1
+    valid_even = (col_even >= 0) & (col_even < vocab)
+    valid_odd = col_odd < vocab
+    x_even = tl.load(row_ptr + col_even.to(tl.int64) * stride_col, mask=valid_even, other=float("-inf"))
+    x_odd = tl.load(row_ptr + col_odd.to(tl.int64) * stride_col, mask=valid_odd, other=float("-inf"))
+    w0, w1, w2, w3 = stream_block(pair_base + j, k0, k1, 0, step_word)
+    lo_even, hi_even = screen_bounds(x_even.to(tl.float32), screen_noise(w0, w1), scale)
+    lo_odd, hi_odd = screen_bounds(x_odd.to(tl.float32), screen_noise(w2, w3), scale)
+    if HAS_EXCLUDE:
+        excluded_even = tl.load(EXCLUDE + col_even, mask=valid_even, other=0) != 0
+        excluded_odd = tl.load(EXCLUDE + col_odd, mask=valid_odd, other=0) != 0
+        lo_even = tl.where(excluded_even, float("-inf"), lo_even)
+        hi_even = tl.where(excluded_even, float("-inf"), hi_even)
+        lo_odd = tl.where(excluded_odd, float("-inf"), lo_odd)
+        hi_odd = tl.where(excluded_odd, float("-inf"), hi_odd)
+    return (col_even, col_odd, valid_even, valid_odd, x_even, x_odd, w0, w1, w2, w3,
+            lo_even, hi_even, lo_odd, hi_odd)
+
+
+@triton.jit(do_not_specialize=["key0", "key1", "step_lo", "temperature_bits", "scale_bits"])
+def _gumbel_argmax_screened_kernel(
+        LOGITS, TAKE, ROW_IDS, EXCLUDE, CONSTS, TOKENS, BEST, COUNTS,
+        stride_row, stride_col, vocab,
+        key0: tl.int64, key1: tl.int64, step_lo: tl.int64, temperature_bits: tl.int64, scale_bits: tl.int32,
+        HAS_TAKE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, DIVIDE: tl.constexpr,
+        BLOCK_P: tl.constexpr, MAX_TILES: tl.constexpr):
+    # Screen, then decide (docs/sampling-screen.md), for bf16 / fp16 / fp32 logits and a temperature
+    # whose float32 1/T is normal. Program i samples row i, with the pairs and columns of
+    # _gumbel_argmax_kernel, in two passes over the row's tiles of BLOCK_P Philox pairs:
+    #   1. float32 only: each column's cheap interval [lo, hi]; the row floor L = max lo, and each
+    #      tile's largest hi (NaN counted as +inf), kept in registers (MAX_TILES >= the tile count);
+    #   2. the tiles whose largest hi reaches L (a branch on one scalar, so the others cost a reduction)
+    #      recompute their Philox words and intervals, and their candidates (hi >= L or NaN) get the
+    #      exact FP64 score and today's winner rule, lanes in increasing column order.
+    SENTINEL: tl.constexpr = 2147483647
+    i = tl.program_id(0)
+    if HAS_TAKE:
+        row = tl.load(TAKE + i)
+    else:
+        row = i.to(tl.int64)
+    row_id = tl.load(ROW_IDS + i)
+    row_ptr = LOGITS + row * stride_row
+    element_base = row_id * vocab
+    parity = (element_base & 1).to(tl.int32)
+    pair_base = element_base >> 1
+    num_pairs = (vocab + parity + 1) // 2
+    num_tiles = (num_pairs + BLOCK_P - 1) // BLOCK_P
+
+    k0 = key0.to(tl.uint32)
+    k1 = key1.to(tl.uint32)
+    step_word = step_lo.to(tl.uint32)
+    scale = scale_bits.to(tl.int32).to(tl.float32, bitcast=True)
+    lanes = tl.arange(0, BLOCK_P)
+    tiles = tl.arange(0, MAX_TILES)
+
+    floor = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    tile_top = tl.full([MAX_TILES], float("-inf"), tl.float32)
+    for tile in range(0, num_tiles):
+        (col_even, col_odd, valid_even, valid_odd, x_even, x_odd, w0, w1, w2, w3,
+         lo_even, hi_even, lo_odd, hi_odd) = _tile_bounds(row_ptr, EXCLUDE, stride_col, vocab, tile * BLOCK_P + lanes,
+                                                          parity, pair_base, k0, k1, step_word, scale, HAS_EXCLUDE)
+        floor = tl.where(lo_even > floor, lo_even, floor)  # a NaN lower bound is ignored
+        floor = tl.where(lo_odd > floor, lo_odd, floor)
+        top = tl.maximum(tl.where(hi_even != hi_even, float("inf"), hi_even),
+                         tl.where(hi_odd != hi_odd, float("inf"), hi_odd))
+        tile_top = tl.where(tiles == tile, tl.max(top, axis=0), tile_top)
+    row_floor = tl.max(floor, axis=0)
+
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
+    temperature = temperature_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    best_val = tl.full([BLOCK_P], float("-inf"), tl.float64)
+    best_idx = tl.full([BLOCK_P], SENTINEL, tl.int32)
+    candidates = tl.zeros([BLOCK_P], tl.int32)
+    for tile in range(0, num_tiles):
+        if tl.max(tl.where(tiles == tile, tile_top, float("-inf")), axis=0) >= row_floor:
+            (col_even, col_odd, valid_even, valid_odd, x_even, x_odd, w0, w1, w2, w3,
+             lo_even, hi_even, lo_odd, hi_odd) = _tile_bounds(row_ptr, EXCLUDE, stride_col, vocab,
+                                                              tile * BLOCK_P + lanes, parity, pair_base, k0, k1,
+                                                              step_word, scale, HAS_EXCLUDE)
+            keep_even = valid_even & ~(hi_even < row_floor)  # a NaN hi is a candidate
+            keep_odd = valid_odd & ~(hi_odd < row_floor)
+            s_even = exact_score(x_even, w0, w1, temperature, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10,
+                                 ln2_hi, ln2_lo, True, DIVIDE)
+            s_odd = exact_score(x_odd, w2, w3, temperature, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10,
+                                ln2_hi, ln2_lo, True, DIVIDE)
+            # An excluded candidate (only in a row whose floor is -inf) scores -inf, as in the full walk.
+            s_even = tl.where(hi_even == float("-inf"), float("-inf"), s_even)
+            s_odd = tl.where(hi_odd == float("-inf"), float("-inf"), s_odd)
+            best_val, best_idx = take_if_better(best_val, best_idx, s_even, col_even, keep_even, SENTINEL)
+            best_val, best_idx = take_if_better(best_val, best_idx, s_odd, col_odd, keep_odd, SENTINEL)
+            candidates += keep_even.to(tl.int32) + keep_odd.to(tl.int32)
+
+    token, best = row_winner(best_val, best_idx, SENTINEL)
+    tl.store(TOKENS + i, token.to(tl.int64))
+    tl.store(BEST + i, best.to(tl.float64))
+    tl.store(COUNTS + i, tl.sum(candidates, axis=0).to(tl.int64))
 
 
 def gumbel_argmax_triton(
@@ -150,6 +268,25 @@ def gumbel_argmax_triton(
     [n], exclude None or sorted distinct int64 ids. Returns (tokens int64 [n], winning scores float64
     [n]). One program per sampled row, no float64 temporaries in memory; chunk_rows is ignored."""
     del chunk_rows  # the kernel holds one block of a row at a time
+    tokens, best, _ = _draw(logits, take, row_ids, seed, step, temperature, exclude)
+    return tokens, best
+
+
+def gumbel_candidates_triton(logits: torch.Tensor, take: torch.Tensor | None, row_ids: torch.Tensor, seed: int,
+                             step: int, temperature: float, exclude: torch.Tensor | None) -> torch.Tensor:
+    """The number of tokens per row whose exact FP64 score decides the Triton draw (the screen's
+    candidates, docs/sampling-screen.md), or V for a row on the exact path (float64 logits, temperature
+    0, 1/T outside [2^-100, 2^100]). Arguments as ``gumbel_argmax_triton``; int64 [n]."""
+    return _draw(logits, take, row_ids, seed, step, temperature, exclude)[2]
+
+
+def screened(logits: torch.Tensor, temperature: float) -> bool:
+    """Whether the draw takes the screened kernel: bf16 / fp16 / fp32 logits and a temperature whose
+    float32 1/T is normal (not 0)."""
+    return logits.dtype != torch.float64 and screen_scale_bits(temperature) is not None
+
+
+def _draw(logits, take, row_ids, seed, step, temperature, exclude):
     check_triton_device(logits, "gumbel_argmax")
     device = logits.device
     vocab = logits.shape[1]
@@ -159,7 +296,7 @@ def gumbel_argmax_triton(
     tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
     best = torch.empty(num_rows, dtype=torch.float64, device=device)
     if num_rows == 0:
-        return tokens, best
+        return tokens, best, torch.empty(0, dtype=torch.int64, device=device)
     row_ids = row_ids.to(device=device, dtype=torch.int64).contiguous()
     if take is not None:
         take = take.to(device=device, dtype=torch.int64).contiguous()
@@ -172,12 +309,28 @@ def gumbel_argmax_triton(
     # A row spans at most V // 2 + 1 Philox blocks (V + 1 slots when row_id * V is odd).
     block_pairs = min(launch_block(GPU_BLOCK_PAIRS, INTERPRETER_BLOCK_PAIRS),
                       triton.next_power_of_2(vocab // 2 + 1))
+    options = launch_options(max(1, min(MAX_WARPS, block_pairs // PAIRS_PER_WARP)))
+    arguments = (logits, row_ids if take is None else take, row_ids, excluded, float64_constants(device), tokens,
+                 best)
+    scalars = (logits.stride(0), logits.stride(1), vocab, seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF,
+               double_bits(temperature))
     with on_device(logits):
-        _gumbel_argmax_kernel[(num_rows,)](
-            logits, row_ids if take is None else take, row_ids, excluded, float64_constants(device), tokens, best,
-            logits.stride(0), logits.stride(1), vocab,
-            seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF, double_bits(temperature),
-            HAS_TAKE=take is not None, HAS_EXCLUDE=exclude is not None, NOISE=noise,
-            DIVIDE=noise and temperature != 1.0, BLOCK_P=block_pairs,
-            **launch_options(max(1, min(MAX_WARPS, block_pairs // PAIRS_PER_WARP))))
-    return tokens, best
+        if screened(logits, temperature):
+            counts = torch.empty(num_rows, dtype=torch.int64, device=device)
+            _gumbel_argmax_screened_kernel[(num_rows,)](
+                *arguments, counts, *scalars, screen_scale_bits(temperature),
+                HAS_TAKE=take is not None, HAS_EXCLUDE=exclude is not None, DIVIDE=temperature != 1.0,
+                BLOCK_P=block_pairs, MAX_TILES=max_tiles(vocab, block_pairs), **options)
+        else:
+            counts = torch.full((num_rows,), vocab, dtype=torch.int64, device=device)
+            _gumbel_argmax_kernel[(num_rows,)](
+                *arguments, *scalars,
+                HAS_TAKE=take is not None, HAS_EXCLUDE=exclude is not None, NOISE=noise,
+                DIVIDE=noise and temperature != 1.0, BLOCK_P=block_pairs, **options)
+    return tokens, best, counts
+
+
+def max_tiles(vocab: int, block_pairs: int) -> int:
+    """The screened kernel's register slots for its tiles' largest upper bounds: a power of two at least
+    the tile count of a row of V columns (at most V // 2 + 1 Philox pairs)."""
+    return triton.next_power_of_2(triton.cdiv(vocab // 2 + 1, block_pairs))

@@ -1,0 +1,147 @@
+// The device side of "screen, then decide" (docs/sampling-screen.md, "GPU kernels") that the CUDA sampling
+// kernels share: the float32 interval of every column of a chunk of a row (screen.h's rule), loaded with
+// one 16-byte load where the row allows it, and the warp / block reductions of the screen's float32
+// bounds. Float32 and integer work only: no FP64 instruction may appear in a screening loop
+// (scripts/screen_sass_counts.py counts them in the sm_90 machine code).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "gumbel_rule.h"
+#include "philox.h"
+#include "screen.h"
+
+namespace hdlm {
+namespace screen_cuda_detail {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+// Float32 in an int order that max() respects for every non-NaN value (±0 compare as different
+// ints but are equal floats; a maximum taken this way is still a float maximum).
+__device__ __forceinline__ int ordered_int(float x) {
+  const int bits = __float_as_int(x);
+  return bits >= 0 ? bits : bits ^ 0x7FFFFFFF;
+}
+
+__device__ __forceinline__ float float_of_ordered(int ordered) {
+  return __int_as_float(ordered >= 0 ? ordered : ordered ^ 0x7FFFFFFF);
+}
+
+}  // namespace screen_cuda_detail
+
+// The largest of the warp's values (none NaN), in every lane: one REDUX on sm_80 and later.
+__device__ __forceinline__ float warp_max_float(float value) {
+  using namespace screen_cuda_detail;
+  return float_of_ordered(__reduce_max_sync(kFullWarp, ordered_int(value)));
+}
+
+// An upper bound may be NaN (always a candidate): it counts as +inf in the maxima that decide what to skip.
+__device__ __forceinline__ float nan_as_infinity(float hi) { return hi != hi ? __int_as_float(0x7F800000) : hi; }
+
+// screen_noise of screen.h with the logarithms' division s = f / (2 + f) taken as __fdividef (within 2 ulp,
+// one instruction pair instead of the IEEE division's slow-path call): one more rounding in each
+// logarithm, within the margin of the bound (docs/sampling-screen.md, "GPU kernels").
+template <int kTerms>
+__device__ __forceinline__ float log_from_parts_device(float f, float e) {
+  using namespace screen_detail;
+  const float s = __fdividef(f, 2.0f + f);
+  const float z = s * s;
+  float p = kTerms == 5 ? kA4 : kA3;
+  if (kTerms == 5) {
+    p = p * z + kA3;
+  }
+  p = p * z + kA2;
+  p = p * z + kA1;
+  p = p * z + kA0;
+  return e * kLn2Hi + (e * kLn2Lo + (s + s) * p);
+}
+
+__device__ __forceinline__ float screen_noise_device(uint32_t word_a, uint32_t word_b) {
+  using namespace screen_detail;
+  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(word_a) >> 31);  // all ones when u > 1/2
+  word_a ^= flip;
+  word_b ^= flip;
+  const float v = static_cast<float>(static_cast<int32_t>(word_a >> 6)) * 0x1p-26f +
+                  static_cast<float>(static_cast<int32_t>(((word_b >> 6) << 1) | 1u)) * 0x1p-53f;
+  float f, e;
+  split(v, f, e);
+  const bool upper = flip != 0u;
+  const float t = -log_from_parts_device<5>(upper ? -v : f, upper ? 0.0f : e);  // -log u, in (0, 36.8]
+  float f2, e2;
+  split(t, f2, e2);
+  return -log_from_parts_device<4>(f2, e2);
+}
+
+// The columns of one chunk of a row: kColumns = 16 / sizeof(scalar_t) adjacent columns, starting at
+// column `first` (first = kColumns * q - parity for chunk q, so that the chunk holds whole Philox pairs),
+// widened to float32 (exact for bf16, fp16, fp32); columns outside [0, V) read -inf. With kVector (a
+// contiguous, 16-byte-aligned row) a chunk inside the row is one 16-byte load (plus, when parity = 1, one
+// scalar load of the chunk's first column, which the previous chunk's vector also holds); otherwise, and
+// for the row's last chunk, column by column.
+template <typename scalar_t>
+struct Chunk {
+  static constexpr int kColumns = 16 / static_cast<int>(sizeof(scalar_t));
+  float x[kColumns];
+};
+
+// Column c of a 16-byte vector of logits (little-endian: the lower column in the lower half-word), widened
+// exactly to float32.
+template <typename scalar_t>
+__device__ __forceinline__ float column_of(const uint32_t (&words)[4], int c);
+
+template <>
+__device__ __forceinline__ float column_of<float>(const uint32_t (&words)[4], int c) {
+  return __uint_as_float(words[c]);
+}
+
+template <>
+__device__ __forceinline__ float column_of<c10::BFloat16>(const uint32_t (&words)[4], int c) {
+  const uint32_t word = words[c / 2];
+  return __uint_as_float(c % 2 ? word & 0xFFFF0000u : word << 16);
+}
+
+template <>
+__device__ __forceinline__ float column_of<c10::Half>(const uint32_t (&words)[4], int c) {
+  const uint32_t word = words[c / 2];
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(c % 2 ? word >> 16 : word & 0xFFFFu)));
+}
+
+template <typename scalar_t, bool kVector>
+__device__ __forceinline__ Chunk<scalar_t> load_chunk(const scalar_t* __restrict__ row, int64_t stride_col,
+                                                      int64_t vocab, int64_t first) {
+  constexpr int kColumns = Chunk<scalar_t>::kColumns;
+  Chunk<scalar_t> chunk;
+  const float minus_inf = __int_as_float(0xFF800000);
+  // first = kColumns q - parity: the aligned vector is columns [kColumns q, kColumns q + kColumns).
+  const int64_t aligned = first + (first & 1);
+  if (kVector && aligned + kColumns <= vocab) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + aligned));
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    if (aligned == first) {
+#pragma unroll
+      for (int c = 0; c < kColumns; ++c) {
+        chunk.x[c] = column_of<scalar_t>(words, c);
+      }
+    } else {
+      chunk.x[0] = first >= 0 ? static_cast<float>(row[first]) : minus_inf;
+#pragma unroll
+      for (int c = 1; c < kColumns; ++c) {
+        chunk.x[c] = column_of<scalar_t>(words, c - 1);
+      }
+    }
+    return chunk;
+  }
+#pragma unroll
+  for (int c = 0; c < kColumns; ++c) {
+    const int64_t column = first + c;
+    chunk.x[c] = column >= 0 && column < vocab ? static_cast<float>(row[column * stride_col]) : minus_inf;
+  }
+  return chunk;
+}
+
+}  // namespace hdlm
