@@ -1,21 +1,19 @@
 // CUDA decode attention (docs/attention.md): the rows computed at one sampler step (re-encoded settled
 // rows plus the active window) attend the KV cache under the two-interval mask.
 //
-// Decode is bound by reading K and V once, so the kernel is organized around the key tiles:
-//   - one block per (query-row group, key-range split, head, sequence); a group is 16 consecutive
-//     rows, which have nearly the same intervals, so they share every K/V tile a block loads;
-//   - K/V tiles of 32 keys stream global -> registers -> shared memory (converted to float32 there),
-//     with the next tile's global loads issued before the current tile is used (register
-//     prefetch: plain CUDA C++, so it also runs on sm_80, no cp.async/TMA/wgmma);
-//   - each warp owns 4 rows of the group; for a row, lanes run over the tile's keys for the
-//     scores (q·k), then over head dims for P·V, with an online softmax in float32: exp2f of
-//     (score - running max) · |scale|·log2(e), the max taken on the unscaled scores (see there why);
-//   - a block visits only the key tiles of [0, max prefix_end) ∪ [min window_start, max window_end)
-//     of its group (computed first), a warp skips the tiles its rows do not intersect, and the element
-//     mask decides the rest;
-//   - when B·H·groups blocks cannot fill the GPU, the tile range is split across blocks
-//     (flash-decoding): each split writes its normalized partial output, score max and softmax sum in
-//     float32, and a small kernel combines them.
+// Decode is bound by reading K and V, so both kernels here are organized around the key tiles of 32 keys:
+// a block visits only the tiles of [0, max prefix_end) ∪ [min window_start, max window_end) of its rows,
+// skips per row group the tiles none of its rows intersects, and lets the element mask decide the rest;
+// when the blocks cannot fill the GPU the block's tile list is split over blocks (flash-decoding), each
+// split writing its normalized partial rows, score max and softmax sum in float32 for a small combine
+// kernel.
+//
+//   - float16/bfloat16 (namespace tensor_core, below): tensor cores (mma.sync m16n8k16, float32
+//     accumulation; sm_80 and later), one block per (block of up to 256 rows at D = 64 / 128 at
+//     D = 128, split, head, sequence), so a step's K/V tiles are read once for all its rows;
+//   - float32 (decode_attention_kernel): CUDA cores, one block per 16-row group; tiles stream global ->
+//     registers -> shared memory (converted to float32 there) with the next tile's loads issued early;
+//     each warp owns 4 rows, lanes run over keys for the scores and over head dims for P·V.
 //
 // Only c10/ATen core headers here: neither <torch/extension.h> (pybind11 and the autograd API would
 // dominate nvcc's compile time) nor <ATen/cuda/CUDAContext.h> (it needs the cuBLAS/cuSPARSE headers,
@@ -52,15 +50,13 @@ constexpr int kMinTilesPerSplit = 4;
 constexpr int kMaxSplits = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Blocks per SM the register allocation must allow (__launch_bounds__). Unbounded, nvcc takes about
-// 166 registers at D = 128 (2 blocks of 4 warps per SM), too few loads in flight for a kernel bound by
-// memory. 3 (D = 128) and 4 (D = 64) blocks cost no spills for 16-bit types (sm_80 and sm_90) and a few
-// dozen bytes (L1-resident) for float32; shared memory (44 KB / 24 KB per block) allows them on sm_80+.
+// The float32 kernel's blocks per SM that the register allocation must allow (__launch_bounds__).
+// Unbounded, nvcc takes about 166 registers at D = 128 (2 blocks of 4 warps per SM), too few loads in
+// flight for a kernel bound by memory. 3 (D = 128) and 4 (D = 64) blocks cost a few dozen bytes of spills
+// (L1-resident); shared memory (44 KB / 24 KB per block) allows them on sm_80+.
 constexpr int min_blocks_per_sm(int head_dim) { return head_dim == 64 ? 4 : 3; }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);

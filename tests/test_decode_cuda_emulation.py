@@ -3,6 +3,7 @@
 a float64 reference, on adversarial masks. The kernel itself runs in the `cuda`-marked tests of
 tests/test_decode.py; the constants below are read from the CUDA source so the two cannot drift apart."""
 
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -70,6 +71,23 @@ def test_emulation_constants_are_the_kernels():
     assert "return key < prefix_end || (window_start <= key && key < window_end);" in source
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in tensor_core
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in tensor_core
+
+
+def test_the_sm90_gate_knows_the_kernels_launch():
+    """scripts/sm90_check.py computes the tensor-core kernel's occupancy from its block size and dynamic
+    shared memory (stages(D) K and V tiles of 32 keys x (D + 8) 16-bit elements), read here from the source."""
+    spec = importlib.util.spec_from_file_location("sm90_check", SOURCE.parent.parent / "scripts" / "sm90_check.py")
+    sm90_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sm90_check)
+
+    tensor_core = SOURCE.read_text()
+    stages = re.search(r"stages\(int head_dim\) \{ return head_dim == 64 \? (\d+) : (\d+); \}", tensor_core).groups()
+    for (source, kernel), size in sm90_check.CUDA_DYNAMIC_SMEM.items():
+        head_dim = int(re.search(r", (\d+)>", kernel).group(1))
+        assert source == SOURCE.name
+        assert size == 2 * int(stages[0 if head_dim == 64 else 1]) * emu.TILE_KEYS * (head_dim + 8) * 2
+    record = {"kernel": SOURCE.name, "config": "hdlm::tensor_core::decode_attention_kernel<__half, 64>"}
+    assert sm90_check._cuda_launch_constant(sm90_check.CUDA_THREADS, record, 0) == emu.WARPS * 32
 
 
 # -- the tiling logic against the float64 reference (P kept in float64: only the tiling is tested) -----
