@@ -440,7 +440,7 @@ constexpr int groups_per_warp(int head_dim) { return head_dim == 64 ? 2 : 1; }
 constexpr int rows_per_block(int head_dim) { return kWarps * groups_per_warp(head_dim) * kGroupRows; }
 // Pipeline depth. The registers allow one block (8 warps) per SM, so the block alone must keep enough
 // bytes in flight to cover the memory latency: stages - 1 tiles of K and V, 5 x 9 KB at D = 64 and
-// 3 x 17 KB at D = 128, in dynamic shared memory (55 KB and 70 KB, over the 48 KB static limit).
+// 3 x 17 KB at D = 128, in dynamic shared memory (54 KB and 68 KB, over the 48 KB static limit).
 constexpr int stages(int head_dim) { return head_dim == 64 ? 6 : 4; }
 
 template <int D>
