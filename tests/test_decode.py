@@ -720,6 +720,16 @@ def test_cuda_operator_error_messages(case):
 
 @pytest.mark.cuda
 @needs_cuda_operator
+def test_cuda_backend_refuses_a_head_dim_before_writing_the_cache():
+    q, k_cache, v_cache, cache_len, k_new, v_new = (t.to(GPU) for t in decode_problem(D=32))
+    before = k_cache.clone()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"backend='cuda' takes head dim D = 64 or 128, got 32"):
+        hk.attention.decode(q, k_cache, v_cache, cache_len, k_new, v_new, backend="cuda")
+    assert torch.equal(k_cache, before)
+
+
+@pytest.mark.cuda
+@needs_cuda_operator
 def test_cuda_operator_valid_args_run():
     """The baseline of the error cases is itself valid."""
     call(valid_args())
