@@ -22,7 +22,9 @@ namespace hdlm {
 //                               n >= 1: exactly n key-range splits (n >= 2 goes through the combine)
 //
 // Returns [B, S, H, D] contiguous in q's dtype; a row without keys is zeros. Softmax and
-// accumulation in float32. D must be 64 or 128.
+// accumulation in float32. D must be 64 or 128. float16 and bfloat16 run on tensor cores (mma.sync, the
+// probabilities rounded to the input type before P·V); float32 on CUDA cores (mma.sync has no float32
+// operands, and tf32 would round the inputs).
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& prefix_end, const at::Tensor& window_start,
                                  const at::Tensor& window_end, double scale, int64_t num_splits);

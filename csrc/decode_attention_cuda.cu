@@ -1,21 +1,19 @@
 // CUDA decode attention (docs/attention.md): the rows computed at one sampler step (re-encoded settled
 // rows plus the active window) attend the KV cache under the two-interval mask.
 //
-// Decode is bound by reading K and V once, so the kernel is organized around the key tiles:
-//   - one block per (query-row group, key-range split, head, sequence); a group is 16 consecutive
-//     rows, which have nearly the same intervals, so they share every K/V tile a block loads;
-//   - K/V tiles of 32 keys stream global -> registers -> shared memory (converted to float32 there),
-//     with the next tile's global loads issued before the current tile is used (register
-//     prefetch: plain CUDA C++, so it also runs on sm_80, no cp.async/TMA/wgmma);
-//   - each warp owns 4 rows of the group; for a row, lanes run over the tile's keys for the
-//     scores (q·k), then over head dims for P·V, with an online softmax in float32: exp2f of
-//     (score - running max) · |scale|·log2(e), the max taken on the unscaled scores (see there why);
-//   - a block visits only the key tiles of [0, max prefix_end) ∪ [min window_start, max window_end)
-//     of its group (computed first), a warp skips the tiles its rows do not intersect, and the element
-//     mask decides the rest;
-//   - when B·H·groups blocks cannot fill the GPU, the tile range is split across blocks
-//     (flash-decoding): each split writes its normalized partial output, score max and softmax sum in
-//     float32, and a small kernel combines them.
+// Decode is bound by reading K and V, so both kernels here are organized around the key tiles of 32 keys:
+// a block visits only the tiles of [0, max prefix_end) ∪ [min window_start, max window_end) of its rows,
+// skips per row group the tiles none of its rows intersects, and lets the element mask decide the rest;
+// when the blocks cannot fill the GPU the block's tile list is split over blocks (flash-decoding), each
+// split writing its normalized partial rows, score max and softmax sum in float32 for a small combine
+// kernel.
+//
+//   - float16/bfloat16 (namespace tensor_core, below): tensor cores (mma.sync m16n8k16, float32
+//     accumulation; sm_80 and later), one block per (block of up to 256 rows at D = 64 / 128 at
+//     D = 128, split, head, sequence), so a step's K/V tiles are read once for all its rows;
+//   - float32 (decode_attention_kernel): CUDA cores, one block per 16-row group; tiles stream global ->
+//     registers -> shared memory (converted to float32 there) with the next tile's loads issued early;
+//     each warp owns 4 rows, lanes run over keys for the scores and over head dims for P·V.
 //
 // Only c10/ATen core headers here: neither <torch/extension.h> (pybind11 and the autograd API would
 // dominate nvcc's compile time) nor <ATen/cuda/CUDAContext.h> (it needs the cuBLAS/cuSPARSE headers,
@@ -35,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace hdlm {
 namespace {
@@ -51,15 +50,13 @@ constexpr int kMinTilesPerSplit = 4;
 constexpr int kMaxSplits = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Blocks per SM the register allocation must allow (__launch_bounds__). Unbounded, nvcc takes about
-// 166 registers at D = 128 (2 blocks of 4 warps per SM), too few loads in flight for a kernel bound by
-// memory. 3 (D = 128) and 4 (D = 64) blocks cost no spills for 16-bit types (sm_80 and sm_90) and a few
-// dozen bytes (L1-resident) for float32; shared memory (44 KB / 24 KB per block) allows them on sm_80+.
+// The float32 kernel's blocks per SM that the register allocation must allow (__launch_bounds__).
+// Unbounded, nvcc takes about 166 registers at D = 128 (2 blocks of 4 warps per SM), too few loads in
+// flight for a kernel bound by memory. 3 (D = 128) and 4 (D = 64) blocks cost a few dozen bytes of spills
+// (L1-resident); shared memory (44 KB / 24 KB per block) allows them on sm_80+.
 constexpr int min_blocks_per_sm(int head_dim) { return head_dim == 64 ? 4 : 3; }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
@@ -410,6 +407,419 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm(D)) decode_attenti
   }
 }
 
+// ======================================================================================================
+// The tensor-core kernel (float16 and bfloat16): one block per (block of query rows, key-range split,
+// head, sequence), where a block of rows is the whole step whenever S <= rows_per_block(D) (256 rows at
+// D = 64, 128 at D = 128), so each K/V tile of the split is read from global memory once for all of the
+// step's rows. tests/decode_cuda_emulation.py follows this code loop for loop (same constants, same
+// ordinals, same skip rule, same online softmax and merge); keep the two in step.
+//
+//   - 8 warps; warp w owns the 16-row groups w, w + 8, ... of the block (groups_per_warp(D) of them),
+//     each group the M = 16 rows of one mma.sync.aligned.m16n8k16 (float32 accumulation);
+//   - K/V tiles of 32 keys x D stay in their 16-bit type in shared memory (rows padded by 16 bytes, so
+//     the fragment loads below hit 32 distinct banks), filled by cp.async 16-byte copies in a ring of
+//     stages(D) buffers: the copies of the next tiles fly while the current one is multiplied;
+//   - for each tile and each group: S = Q·Kᵀ (Q's A fragments held in registers for the whole block,
+//     K's B fragments read as 32-bit words), the interval mask and the online softmax on the
+//     accumulator fragments, then O += P·V with P's A fragments taken straight from S's accumulators
+//     (rounded to the input type) and V's B fragments from ldmatrix.trans;
+//   - the block's tile list and the split into contiguous ordinal ranges are the float32 kernel's,
+//     computed over the block's rows; a group skips a tile none of its rows intersects.
+// ======================================================================================================
+namespace tensor_core {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kGroupRows = 16;                   // M of m16n8k16
+constexpr int kTileKeys = hdlm::kTileKeys;       // 32: the skip rule's granularity, as in the float32 kernel
+constexpr int kKeyTiles = kTileKeys / 8;         // score fragments (N = 8 keys each) per tile
+constexpr int kKeySteps = kTileKeys / 16;        // P·V k-steps (K = 16 keys each) per tile
+// Register budget: a group holds D/8 x 4 accumulators and D/16 x 4 words of Q; two groups per warp at
+// D = 64 and one at D = 128 take 196 and 172 registers without spills (ptxas, sm_90): one block per SM.
+// A block of rows is then 256 rows at D = 64 and 128 at D = 128.
+constexpr int groups_per_warp(int head_dim) { return head_dim == 64 ? 2 : 1; }
+constexpr int rows_per_block(int head_dim) { return kWarps * groups_per_warp(head_dim) * kGroupRows; }
+// Pipeline depth. The registers allow one block (8 warps) per SM, so the block alone must keep enough
+// bytes in flight to cover the memory latency: stages - 1 tiles of K and V, 5 x 9 KB at D = 64 and
+// 3 x 17 KB at D = 128, in dynamic shared memory (54 KB and 68 KB, over the 48 KB static limit).
+constexpr int stages(int head_dim) { return head_dim == 64 ? 6 : 4; }
+
+template <int D>
+struct TileLayout {
+  static constexpr int kStride = D + 8;  // 16-bit elements per key row: 16 bytes of padding (see above)
+  static constexpr int kChunksPerKey = D / 8;  // 16-byte chunks of 8 elements
+  static constexpr int kChunksPerThread = kTileKeys * kChunksPerKey / kThreads;
+  static constexpr int kElements = kTileKeys * kStride;
+  static_assert(kTileKeys * kChunksPerKey % kThreads == 0, "a tile must split evenly over the threads");
+};
+
+// Dynamic shared memory of the kernel: the K ring, then the V ring, each stages(D) tiles.
+constexpr int dynamic_smem_bytes(int head_dim) {
+  return 2 * stages(head_dim) * kTileKeys * (head_dim + 8) * static_cast<int>(sizeof(uint16_t));
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+// 16 bytes global -> shared without passing through registers; src_size 0 writes zeros (keys past L).
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Four 8x8 matrices of 16-bit elements, transposed: lanes 8i..8i+7 give the row addresses of matrix i,
+// and lane l receives, from each, the elements (rows 2(l%4), 2(l%4)+1; column l/4): a B fragment.
+__device__ __forceinline__ void load_matrix_x4_transposed(uint32_t (&fragment)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
+               : "r"(shared_address(row)));
+}
+
+// c += a·b for a 16x16 A (row-major fragment), a 16x8 B (column fragment) and float32 c.
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats rounded to T and packed, the first in the low half (the lower column of a fragment).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+    return *reinterpret_cast<const uint32_t*>(&pair);
+  } else {
+    const __half2 pair = __floats2half2_rn(low, high);
+    return *reinterpret_cast<const uint32_t*>(&pair);
+  }
+}
+
+// Keys [key0, key0 + 32) of one head's K or V into a shared tile: cp.async when every key row is 16-byte
+// aligned (is_16_byte_aligned), element by element otherwise (then the ring's wait is a no-op for it and
+// the __syncthreads before the tile's use publishes it). Keys at or past `keys` are zeros, so that a
+// masked key's value is 0, never a stale NaN multiplied by a zero probability.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(uint16_t* __restrict__ tile, const T* __restrict__ base,
+                                          int64_t key_stride, int key0, int keys, bool vectorized) {
+  using Layout = TileLayout<D>;
+#pragma unroll
+  for (int i = 0; i < Layout::kChunksPerThread; ++i) {
+    const int chunk = threadIdx.x + i * kThreads;
+    const int key = chunk / Layout::kChunksPerKey;
+    const int dim = (chunk % Layout::kChunksPerKey) * 8;
+    const bool valid = key0 + key < keys;
+    const uint16_t* src =
+        reinterpret_cast<const uint16_t*>(base) + (valid ? static_cast<int64_t>(key0 + key) * key_stride + dim : 0);
+    uint16_t* dst = tile + key * Layout::kStride + dim;
+    if (vectorized) {
+      copy_async_16(dst, src, valid);
+    } else {
+      alignas(16) uint16_t elements[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        elements[e] = valid ? src[e] : uint16_t{0};
+      }
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(elements);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeParams<T> p) {
+  static_assert(sizeof(T) == 2, "the tensor-core kernel takes 16-bit inputs");
+  using Layout = TileLayout<D>;
+  constexpr int kGroups = groups_per_warp(D);
+  constexpr int kBlockRows = rows_per_block(D);
+  constexpr int kStages = stages(D);
+  constexpr int kDimTiles = D / 8;   // output fragments (N = 8 dims each)
+  constexpr int kDimSteps = D / 16;  // Q·Kᵀ k-steps (K = 16 dims each)
+
+  extern __shared__ __align__(16) uint16_t kv_rings[];  // dynamic_smem_bytes(D)
+  uint16_t* k_ring = kv_rings;
+  uint16_t* v_ring = kv_rings + kStages * Layout::kElements;
+  __shared__ int row_prefix_end[kBlockRows];
+  __shared__ int row_window_start[kBlockRows];
+  __shared__ int row_window_end[kBlockRows];
+  __shared__ int block_prefix, block_window_lo, block_window_hi;
+
+  const int split = blockIdx.x % p.num_splits;
+  const int row_block = blockIdx.x / p.num_splits;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int quad_row = lane / 4;   // "groupID" of the fragment layouts: rows quad_row and quad_row + 8
+  const int quad_lane = lane % 4;  // columns 2·quad_lane, 2·quad_lane + 1 (+ 8)
+  const int first_row = row_block * kBlockRows;
+
+  // The block's mask rows (clamped to [0, L]; rows past S empty) and the union of their intervals.
+  if (threadIdx.x == 0) {
+    block_prefix = 0;
+    block_window_lo = p.keys;
+    block_window_hi = 0;
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < kBlockRows; r += kThreads) {
+    const int row = first_row + r;
+    int prefix_end = 0, window_start = 0, window_end = 0;
+    if (row < p.rows) {
+      const int64_t at = b * p.mask_stride_b + row;
+      prefix_end = min(max(p.prefix_end[at], 0), p.keys);
+      window_start = min(max(p.window_start[at], 0), p.keys);
+      window_end = min(max(p.window_end[at], 0), p.keys);
+    }
+    row_prefix_end[r] = prefix_end;
+    row_window_start[r] = window_start;
+    row_window_end[r] = window_end;
+    if (prefix_end > 0) {
+      atomicMax(&block_prefix, prefix_end);
+    }
+    if (window_start < window_end) {
+      atomicMin(&block_window_lo, window_start);
+      atomicMax(&block_window_hi, window_end);
+    }
+  }
+  __syncthreads();
+
+  // Tile ordinals exactly as in the float32 kernel: [0, prefix) then [window_lo, window_hi) in tiles.
+  const int prefix_tiles = (block_prefix + kTileKeys - 1) / kTileKeys;
+  const int window_first_tile = max(block_window_lo / kTileKeys, prefix_tiles);
+  const int window_tiles = max(0, (block_window_hi + kTileKeys - 1) / kTileKeys - window_first_tile);
+  const int total_tiles = prefix_tiles + window_tiles;
+  const int ordinal_begin = static_cast<int>(static_cast<int64_t>(total_tiles) * split / p.num_splits);
+  const int ordinal_end = static_cast<int>(static_cast<int64_t>(total_tiles) * (split + 1) / p.num_splits);
+  auto tile_key0 = [&](int ordinal) {
+    return (ordinal < prefix_tiles ? ordinal : window_first_tile + ordinal - prefix_tiles) * kTileKeys;
+  };
+
+  // Per group: whether it has rows (warp-uniform), its Q as A fragments (sign of scale applied: negating
+  // a 16-bit float flips its sign bit, exactly), this thread's two rows' intervals, and the online
+  // softmax state of those rows ([0]: row quad_row, [1]: row quad_row + 8).
+  bool group_live[kGroups];
+  uint32_t q_fragments[kGroups][kDimSteps][4];
+  int prefix_end[kGroups][2], window_start[kGroups][2], window_end[kGroups][2];
+  float row_max[kGroups][2], lane_sum[kGroups][2];
+  float acc[kGroups][kDimTiles][4];
+  const uint32_t sign_bits = p.score_sign < 0.0f ? 0x80008000u : 0u;
+#pragma unroll
+  for (int gi = 0; gi < kGroups; ++gi) {
+    const int group_row0 = (gi * kWarps + warp) * kGroupRows;  // within the block
+    group_live[gi] = first_row + group_row0 < p.rows;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = group_row0 + quad_row + 8 * half;
+      prefix_end[gi][half] = row_prefix_end[r];
+      window_start[gi][half] = row_window_start[r];
+      window_end[gi][half] = row_window_end[r];
+      row_max[gi][half] = -INFINITY;
+      lane_sum[gi][half] = 0.0f;
+    }
+#pragma unroll
+    for (int nt = 0; nt < kDimTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[gi][nt][e] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < kDimSteps; ++ks) {
+#pragma unroll
+      for (int part = 0; part < 4; ++part) {
+        // a0: (row, dims 2q, 2q+1), a1: (row + 8, same), a2: (row, dims 2q+8, 2q+9), a3: (row + 8, same).
+        const int row = first_row + group_row0 + quad_row + 8 * (part % 2);
+        const int dim = ks * 16 + 8 * (part / 2) + 2 * quad_lane;
+        uint32_t word = 0;
+        if (row < p.rows) {
+          const uint16_t* src = reinterpret_cast<const uint16_t*>(p.q + b * p.q_stride_b + row * p.q_stride_s +
+                                                                  h * p.q_stride_h) + dim;
+          word = (static_cast<uint32_t>(src[0]) | (static_cast<uint32_t>(src[1]) << 16)) ^ sign_bits;
+        }
+        q_fragments[gi][ks][part] = word;
+      }
+    }
+  }
+
+  const T* k_base = p.k + b * p.k_stride_b + h * p.k_stride_h;
+  const T* v_base = p.v + b * p.v_stride_b + h * p.v_stride_h;
+  const int count = ordinal_end - ordinal_begin;
+  // Tile i of this block's range goes to ring slot i % kStages; one commit group per tile (empty past
+  // the range) keeps the wait's count uniform.
+  auto issue = [&](int i) {
+    if (i < count) {
+      const int key0 = tile_key0(ordinal_begin + i);
+      load_tile<T, D>(k_ring + (i % kStages) * Layout::kElements, k_base, p.k_stride_l, key0, p.keys,
+                      p.k_vectorized);
+      load_tile<T, D>(v_ring + (i % kStages) * Layout::kElements, v_base, p.v_stride_l, key0, p.keys,
+                      p.v_vectorized);
+    }
+    copy_async_commit();
+  };
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    issue(i);
+  }
+  for (int i = 0; i < count; ++i) {
+    // Refill the slot read at iteration i - 1 (released by that iteration's closing barrier), then wait
+    // for tile i: of the i + kStages groups committed, all but the newest kStages - 1 are complete.
+    issue(i + kStages - 1);
+    copy_async_wait<kStages - 1>();
+    __syncthreads();
+    const int key0 = tile_key0(ordinal_begin + i);
+    const uint16_t* k_tile = k_ring + (i % kStages) * Layout::kElements;
+    const uint16_t* v_tile = v_ring + (i % kStages) * Layout::kElements;
+#pragma unroll
+    for (int gi = 0; gi < kGroups; ++gi) {
+      bool mine = false;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        mine |= tile_intersects(key0, prefix_end[gi][half], window_start[gi][half], window_end[gi][half]);
+      }
+      // Warp-uniform: the group is the warp's; its 16 rows are spread over the lanes' quads.
+      if (!group_live[gi] || !__any_sync(0xffffffffu, mine)) {
+        continue;
+      }
+      // S = Q·Kᵀ: fragment kt covers keys key0 + 8kt .. + 7; its B fragment is K[key 8kt + quad_row]
+      // at dims (2q, 2q+1) and (2q+8, 2q+9) of each 16-dim step: two 32-bit words of one padded row.
+      float scores[kKeyTiles][4];
+#pragma unroll
+      for (int kt = 0; kt < kKeyTiles; ++kt) {
+        scores[kt][0] = scores[kt][1] = scores[kt][2] = scores[kt][3] = 0.0f;
+        const uint16_t* k_row = k_tile + (kt * 8 + quad_row) * Layout::kStride + 2 * quad_lane;
+#pragma unroll
+        for (int ks = 0; ks < kDimSteps; ++ks) {
+          const uint32_t b0 = *reinterpret_cast<const uint32_t*>(k_row + ks * 16);
+          const uint32_t b1 = *reinterpret_cast<const uint32_t*>(k_row + ks * 16 + 8);
+          mma_16x8x16<T>(scores[kt], q_fragments[gi][ks], b0, b1);
+        }
+      }
+      // Mask and online softmax per row (see the float32 kernel for why the max is taken on the
+      // unscaled scores and masked keys get an explicit 0). Accumulator element (kt, 2·half + e) is
+      // row quad_row + 8·half, key key0 + 8kt + 2·quad_lane + e; a row's 32 keys live on one quad of
+      // lanes, so its max and sum reduce over lanes xor 1 and xor 2.
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        bool allowed[kKeyTiles][2];
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int kt = 0; kt < kKeyTiles; ++kt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int key = key0 + kt * 8 + 2 * quad_lane + e;
+            allowed[kt][e] = key < p.keys && key_allowed(key, prefix_end[gi][half], window_start[gi][half],
+                                                         window_end[gi][half]);
+            tile_max = allowed[kt][e] ? fmaxf(tile_max, scores[kt][2 * half + e]) : tile_max;
+          }
+        }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float new_max = fmaxf(row_max[gi][half], tile_max);
+        const float rescale =
+            row_max[gi][half] == -INFINITY ? 0.0f : exp2f((row_max[gi][half] - new_max) * p.exp_scale);
+        float tile_sum = 0.0f;
+#pragma unroll
+        for (int kt = 0; kt < kKeyTiles; ++kt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = scores[kt][2 * half + e];
+            x = allowed[kt][e] ? exp2f((x - new_max) * p.exp_scale) : 0.0f;
+            tile_sum += x;
+          }
+        }
+        lane_sum[gi][half] = fmaf(lane_sum[gi][half], rescale, tile_sum);
+        row_max[gi][half] = new_max;
+#pragma unroll
+        for (int nt = 0; nt < kDimTiles; ++nt) {
+          acc[gi][nt][2 * half] *= rescale;
+          acc[gi][nt][2 * half + 1] *= rescale;
+        }
+      }
+      // O += P·V. P's A fragment for keys 16kk .. 16kk+15 is the accumulators of score fragments 2kk
+      // (keys +0..7: a0 row, a1 row + 8) and 2kk + 1 (keys +8..15: a2, a3). V's B fragments for dims
+      // 16np .. 16np+15: one ldmatrix.x4.trans, lanes 0-7 / 8-15 / 16-23 / 24-31 addressing key rows
+      // 0-7 / 8-15 / 0-7 / 8-15 at dims +0 / +0 / +8 / +8.
+#pragma unroll
+      for (int kk = 0; kk < kKeySteps; ++kk) {
+        const uint32_t a[4] = {pack_pair<T>(scores[2 * kk][0], scores[2 * kk][1]),
+                               pack_pair<T>(scores[2 * kk][2], scores[2 * kk][3]),
+                               pack_pair<T>(scores[2 * kk + 1][0], scores[2 * kk + 1][1]),
+                               pack_pair<T>(scores[2 * kk + 1][2], scores[2 * kk + 1][3])};
+        const uint16_t* v_rows = v_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Layout::kStride +
+                                 (lane >> 4) * 8;
+#pragma unroll
+        for (int np = 0; np < kDimTiles / 2; ++np) {
+          uint32_t b[4];
+          load_matrix_x4_transposed(b, v_rows + np * 16);
+          mma_16x8x16<T>(acc[gi][2 * np], a, b[0], b[1]);
+          mma_16x8x16<T>(acc[gi][2 * np + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();  // slot i % kStages is refilled at iteration i + 1
+  }
+  copy_async_wait<0>();
+
+  // Normalize and write, as the float32 kernel: a row without keys has sum 0 and writes zeros (max -inf).
+#pragma unroll
+  for (int gi = 0; gi < kGroups; ++gi) {
+    if (!group_live[gi]) {
+      continue;  // warp-uniform
+    }
+    const int group_row0 = (gi * kWarps + warp) * kGroupRows;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float sum = lane_sum[gi][half];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int row = first_row + group_row0 + quad_row + 8 * half;
+      if (row >= p.rows) {
+        continue;
+      }
+      const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
+      const int64_t out_row = (static_cast<int64_t>(b) * p.rows + row) * p.heads + h;
+      if (p.num_splits == 1) {
+        T* dst = p.out + out_row * D + 2 * quad_lane;
+#pragma unroll
+        for (int nt = 0; nt < kDimTiles; ++nt) {
+          *reinterpret_cast<uint32_t*>(dst + nt * 8) =
+              pack_pair<T>(acc[gi][nt][2 * half] * inverse, acc[gi][nt][2 * half + 1] * inverse);
+        }
+      } else {
+        const int64_t split_row = static_cast<int64_t>(split) * p.batch * p.rows * p.heads + out_row;
+        float* dst = p.partial_out + split_row * D + 2 * quad_lane;
+#pragma unroll
+        for (int nt = 0; nt < kDimTiles; ++nt) {
+          *reinterpret_cast<float2*>(dst + nt * 8) =
+              make_float2(acc[gi][nt][2 * half] * inverse, acc[gi][nt][2 * half + 1] * inverse);
+        }
+        if (quad_lane == 0) {
+          p.partial_max[split_row] = row_max[gi][half];
+          p.partial_sum[split_row] = sum;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace tensor_core
+
 // out[row] = Σ_s w_s · partial_s[row] / Σ_s w_s with w_s = sum_s · 2^((max_s - M) · exp_scale) and
 // M = max over s of max_s: the softmax over all the keys from the per-split ones. One warp per output
 // row (b, i, h), lanes over head dims. Splits without keys (max -inf, sum 0) weigh 0; a row whose
@@ -500,22 +910,45 @@ int64_t choose_num_splits(int64_t blocks_per_split, int64_t keys, int64_t reside
   return 1;
 }
 
+// The kernel of an input type: the tensor-core one for 16-bit types, the CUDA-core one for float32
+// (mma.sync has no float32 A/B operands; tf32 would round the inputs to 10 mantissa bits, outside the
+// float32 tolerance of the tests).
+template <typename T, int D>
+struct KernelFor {
+  static constexpr bool kTensorCores = !std::is_same<T, float>::value;
+  static constexpr int kBlockRows = kTensorCores ? tensor_core::rows_per_block(D) : kRowsPerGroup;
+  static constexpr int kBlockThreads = kTensorCores ? tensor_core::kThreads : kThreads;
+  static constexpr int kDynamicSmem = kTensorCores ? tensor_core::dynamic_smem_bytes(D) : 0;
+  // The kernel, allowed its dynamic shared memory past 48 KB. The attribute belongs to the current
+  // device's context, so it is set at every call (a host-side attribute write, no synchronization).
+  static auto kernel() {
+    if constexpr (kTensorCores) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(&tensor_core::decode_attention_kernel<T, D>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kDynamicSmem));
+      return &tensor_core::decode_attention_kernel<T, D>;
+    } else {
+      return &decode_attention_kernel<T, D>;
+    }
+  }
+};
+
 template <typename T, int D>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_end,
             const at::Tensor& window_start, const at::Tensor& window_end, double scale, int64_t num_splits,
             at::Tensor& out) {
+  using Kernel = KernelFor<T, D>;
   const int64_t batch = q.size(0), rows = q.size(1), heads = q.size(2), keys = k.size(1);
-  const int64_t groups = (rows + kRowsPerGroup - 1) / kRowsPerGroup;
+  const int64_t row_blocks = (rows + Kernel::kBlockRows - 1) / Kernel::kBlockRows;
   if (num_splits == 0) {
     int multiprocessors = 0, blocks_per_sm = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, q.device().index()));
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, decode_attention_kernel<T, D>,
-                                                                 kThreads, 0));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, Kernel::kernel(),
+                                                                 Kernel::kBlockThreads, Kernel::kDynamicSmem));
     const int64_t resident_blocks = static_cast<int64_t>(multiprocessors) * blocks_per_sm;
-    num_splits = choose_num_splits(batch * heads * groups, keys, resident_blocks);
+    num_splits = choose_num_splits(batch * heads * row_blocks, keys, resident_blocks);
   }
-  TORCH_CHECK(groups * num_splits <= std::numeric_limits<int32_t>::max(),
-              "decode_attention_cuda: too many blocks: ", groups, " row groups of ", kRowsPerGroup,
+  TORCH_CHECK(row_blocks * num_splits <= std::numeric_limits<int32_t>::max(),
+              "decode_attention_cuda: too many blocks: ", row_blocks, " row blocks of ", Kernel::kBlockRows,
               " x num_splits = ", num_splits);
 
   DecodeParams<T> p{};
@@ -557,9 +990,9 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index());
-  const dim3 grid(static_cast<unsigned int>(groups * num_splits), static_cast<unsigned int>(heads),
+  const dim3 grid(static_cast<unsigned int>(row_blocks * num_splits), static_cast<unsigned int>(heads),
                   static_cast<unsigned int>(batch));
-  decode_attention_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
+  Kernel::kernel()<<<grid, Kernel::kBlockThreads, Kernel::kDynamicSmem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_splits > 1) {
     const int64_t num_rows = batch * rows * heads;

@@ -42,8 +42,22 @@ KERNEL_MODULES = ("hdlm_kernels.attention.triton_attention", "hdlm_kernels.sampl
                   "hdlm_kernels.sampling.triton_corrupt")
 CUDA_SOURCES = ("decode_attention_cuda.cu", "gumbel_cuda.cu", "hybrid_cuda.cu", "uniform53_cuda.cu")
 
-# Threads per block of the CUDA kernels (their launch sites' constants).
-CUDA_THREADS = {"decode_attention_cuda.cu": 128}
+# Threads per block of the CUDA kernels (their launch sites' constants), by source or by source and a
+# part of the kernel's name (the more specific entry wins), and the dynamic shared memory of those that
+# take it (tensor_core::dynamic_smem_bytes in csrc/decode_attention_cuda.cu: 2 rings x stages x 32 keys x
+# (D + 8) x 2 bytes).
+CUDA_THREADS = {"decode_attention_cuda.cu": 128, ("decode_attention_cuda.cu", "tensor_core::"): 256}
+CUDA_DYNAMIC_SMEM = {("decode_attention_cuda.cu", "tensor_core::decode_attention_kernel<__nv_bfloat16, 64>"): 55296,
+                     ("decode_attention_cuda.cu", "tensor_core::decode_attention_kernel<__half, 64>"): 55296,
+                     ("decode_attention_cuda.cu", "tensor_core::decode_attention_kernel<__nv_bfloat16, 128>"): 69632,
+                     ("decode_attention_cuda.cu", "tensor_core::decode_attention_kernel<__half, 128>"): 69632}
+
+
+def _cuda_launch_constant(table: dict, record: dict, default):
+    for key, value in table.items():
+        if isinstance(key, tuple) and key[0] == record["kernel"] and key[1] in record.get("config", ""):
+            return value
+    return table.get(record["kernel"], default)
 
 # sm_90 limits (CUDA programming guide, compute capability 9.0); the per-block ones live in
 # hdlm_kernels/_kernel_launch.py, where the opt-in autotuning prunes its candidates by them too.
@@ -495,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         cuda_records, cuda_note = _cuda_records(args.jobs)
         records.extend(cuda_records)
     for record in records:
-        threads = CUDA_THREADS.get(record["kernel"], 256) if record.get("source") == "cuda" else None
+        threads = _cuda_launch_constant(CUDA_THREADS, record, 256) if record.get("source") == "cuda" else None
+        if record.get("source") == "cuda" and "registers" in record:
+            record["dynamic_smem"] = _cuda_launch_constant(CUDA_DYNAMIC_SMEM, record, 0)
         record["occupancy"] = occupancy(record, threads)
         if threads:
             record["warps"] = threads // 32

@@ -509,6 +509,19 @@ def test_shapes(backend, rows, keys):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("rows", [127, 128, 129, 255, 256, 257, 520])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_row_blocks(backend, dtype, head_dim, rows):
+    """The CUDA tensor-core kernel's row blocks (256 rows at D = 64, 128 at D = 128, each reading the
+    K/V tiles once for all its rows): full, partial and several blocks, with and without splits."""
+    q, k, v = random_qkv(2, rows, 900, 2, head_dim, dtype, seed=rows)
+    masks = random_masks(2, rows, 900, seed=rows + head_dim)
+    for num_splits in (0, 1, 3):
+        check_against_reference(backend, q, k, v, masks, 1 / math.sqrt(head_dim), num_splits)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_long_keys_one_row(backend, dtype, head_dim):
@@ -703,6 +716,16 @@ def test_cuda_operator_error_messages(case):
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
         call(args)
+
+
+@pytest.mark.cuda
+@needs_cuda_operator
+def test_cuda_backend_refuses_a_head_dim_before_writing_the_cache():
+    q, k_cache, v_cache, cache_len, k_new, v_new = (t.to(GPU) for t in decode_problem(D=32))
+    before = k_cache.clone()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"backend='cuda' takes head dim D = 64 or 128, got 32"):
+        hk.attention.decode(q, k_cache, v_cache, cache_len, k_new, v_new, backend="cuda")
+    assert torch.equal(k_cache, before)
 
 
 @pytest.mark.cuda

@@ -323,7 +323,17 @@ def _decode_cuda() -> Callable:
         return operator(q, keys, values, mask.prefix_end, mask.window_start, mask.window_end, scale,
                         0 if num_splits is None else num_splits)
 
+    run.check_inputs = _check_cuda_inputs
     return run
+
+
+def _check_cuda_inputs(q: torch.Tensor, context: str) -> None:
+    """What the CUDA kernels take (float16/bfloat16 on tensor cores, float32 on CUDA cores; D = 64 or 128),
+    refused before the cache is written."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{context}: backend='cuda' takes float16, bfloat16 or float32 tensors, got {q.dtype}")
+    if q.shape[-1] not in (64, 128):
+        raise ValueError(f"{context}: backend='cuda' takes head dim D = 64 or 128, got {q.shape[-1]}")
 
 
 backends.register("decode", "reference", summary="write, then SDPA over the cache with the dense mask, any device",
