@@ -854,6 +854,20 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: In
 GATE_HEAD_DIMS = (32, 64, 96, 128, 256)
 """Head dims the gate compiles: the common ones and the largest accepted (``_MAX_HEAD_DIM``)."""
 
+GATE_POINTER_LOADS = ((64, torch.bfloat16), (128, torch.bfloat16))
+"""(head dim, dtype) at which the gate also compiles the training passes with pointer loads
+(``TMA=False``: a layout TMA cannot describe, or a GPU before sm_90)."""
+
+
+def _gate_operand(dtype: torch.dtype, shape: tuple, block_rows: int, block_dim: int, tma: bool):
+    # A pointer argument is given to warmup as its dtype; a descriptor over a stand-in tensor (Triton's
+    # MockTensor: a dtype and a shape, no memory) with the dispatch's block shape.
+    if not tma:
+        return dtype
+    from triton.runtime.jit import MockTensor
+
+    return _tile_operand(MockTensor(dtype, list(shape)), block_rows, block_dim, True)
+
 
 def dispatchable_launches():
     """Every (kernel, configuration) this module's dispatch can launch on a GPU, built from the
@@ -868,25 +882,41 @@ def dispatchable_launches():
         mask_and_map = (int32,) * 7
         for dtype in _SUPPORTED_DTYPES:
             spill_free = dtype != torch.float32 and head_dim <= 128
+            # Two blocks per SM at D = 64 in 16-bit: one block's softmax overlaps the other's products.
+            training_blocks = 2 if dtype != torch.float32 and head_dim == 64 else 1
             common = dict(BLOCK_D=_block_dim(head_dim), BLOCK_DV=_block_dim(head_dim),
                           DOT_PRECISION=_dot_precision(dtype))
             labels = dict(D=head_dim, dtype=str(dtype).replace("torch.", ""))
+            launches.append(KernelLaunch(
+                "attention.backward_delta", _backward_delta_kernel,
+                (dtype, dtype, fp32, *stride, *stride, heads, rows, head_dim),
+                dict(BLOCK_Q=delta_block_q(head_dim), BLOCK_DV=_block_dim(head_dim)), dict(num_warps=_DELTA_WARPS),
+                labels, spill_free=spill_free))
+            tma_choices = (True, False) if (head_dim, dtype) in GATE_POINTER_LOADS else (True,)
             # The training forward; split-KV decoding with more rows than a window class (float32
             # partials), and with the decode tiles.
-            for window, split in ((None, False), (None, True), *((w, True) for w in DECODE_WINDOW_CLASSES)):
+            forward_kinds = [(None, False, True), (None, True, True), *((w, True, True) for w in DECODE_WINDOW_CLASSES)]
+            forward_kinds += [(None, False, False)] * (False in tma_choices)
+            for window, split, tma in forward_kinds:
                 config = forward_config(head_dim, dtype, rows=window)
                 q_rows = window or rows
                 name = "attention.forward" if not split else (
                     "attention.forward_split_kv" if window is None else "attention.decode_forward")
+                block_d = _block_dim(head_dim)
+                q_shape, kv_shape = (8, q_rows, heads, head_dim), (8, rows, heads, head_dim)
                 launches.append(KernelLaunch(
                     name, _attention_forward_kernel,
-                    (dtype, dtype, dtype, fp32 if split else dtype, fp32, *mask_and_map[:3],
+                    (_gate_operand(dtype, q_shape, config.block_m, block_d, tma),
+                     _gate_operand(dtype, kv_shape, config.block_n, block_d, tma),
+                     _gate_operand(dtype, kv_shape, config.block_n, block_d, tma),
+                     fp32 if split else dtype, fp32, *mask_and_map[:3],
                      int32, int32, int32, int32, 0.125, *stride, *stride, *stride, *stride,
                      q_rows * heads * head_dim if split else 0, q_rows, 1, rows // 64, 64,
                      heads, q_rows, rows, head_dim, head_dim, 4 if split else 1),
-                    dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common),
+                    dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, TMA=tma, **common),
                     dict(num_warps=config.num_warps, num_stages=config.num_stages),
-                    dict(labels, block=f"{config.block_m}x{config.block_n}"), spill_free=spill_free))
+                    dict(labels, block=f"{config.block_m}x{config.block_n}", tma="yes" if tma else "no"),
+                    spill_free=spill_free, min_blocks_per_sm=1 if split else training_blocks))
             launches.append(KernelLaunch(
                 "attention.merge_splits", _merge_splits_kernel,
                 (fp32, fp32, dtype, fp32, 16 * heads * head_dim * 8, *stride, *stride, 8 * heads * 16, heads, 16,
@@ -896,20 +926,27 @@ def dispatchable_launches():
             config = backward_config(head_dim, dtype)
             tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)
             options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-            for atomic in (False, True):
+            shape = (8, rows, heads, head_dim)
+            for tma in tma_choices:
+                rows_operand = _gate_operand(dtype, shape, config.block_m, _block_dim(head_dim), tma)
+                keys_operand = _gate_operand(dtype, shape, config.block_n, _block_dim(head_dim), tma)
+                tile_labels = dict(labels, block=f"{config.block_m}x{config.block_n}", tma="yes" if tma else "no")
+                for atomic in (False, True):
+                    launches.append(KernelLaunch(
+                        "attention.backward_dkdv" + ("_atomic_dq" if atomic else ""),
+                        _attention_backward_kv_kernel,
+                        (rows_operand, keys_operand, keys_operand, rows_operand, fp32 if atomic else dtype, dtype,
+                         dtype, fp32, fp32, int32, int32, int32, int32, int32, int32, int32, 0.125, *stride * 7,
+                         rows, rows // 32, rows, 64, heads, rows, rows, head_dim, head_dim),
+                        dict(ATOMIC_DQ=atomic, TMA=tma, **tile), options, tile_labels, spill_free=spill_free,
+                        min_blocks_per_sm=training_blocks))
                 launches.append(KernelLaunch(
-                    "attention.backward_dkdv" + ("_atomic_dq" if atomic else ""),
-                    _attention_backward_kv_kernel,
-                    (dtype, dtype, dtype, dtype, fp32 if atomic else dtype, dtype, dtype, fp32, fp32,
-                     int32, int32, int32, int32, int32, int32, int32, 0.125, *stride * 7,
-                     rows, rows // 32, rows, 64, heads, rows, rows, head_dim, head_dim),
-                    dict(ATOMIC_DQ=atomic, **tile), options,
-                    dict(labels, block=f"{config.block_m}x{config.block_n}"), spill_free=spill_free))
-            launches.append(KernelLaunch(
-                "attention.backward_dq", _attention_backward_q_kernel,
-                (dtype, dtype, dtype, dtype, dtype, fp32, fp32, int32, int32, int32, int32, int32, int32, int32,
-                 0.125, *stride * 5, rows, rows // 32, rows, 64, heads, rows, rows, head_dim, head_dim),
-                tile, options, dict(labels, block=f"{config.block_m}x{config.block_n}"), spill_free=spill_free))
+                    "attention.backward_dq", _attention_backward_q_kernel,
+                    (rows_operand, keys_operand, keys_operand, rows_operand, dtype, fp32, fp32, int32, int32, int32,
+                     int32, int32, int32, int32, 0.125, *stride * 5, rows, rows // 32, rows, 64, heads, rows, rows,
+                     head_dim, head_dim),
+                    dict(TMA=tma, **tile), options, tile_labels, spill_free=spill_free,
+                    min_blocks_per_sm=training_blocks))
     return launches
 
 
