@@ -46,12 +46,13 @@ def test_the_gate_compiles_what_dispatch_chooses():
     for D in (32, 64, 96, 128, 256):
         for dtype in ("float16", "bfloat16", "float32"):
             assert {(n, D, dtype) for n in names} <= seen
-    # The tile loads go through TMA descriptors wherever the layout allows (every head dim the gate
-    # compiles); the pointer-load variant is compiled too where GATE_POINTER_LOADS says.
+    # The 16-bit tile loads go through TMA descriptors wherever the layout allows (every head dim the gate
+    # compiles), float32 through pointers; the pointer-load variant is compiled too where
+    # GATE_POINTER_LOADS says.
     with_tma = {(l.name, l.config["D"], l.config["dtype"]) for l in launches if l.config.get("tma") == "yes"}
     tile_passes = [n for n in names if n not in ("attention.merge_splits", "attention.backward_delta")]
-    assert {(n, D, dtype) for n in tile_passes for D in (32, 64, 96, 128, 256)
-            for dtype in ("float16", "bfloat16", "float32")} <= with_tma
+    assert with_tma == {(n, D, dtype) for n in tile_passes for D in (32, 64, 96, 128, 256)
+                        for dtype in ("float16", "bfloat16")}
     pointer = {(l.name, l.config["D"], l.config["dtype"]) for l in launches if l.config.get("tma") == "no"}
     assert {(n, D, str(dtype).replace("torch.", "")) for D, dtype in ta.GATE_POINTER_LOADS
             for n in ("attention.forward", "attention.backward_dkdv", "attention.backward_dq")} <= pointer
@@ -177,6 +178,9 @@ def test_fused_delta_names_a_bad_argument():
 
 def test_tma_eligibility_is_the_descriptor_layout_rule():
     assert ta.tma_device(torch.device("cpu"))  # the interpreter runs the descriptor loads
+    assert ta.TMA_DTYPES == (torch.float16, torch.bfloat16)
+    q16, q32 = torch.zeros(1, 40, 1, 32, dtype=torch.float16), torch.zeros(1, 40, 1, 32)
+    assert ta._use_tma(q16, q16, q16) and not ta._use_tma(q32, q32, q32)
     assert ta.tma_eligible(torch.zeros(2, 10, 3, 64, dtype=torch.float16))
     # 20 float16 values = 40-byte rows: a stride TMA cannot express.
     assert not ta.tma_eligible(torch.zeros(2, 10, 3, 20, dtype=torch.float16))
@@ -197,7 +201,8 @@ def _forward_backward(q, k, v, mask, grad, deterministic=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_tma_and_pointer_loads_give_the_same_results(monkeypatch, dtype):
     """The same kernels with TMA=True (descriptors) and TMA=False (pointers), in the interpreter: equal
-    bit for bit (both read zeros past the last row and head dim), and equal to the reference."""
+    bit for bit (both read zeros past the last row and head dim), and equal to the reference. float32
+    loads through pointers on a GPU; here its descriptor path is run too, for the semantics."""
     from hdlm_kernels.attention.reference import attention_ref
 
     g = torch.Generator().manual_seed(5)
@@ -208,9 +213,16 @@ def test_tma_and_pointer_loads_give_the_same_results(monkeypatch, dtype):
     starts = torch.randint(0, Q + 1, (B, Q), generator=g, dtype=torch.int32)
     mask = IntervalMask(ends // 2, torch.minimum(starts, ends), torch.maximum(starts, ends), Q)
     assert ta.tma_eligible(q)
+    monkeypatch.setattr(ta, "TMA_DTYPES", (dtype,))
+    real_tile_operand, loads = ta._tile_operand, []
+    monkeypatch.setattr(ta, "_tile_operand", lambda t, rows, dim, tma: loads.append(tma) or
+                        real_tile_operand(t, rows, dim, tma))
     with_tma = _forward_backward(q, k, v, mask, grad)
+    assert loads and all(loads)  # every tile operand of the forward and both backward passes: a descriptor
     monkeypatch.setattr(ta, "tma_device", lambda device: False)
+    loads.clear()
     with_pointers = _forward_backward(q, k, v, mask, grad)
+    assert loads and not any(loads)
     for a, b in zip(with_tma, with_pointers):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))

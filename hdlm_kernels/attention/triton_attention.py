@@ -561,6 +561,12 @@ def _map_strides(mask: IntervalMask, tiles) -> tuple[int, int, int, int]:
 TMA_ALIGNMENT = 16
 """Bytes to which a TMA descriptor's base address and every stride but the last must be aligned."""
 
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+"""Dtypes whose tiles the passes load through TMA. float32 tiles feed IEEE-precision dot products on the
+FMA units from registers, where staging them in shared memory only adds a round trip (the sm_90 gate
+measured stack frames of 4.5 to 11 KB on the float32 D = 128 passes with descriptors, against at most
+2.8 KB with pointer loads), so float32 loads through pointers."""
+
 _TMA_CAPABLE: dict[int, bool] = {}
 
 
@@ -590,7 +596,9 @@ def tma_eligible(*tensors: torch.Tensor) -> bool:
 
 
 def _use_tma(*tensors: torch.Tensor) -> bool:
-    return tma_device(tensors[0].device) and tma_eligible(*tensors)
+    # The dispatch rule (docs/attention.md, "Hopper path"): descriptors for 16-bit tiles on a device with
+    # TMA when the layout allows; otherwise the same kernels with pointer loads.
+    return tensors[0].dtype in TMA_DTYPES and tma_device(tensors[0].device) and tma_eligible(*tensors)
 
 
 def _tile_operand(t: torch.Tensor, block_rows: int, block_dim: int, tma: bool):
@@ -892,11 +900,13 @@ def dispatchable_launches():
                 (dtype, dtype, fp32, *stride, *stride, heads, rows, head_dim),
                 dict(BLOCK_Q=delta_block_q(head_dim), BLOCK_DV=_block_dim(head_dim)), dict(num_warps=_DELTA_WARPS),
                 labels, spill_free=spill_free))
-            tma_choices = (True, False) if (head_dim, dtype) in GATE_POINTER_LOADS else (True,)
+            tma_choices = ((True, False) if (head_dim, dtype) in GATE_POINTER_LOADS else
+                           (True,) if dtype in TMA_DTYPES else (False,))
             # The training forward; split-KV decoding with more rows than a window class (float32
             # partials), and with the decode tiles.
-            forward_kinds = [(None, False, True), (None, True, True), *((w, True, True) for w in DECODE_WINDOW_CLASSES)]
-            forward_kinds += [(None, False, False)] * (False in tma_choices)
+            first = tma_choices[0]
+            forward_kinds = [(None, False, first), (None, True, first), *((w, True, first) for w in DECODE_WINDOW_CLASSES)]
+            forward_kinds += [(None, False, False)] * (len(tma_choices) > 1)
             for window, split, tma in forward_kinds:
                 config = forward_config(head_dim, dtype, rows=window)
                 q_rows = window or rows
