@@ -38,6 +38,9 @@ class KernelLaunch:
         config: labels that say which dispatch choice this is (head dim, dtype, window class, ...).
         fp64_allowed: whether FP64 instructions are part of the design (the float64 sampling kernels).
         spill_free: whether a register spill fails the gate (bf16/fp16 attention with D <= 128).
+        min_blocks_per_sm: the fewest blocks (CTAs) per SM the gate accepts by its occupancy model
+            (2 for the bf16/fp16 training attention passes at D = 64, so that one block's softmax or
+            epilogue overlaps another's matrix products; 1, any, elsewhere).
     """
 
     name: str
@@ -48,6 +51,7 @@ class KernelLaunch:
     config: dict = field(default_factory=dict)
     fp64_allowed: bool = False
     spill_free: bool = False
+    min_blocks_per_sm: int = 1
 
     def label(self) -> str:
         return ", ".join(f"{key}={value}" for key, value in self.config.items())

@@ -13,6 +13,8 @@ Fails (exit status 1) when a dispatchable launch
   * needs more than 227 KB of shared memory per block (static + dynamic),
   * needs more than 255 registers per thread,
   * spills registers although it is a bf16/fp16 attention kernel with D <= 128,
+  * fits fewer blocks (CTAs) per SM than its launch requires (``min_blocks_per_sm``: 2 for the bf16/fp16
+    training attention passes at D = 64),
   * contains an FP64 instruction although its design has none (only the float64 sampling kernels do),
   * does not compile.
 
@@ -239,7 +241,7 @@ def _compile_one(index: int) -> dict:
     launch = _LAUNCHES[index]
     record = {"kernel": launch.name, "config": launch.label(), "warps": launch.options.get("num_warps", 4),
               "stages": launch.options.get("num_stages"), "fp64_allowed": launch.fp64_allowed,
-              "spill_free": launch.spill_free, "source": "triton"}
+              "spill_free": launch.spill_free, "min_blocks_per_sm": launch.min_blocks_per_sm, "source": "triton"}
     start = time.perf_counter()
     try:
         compiled = launch.kernel.warmup(*launch.args, grid=(1,), **launch.constexprs, **launch.options)
@@ -410,8 +412,8 @@ def _parse_ptxas_log(source: str, log: str) -> list[dict]:
 
 # ---------------------------------------------------------------- checks and tables
 
-def occupancy(record: dict, threads: int | None = None) -> float | None:
-    """Theoretical occupancy (resident warps / 64) on sm_90 from registers, shared memory and warps."""
+def blocks_per_sm(record: dict, threads: int | None = None) -> int | None:
+    """Resident blocks (CTAs) per SM on sm_90 from registers, shared memory and warps."""
     warps = record.get("warps") or (threads // 32 if threads else None)
     if warps is None or "registers" not in record:
         return None
@@ -420,7 +422,15 @@ def occupancy(record: dict, threads: int | None = None) -> float | None:
     by_registers = REGISTERS_PER_SM // (per_warp * warps)
     smem = record.get("static_smem", 0) + record.get("dynamic_smem", 0)
     by_smem = SMEM_PER_SM // (smem + SMEM_RESERVED_PER_BLOCK) if smem else MAX_BLOCKS_PER_SM
-    blocks = min(by_registers, by_smem, MAX_WARPS_PER_SM // warps, MAX_BLOCKS_PER_SM)
+    return min(by_registers, by_smem, MAX_WARPS_PER_SM // warps, MAX_BLOCKS_PER_SM)
+
+
+def occupancy(record: dict, threads: int | None = None) -> float | None:
+    """Theoretical occupancy (resident warps / 64) on sm_90 from registers, shared memory and warps."""
+    blocks = blocks_per_sm(record, threads)
+    if blocks is None:
+        return None
+    warps = record.get("warps") or threads // 32
     return round(blocks * warps / MAX_WARPS_PER_SM, 4)
 
 
@@ -435,6 +445,9 @@ def failures(record: dict) -> list[str]:
         found.append(f"{record['registers']} registers > {MAX_REGISTERS}")
     if record.get("spill_free") and (record.get("spill_bytes") or 0) > 0:
         found.append(f"spills {record['spill_bytes']} bytes")
+    wanted, blocks = record.get("min_blocks_per_sm") or 1, record.get("blocks_per_sm")
+    if blocks is not None and blocks < wanted:
+        found.append(f"{blocks} CTA(s) per SM < {wanted}")
     if not record.get("fp64_allowed") and record.get("fp64", 0) > 0:
         found.append(f"{record['fp64']} FP64 instructions where none are designed")
     return found
@@ -448,11 +461,11 @@ def _markdown(records: list[dict], header: dict) -> str:
              "`ptxas -v` where the policy needs them (bf16/fp16 attention with D <= 128: must be 0); `-` elsewhere "
              "when the kernel has a stack frame (see the stack column), 0 when it has no local memory at all.", "",
              "| kernel | configuration | regs | spill B | static smem | dyn smem | stack | warps | stages "
-             "| wgmma | mma | TMA | FP64 | occupancy | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| wgmma | mma | TMA | FP64 | CTAs/SM | occupancy | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r.get('config', '')} | | | | | | | | | | | | | FAIL: {r['error'][:80]} |")
+            lines.append(f"| {r['kernel']} | {r.get('config', '')} | | | | | | | | | | | | | | FAIL: {r['error'][:80]} |")
             continue
         occ = r.get("occupancy")
         yes = lambda key: "-" if key not in r else ("yes" if r[key] else "no")  # noqa: E731
@@ -462,7 +475,7 @@ def _markdown(records: list[dict], header: dict) -> str:
             f"{'-' if r.get('spill_bytes') is None else r['spill_bytes']} | "
             f"{r.get('static_smem', 0)} | {r.get('dynamic_smem', 0)} | {r.get('stack', '')} | "
             f"{r.get('warps') or '-'} | {r.get('stages') or '-'} | {yes('wgmma')} | {yes('mma')} | {yes('tma')} | "
-            f"{r.get('fp64', '-')} | {'-' if occ is None else f'{occ:.0%}'} | {verdict} |")
+            f"{r.get('fp64', '-')} | {r.get('blocks_per_sm') or '-'} | {'-' if occ is None else f'{occ:.0%}'} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -512,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = _cuda_launch_constant(CUDA_THREADS, record, 256) if record.get("source") == "cuda" else None
         if record.get("source") == "cuda" and "registers" in record:
             record["dynamic_smem"] = _cuda_launch_constant(CUDA_DYNAMIC_SMEM, record, 0)
+        record["blocks_per_sm"] = blocks_per_sm(record, threads)
         record["occupancy"] = occupancy(record, threads)
         if threads:
             record["warps"] = threads // 32

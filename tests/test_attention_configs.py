@@ -41,13 +41,29 @@ def test_the_gate_compiles_what_dispatch_chooses():
     launches = ta.dispatchable_launches()
     seen = {(l.name, l.config["D"], l.config["dtype"]) for l in launches}
     names = ("attention.forward", "attention.forward_split_kv", "attention.decode_forward", "attention.merge_splits",
-             "attention.backward_dkdv", "attention.backward_dkdv_atomic_dq", "attention.backward_dq")
+             "attention.backward_delta", "attention.backward_dkdv", "attention.backward_dkdv_atomic_dq",
+             "attention.backward_dq")
     for D in (32, 64, 96, 128, 256):
         for dtype in ("float16", "bfloat16", "float32"):
             assert {(n, D, dtype) for n in names} <= seen
+    # The 16-bit tile loads go through TMA descriptors wherever the layout allows (every head dim the gate
+    # compiles), float32 through pointers; the pointer-load variant is compiled too where
+    # GATE_POINTER_LOADS says.
+    with_tma = {(l.name, l.config["D"], l.config["dtype"]) for l in launches if l.config.get("tma") == "yes"}
+    tile_passes = [n for n in names if n not in ("attention.merge_splits", "attention.backward_delta")]
+    assert with_tma == {(n, D, dtype) for n in tile_passes for D in (32, 64, 96, 128, 256)
+                        for dtype in ("float16", "bfloat16")}
+    pointer = {(l.name, l.config["D"], l.config["dtype"]) for l in launches if l.config.get("tma") == "no"}
+    assert {(n, D, str(dtype).replace("torch.", "")) for D, dtype in ta.GATE_POINTER_LOADS
+            for n in ("attention.forward", "attention.backward_dkdv", "attention.backward_dq")} <= pointer
     for launch in launches:
         dtype = getattr(torch, launch.config["dtype"])
         c = launch.constexprs
+        if launch.name == "attention.backward_delta":
+            assert c["BLOCK_Q"] == ta.delta_block_q(launch.config["D"])
+            continue
+        if "TMA" in c:
+            assert c["TMA"] == (launch.config["tma"] == "yes")
         if launch.name.startswith("attention.backward"):
             expected = ta.backward_config(launch.config["D"], dtype)
         elif launch.name == "attention.decode_forward":
@@ -126,3 +142,133 @@ def test_autotune_is_a_gpu_option(monkeypatch):
     ends = torch.arange(1, 41, dtype=torch.int32)[None]
     mask = IntervalMask(ends, torch.zeros_like(ends), torch.zeros_like(ends), 40)
     torch.testing.assert_close(ta.attention_triton(q, k, v, mask), attention_ref(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the backward's fused delta preprocess
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 37, 3, 64), (1, 5, 2, 40), (2, 70, 1, 200)])
+def test_fused_delta_equals_its_reference_twin(dtype, shape):
+    from hdlm_kernels.attention.reference import attention_delta_ref
+
+    g = torch.Generator().manual_seed(3)
+    out, dout = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+    got = ta.backward_delta_triton(out, dout)
+    assert got.dtype == torch.float32 and got.shape == (shape[0], shape[2], shape[1])
+    torch.testing.assert_close(got, attention_delta_ref(out, dout))
+
+
+def test_fused_delta_reads_strided_rows():
+    from hdlm_kernels.attention.reference import attention_delta_ref
+
+    g = torch.Generator().manual_seed(4)
+    both = torch.randn(2, 33, 2, 2, 48, generator=g)  # out and dout interleaved: row stride 2·H·D
+    out, dout = both[:, :, 0], both[:, :, 1]
+    torch.testing.assert_close(ta.backward_delta_triton(out, dout), attention_delta_ref(out, dout))
+
+
+def test_fused_delta_names_a_bad_argument():
+    with pytest.raises(ValueError, match="out and dout must have the same shape and dtype"):
+        ta.backward_delta_triton(torch.zeros(1, 2, 1, 8), torch.zeros(1, 3, 1, 8))
+    with pytest.raises(ValueError, match=r"dout must be a \[B, Q, H, Dv\] tensor"):
+        ta.backward_delta_triton(torch.zeros(1, 2, 1, 8), torch.zeros(2, 8))
+
+
+# ------------------------------------------------------------------ TMA descriptors or pointer loads
+
+def test_tma_eligibility_is_the_descriptor_layout_rule():
+    assert ta.tma_device(torch.device("cpu"))  # the interpreter runs the descriptor loads
+    assert ta.TMA_DTYPES == (torch.float16, torch.bfloat16)
+    q16, q32 = torch.zeros(1, 40, 1, 32, dtype=torch.float16), torch.zeros(1, 40, 1, 32)
+    assert ta._use_tma(q16, q16, q16) and not ta._use_tma(q32, q32, q32)
+    assert ta.tma_eligible(torch.zeros(2, 10, 3, 64, dtype=torch.float16))
+    # 20 float16 values = 40-byte rows: a stride TMA cannot express.
+    assert not ta.tma_eligible(torch.zeros(2, 10, 3, 20, dtype=torch.float16))
+    assert ta.tma_eligible(torch.zeros(2, 10, 3, 20, dtype=torch.float32))  # 80-byte rows
+    # A base address off the 16-byte grid, and a head dim that is not contiguous.
+    assert not ta.tma_eligible(torch.zeros(2 * 10 * 3 * 64 + 1, dtype=torch.float16)[1:].view(2, 10, 3, 64))
+    assert not ta.tma_eligible(torch.zeros(2, 10, 3, 64, 2)[..., 0])
+    assert not ta.tma_eligible(torch.zeros(2, 0, 3, 64))
+
+
+def _forward_backward(q, k, v, mask, grad, deterministic=True):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = ta.attention_triton(q, k, v, mask, deterministic=deterministic)
+    out.backward(grad)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tma_and_pointer_loads_give_the_same_results(monkeypatch, dtype):
+    """The same kernels with TMA=True (descriptors) and TMA=False (pointers), in the interpreter: equal
+    bit for bit (both read zeros past the last row and head dim), and equal to the reference. float32
+    loads through pointers on a GPU; here its descriptor path is run too, for the semantics."""
+    from hdlm_kernels.attention.reference import attention_ref
+
+    g = torch.Generator().manual_seed(5)
+    B, Q, H, D = 2, 45, 2, 24
+    q, k, v = (torch.randn(B, Q, H, D, generator=g).to(dtype) for _ in range(3))
+    grad = torch.randn(B, Q, H, D, generator=g).to(dtype)
+    ends = torch.randint(0, Q + 1, (B, Q), generator=g, dtype=torch.int32)
+    starts = torch.randint(0, Q + 1, (B, Q), generator=g, dtype=torch.int32)
+    mask = IntervalMask(ends // 2, torch.minimum(starts, ends), torch.maximum(starts, ends), Q)
+    assert ta.tma_eligible(q)
+    monkeypatch.setattr(ta, "TMA_DTYPES", (dtype,))
+    real_tile_operand, loads = ta._tile_operand, []
+    monkeypatch.setattr(ta, "_tile_operand", lambda t, rows, dim, tma: loads.append(tma) or
+                        real_tile_operand(t, rows, dim, tma))
+    with_tma = _forward_backward(q, k, v, mask, grad)
+    assert loads and all(loads)  # every tile operand of the forward and both backward passes: a descriptor
+    monkeypatch.setattr(ta, "tma_device", lambda device: False)
+    loads.clear()
+    with_pointers = _forward_backward(q, k, v, mask, grad)
+    assert loads and not any(loads)
+    for a, b in zip(with_tma, with_pointers):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref = attention_ref(qr, kr, vr, mask)
+    ref.backward(grad.double())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for got, want in zip(with_tma, (ref, qr.grad, kr.grad, vr.grad)):
+        torch.testing.assert_close(got.double(), want.detach(), **tol)
+
+
+# ------------------------------------------------------------------ no zero-fill of dQ, dK, dV
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_gradient_buffers_are_not_zero_filled_and_every_element_is_written(monkeypatch, deterministic):
+    """Rows without keys and keys without rows get zero gradients written by the kernels: the buffers
+    come from torch.empty_like, here poisoned with NaN, and torch.zeros_like is not called for them (the
+    non-deterministic pass's float32 dQ accumulator, summed by atomics, is the one zeroed buffer)."""
+    from hdlm_kernels.attention.reference import attention_ref
+
+    g = torch.Generator().manual_seed(6)
+    B, Q, H, D = 2, 70, 2, 16
+    q, k, v = (torch.randn(B, Q, H, D, generator=g) for _ in range(3))
+    grad = torch.randn(B, Q, H, D, generator=g)
+    ends = torch.full((B, Q), 40, dtype=torch.int32)  # keys 40..69: attended by no row
+    ends[:, 3] = 0                                     # row 3 and the last query tile: no keys
+    ends[:, 64:] = 0
+    mask = IntervalMask(ends, torch.zeros_like(ends), torch.zeros_like(ends), Q)
+
+    real_empty_like, zeros_like_calls = torch.empty_like, []
+
+    def poisoned_empty_like(t, *args, **kwargs):
+        return real_empty_like(t, *args, **kwargs).fill_(float("nan"))
+
+    def recorded_zeros_like(t, *args, **kwargs):
+        zeros_like_calls.append(tuple(t.shape))
+        return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+
+    monkeypatch.setattr(ta.torch, "empty_like", poisoned_empty_like)
+    monkeypatch.setattr(ta.torch, "zeros_like", recorded_zeros_like)
+    got = _forward_backward(q, k, v, mask, grad, deterministic=deterministic)
+    monkeypatch.undo()
+    assert (B, Q, H, D) not in zeros_like_calls  # (the tile map's own [B, Q] work may use zeros_like)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref = attention_ref(qr, kr, vr, mask)
+    ref.backward(grad.double())
+    for got_t, want in zip(got, (ref, qr.grad, kr.grad, vr.grad)):
+        torch.testing.assert_close(got_t.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    assert (got[1][:, 3] == 0).all() and (got[1][:, 64:] == 0).all()  # dQ of rows without keys
+    assert (got[2][:, 40:] == 0).all() and (got[3][:, 40:] == 0).all()  # dK, dV of unattended keys

@@ -34,11 +34,32 @@ def test_occupancy_counts_registers_shared_memory_and_warps():
     assert gate.occupancy({"registers": 32, "static_smem": 0, "dynamic_smem": 0}, threads=256) == 1.0
 
 
+def test_blocks_per_sm_is_what_the_occupancy_counts():
+    # 212 registers -> 6912 per warp, 27648 per 4-warp block: 2 blocks by registers; 64 KB + 1 KB: 3 by
+    # shared memory; so 2 blocks (8 of 64 warps, 12.5%).
+    record = {"registers": 212, "warps": 4, "static_smem": 1024, "dynamic_smem": 64 * 1024}
+    assert gate.blocks_per_sm(record) == 2 and gate.occupancy(record) == 0.125
+    # 100 KB of shared memory leaves room for 2 blocks; 120 KB for 1.
+    assert gate.blocks_per_sm({"registers": 96, "warps": 4, "static_smem": 0, "dynamic_smem": 100 * 1024}) == 2
+    assert gate.blocks_per_sm({"registers": 96, "warps": 4, "static_smem": 0, "dynamic_smem": 120 * 1024}) == 1
+
+
+def test_the_two_blocks_rule_covers_the_16_bit_training_passes_at_head_dim_64():
+    from hdlm_kernels.attention import triton_attention as ta
+
+    required = {(launch.name, launch.config["dtype"], launch.config["D"]) for launch in ta.dispatchable_launches()
+                if launch.min_blocks_per_sm == 2}
+    names = ("attention.forward", "attention.backward_dkdv", "attention.backward_dkdv_atomic_dq",
+             "attention.backward_dq")
+    assert required == {(name, dtype, 64) for name in names for dtype in ("float16", "bfloat16")}
+
+
 @pytest.mark.parametrize("record,expected", [
     ({"registers": 200, "static_smem": 1024, "dynamic_smem": 232 * 1024, "spill_bytes": 0}, "shared memory 233.0 KB > 227 KB"),
     ({"registers": 256, "static_smem": 0, "dynamic_smem": 0, "spill_bytes": 0}, "256 registers > 255"),
     ({"registers": 255, "spill_bytes": 68, "spill_free": True}, "spills 68 bytes"),
     ({"registers": 60, "fp64": 3, "fp64_allowed": False}, "3 FP64 instructions where none are designed"),
+    ({"registers": 212, "blocks_per_sm": 1, "min_blocks_per_sm": 2}, "1 CTA(s) per SM < 2"),
     ({"error": "CompilationError: boom"}, "does not compile: CompilationError: boom"),
 ])
 def test_each_limit_fails_the_gate(record, expected):
@@ -73,7 +94,7 @@ def test_every_attention_launch_fits_the_shared_memory_estimate():
     from hdlm_kernels.attention import triton_attention as ta
 
     for launch in ta.dispatchable_launches():
-        if launch.name == "attention.merge_splits":
+        if launch.name in ("attention.merge_splits", "attention.backward_delta"):
             continue
         element = 4 if launch.config["dtype"] == "float32" else 2
         c = launch.constexprs
@@ -93,6 +114,7 @@ def test_one_launch_compiles_for_sm90_without_a_gpu(tmp_path):
     (record,) = json.loads((tmp_path / "gate.json").read_text())["records"]
     assert record["arch"] == "sm_90a" and 0 < record["registers"] <= 255 and record["failures"] == []
     assert "| attention.merge_splits | D=64, dtype=float32 |" in (tmp_path / "gate.md").read_text()
+    assert record["blocks_per_sm"] >= 1 and record["min_blocks_per_sm"] == 1
 
 
 @pytest.mark.slow

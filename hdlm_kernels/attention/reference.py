@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..masks.interval_mask import IntervalMask
 
-__all__ = ["attention_ref", "attention_lse_ref", "check_attention_inputs"]
+__all__ = ["attention_ref", "attention_lse_ref", "attention_delta_ref", "check_attention_inputs"]
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: IntervalMask,
@@ -103,3 +103,10 @@ def attention_lse_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: I
     if k.shape[1] == 0:
         return scores.new_full((B, H, Q), float("-inf"))
     return torch.logsumexp(scores, dim=-1)
+
+
+def attention_delta_ref(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """The attention backward's row term ``Δ[b, h, q] = Σ_d out[b, q, h, d] · dout[b, q, h, d]`` in float32
+    (``[B, H, Q]``, the layout of the log-sum-exp): with ``P`` the softmax and ``dP = dO Vᵀ``,
+    ``Δ_q = Σ_k P_qk dP_qk``, so ``dS = P ∘ (dP - Δ)``. Twin of the Triton backward's fused preprocess."""
+    return (out.float() * dout.float()).sum(-1).transpose(1, 2).contiguous()

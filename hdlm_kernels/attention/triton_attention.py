@@ -27,13 +27,14 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._triton_device import built_for_interpreter, check_triton_device
 from ..masks.interval_mask import IntervalMask
 
 __all__ = ["attention_triton", "attention_forward_triton", "attention_split_kv_triton", "split_count",
            "choose_splits", "forward_config", "backward_config", "window_class", "dispatchable_launches",
-           "interpreted", "check_triton_inputs"]
+           "interpreted", "check_triton_inputs", "backward_delta_triton", "tma_eligible", "tma_device"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -50,16 +51,29 @@ def _attends(keys, prefix_end, window_start, window_end):
 
 
 @triton.jit
-def _forward_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix_end, window_start, window_end,
-                  qk_scale, num_keys, head_dim, head_dim_v, stride_ks, stride_vs,
+def _load_rows(X, b, h, start, stride_b, stride_s, stride_h, num_rows, dim,
+               BLOCK: tl.constexpr, BLOCK_DIM: tl.constexpr, TMA: tl.constexpr):
+    # Rows [start, start + BLOCK) of head h of sequence b of a [B, S, H, D] tensor as a [BLOCK, BLOCK_DIM]
+    # tile, zero past the last row and past D. With TMA, X is a tensor descriptor over the whole
+    # [B, S, H, D] tensor with block [1, BLOCK, 1, BLOCK_DIM]: the copy engine writes the tile into shared
+    # memory (zero-filled out of bounds) and the dot products read it there; otherwise X is a pointer.
+    if TMA:
+        return X.load([b, start, h, 0]).reshape([BLOCK, BLOCK_DIM])
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_DIM)
+        return tl.load(X + b * stride_b + h * stride_h + offs[:, None] * stride_s + offs_d[None, :],
+                       mask=(offs[:, None] < num_rows) & (offs_d[None, :] < dim), other=0.0)
+
+
+@triton.jit
+def _forward_tile(acc, m_i, l_i, q, K, V, b, h, start_n, prefix_end, window_start, window_end,
+                  qk_scale, num_keys, head_dim, head_dim_v, stride_kb, stride_ks, stride_kh,
+                  stride_vb, stride_vs, stride_vh,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    key_ok = offs_n < num_keys
-    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=key_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    k = _load_rows(K, b, h, start_n, stride_kb, stride_ks, stride_kh, num_keys, head_dim, BLOCK_N, BLOCK_D, TMA)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         # Keys past num_keys are never attended: every interval end is <= num_keys.
@@ -71,8 +85,8 @@ def _forward_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix_end, window_
     p = tl.math.exp2(s - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :],
-                mask=key_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    v = _load_rows(V, b, h, start_n, stride_vb, stride_vs, stride_vh, num_keys, head_dim_v, BLOCK_N, BLOCK_DV,
+                   TMA)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -87,7 +101,7 @@ def _attention_forward_kernel(
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
         num_heads, num_rows, num_keys, head_dim, head_dim_v, num_splits,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     # With num_splits > 1 (split-KV, flash-decoding) program `split` takes every num_splits-th tile of
     # each list and writes a partial (out, lse) pair that the caller merges. A runtime argument: one
     # compiled kernel serves every split count (not specialized: 1 would otherwise compile apart).
@@ -97,19 +111,16 @@ def _attention_forward_kernel(
     b = bh // num_heads
     h = bh % num_heads
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < num_rows
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    q = _load_rows(Q, b, h, tile_m * BLOCK_M, stride_qb, stride_qs, stride_qh, num_rows, head_dim, BLOCK_M,
+                   BLOCK_D, TMA)
     mask_rows = b * stride_mask_b + offs_m
     prefix_end = tl.load(PREFIX_END + mask_rows, mask=row_ok, other=0)
     window_start = tl.load(WINDOW_START + mask_rows, mask=row_ok, other=0)
     window_end = tl.load(WINDOW_END + mask_rows, mask=row_ok, other=0)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
     qk_scale = sm_scale * 1.4426950408889634  # base-2 softmax: exp(x) = exp2(x · log2 e)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -118,15 +129,17 @@ def _attention_forward_kernel(
     full_index = FULL_INDEX + b * stride_index_b + tile_m * stride_index_t
     for j in range(split, tl.load(FULL_COUNT + b * stride_count_b + tile_m), num_splits):
         start_n = tl.load(full_index + j) * BLOCK_N
-        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix_end, window_start,
-                                      window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_ks,
-                                      stride_vs, BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_PRECISION)
+        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, K, V, b, h, start_n, prefix_end, window_start,
+                                      window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_kb, stride_ks,
+                                      stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                      False, DOT_PRECISION, TMA)
     partial_index = PARTIAL_INDEX + b * stride_index_b + tile_m * stride_index_t
     for j in range(split, tl.load(PARTIAL_COUNT + b * stride_count_b + tile_m), num_splits):
         start_n = tl.load(partial_index + j) * BLOCK_N
-        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix_end, window_start,
-                                      window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_ks,
-                                      stride_vs, BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_PRECISION)
+        acc, m_i, l_i = _forward_tile(acc, m_i, l_i, q, K, V, b, h, start_n, prefix_end, window_start,
+                                      window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_kb, stride_ks,
+                                      stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                      True, DOT_PRECISION, TMA)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # rows without keys: acc = 0, so out = 0
@@ -138,20 +151,41 @@ def _attention_forward_kernel(
 
 
 @triton.jit
-def _backward_kv_tile(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, mask_rows_base,
+def _backward_delta_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+                           num_heads, num_rows, head_dim_v, BLOCK_Q: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # The backward's row term Δ_i = Σ_d O_id dO_id (= Σ_j P_ij dP_ij), [B, H, Q] float32 like the lse:
+    # O and dO are read once in their own dtype and multiplied in float32 in registers, with no float32
+    # copies of them in memory.
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_q < num_rows
+    tile_ok = row_ok[:, None] & (offs_dv[None, :] < head_dim_v)
+    out = tl.load(O + b * stride_ob + h * stride_oh + offs_q[:, None] * stride_os + offs_dv[None, :], mask=tile_ok,
+                  other=0.0)
+    dout = tl.load(DO + b * stride_dob + h * stride_doh + offs_q[:, None] * stride_dos + offs_dv[None, :],
+                   mask=tile_ok, other=0.0)
+    delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
+    tl.store(DELTA + bh * num_rows + offs_q, delta, mask=row_ok)
+
+
+@triton.jit
+def _backward_kv_tile(dk, dv, k, v, Q, DO, b, h, dq_base, lse_base, delta_base, mask_rows_base,
                       PREFIX_END, WINDOW_START, WINDOW_END, start_m, offs_n,
-                      qk_scale, sm_scale, num_rows, head_dim, head_dim_v, stride_qs, stride_dos, stride_dqs,
+                      qk_scale, sm_scale, num_rows, head_dim, head_dim_v, stride_qb, stride_qs, stride_qh,
+                      stride_dob, stride_dos, stride_doh, stride_dqs,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                      MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      TMA: tl.constexpr):
     # Scores are held transposed, [BLOCK_N, BLOCK_M], so dV += Pᵀ dO and dK += dSᵀ Q need no transpose.
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < num_rows
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    q = _load_rows(Q, b, h, start_m, stride_qb, stride_qs, stride_qh, num_rows, head_dim, BLOCK_M, BLOCK_D, TMA)
+    do = _load_rows(DO, b, h, start_m, stride_dob, stride_dos, stride_doh, num_rows, head_dim_v, BLOCK_M,
+                    BLOCK_DV, TMA)
     # lse = -inf marks a row without keys; +inf makes all its probabilities exp2(-inf) = 0.
     lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
@@ -187,7 +221,8 @@ def _attention_backward_kv_kernel(
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
         num_heads, num_rows, num_keys, head_dim, head_dim_v,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    # Every program writes its whole dK/dV tile, zeros for keys no row attends: the buffers need no fill.
     tile_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_heads
@@ -196,15 +231,13 @@ def _attention_backward_kv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     key_ok = offs_n < num_keys
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=key_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_dv[None, :],
-                mask=key_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    k = _load_rows(K, b, h, tile_n * BLOCK_N, stride_kb, stride_ks, stride_kh, num_keys, head_dim, BLOCK_N,
+                   BLOCK_D, TMA)
+    v = _load_rows(V, b, h, tile_n * BLOCK_N, stride_vb, stride_vs, stride_vh, num_keys, head_dim_v, BLOCK_N,
+                   BLOCK_DV, TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
     dq_base = DQ + b * stride_dqb + h * stride_dqh
     lse_base = LSE + bh * num_rows
     delta_base = DELTA + bh * num_rows
@@ -214,17 +247,19 @@ def _attention_backward_kv_kernel(
     full_index = FULL_INDEX + b * stride_index_b + tile_n * stride_index_t
     for j in range(tl.load(FULL_COUNT + b * stride_count_b + tile_n)):
         start_m = tl.load(full_index + j) * BLOCK_M
-        dk, dv = _backward_kv_tile(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, mask_rows_base,
+        dk, dv = _backward_kv_tile(dk, dv, k, v, Q, DO, b, h, dq_base, lse_base, delta_base, mask_rows_base,
                                    PREFIX_END, WINDOW_START, WINDOW_END, start_m, offs_n, qk_scale, sm_scale,
-                                   num_rows, head_dim, head_dim_v, stride_qs, stride_dos, stride_dqs,
-                                   BLOCK_M, BLOCK_D, BLOCK_DV, False, ATOMIC_DQ, DOT_PRECISION)
+                                   num_rows, head_dim, head_dim_v, stride_qb, stride_qs, stride_qh,
+                                   stride_dob, stride_dos, stride_doh, stride_dqs,
+                                   BLOCK_M, BLOCK_D, BLOCK_DV, False, ATOMIC_DQ, DOT_PRECISION, TMA)
     partial_index = PARTIAL_INDEX + b * stride_index_b + tile_n * stride_index_t
     for j in range(tl.load(PARTIAL_COUNT + b * stride_count_b + tile_n)):
         start_m = tl.load(partial_index + j) * BLOCK_M
-        dk, dv = _backward_kv_tile(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, mask_rows_base,
+        dk, dv = _backward_kv_tile(dk, dv, k, v, Q, DO, b, h, dq_base, lse_base, delta_base, mask_rows_base,
                                    PREFIX_END, WINDOW_START, WINDOW_END, start_m, offs_n, qk_scale, sm_scale,
-                                   num_rows, head_dim, head_dim_v, stride_qs, stride_dos, stride_dqs,
-                                   BLOCK_M, BLOCK_D, BLOCK_DV, True, ATOMIC_DQ, DOT_PRECISION)
+                                   num_rows, head_dim, head_dim_v, stride_qb, stride_qs, stride_qh,
+                                   stride_dob, stride_dos, stride_doh, stride_dqs,
+                                   BLOCK_M, BLOCK_D, BLOCK_DV, True, ATOMIC_DQ, DOT_PRECISION, TMA)
 
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d[None, :] < head_dim))
@@ -233,18 +268,15 @@ def _attention_backward_kv_kernel(
 
 
 @triton.jit
-def _backward_q_tile(dq, q, do, lse, delta, k_base, v_base, start_n, prefix_end, window_start, window_end,
-                     qk_scale, num_keys, head_dim, head_dim_v, stride_ks, stride_vs,
+def _backward_q_tile(dq, q, do, lse, delta, K, V, b, h, start_n, prefix_end, window_start, window_end,
+                     qk_scale, num_keys, head_dim, head_dim_v, stride_kb, stride_ks, stride_kh,
+                     stride_vb, stride_vs, stride_vh,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    key_ok = offs_n < num_keys
-    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=key_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :],
-                mask=key_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    k = _load_rows(K, b, h, start_n, stride_kb, stride_ks, stride_kh, num_keys, head_dim, BLOCK_N, BLOCK_D, TMA)
+    v = _load_rows(V, b, h, start_n, stride_vb, stride_vs, stride_vh, num_keys, head_dim_v, BLOCK_N, BLOCK_DV,
+                   TMA)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
@@ -267,19 +299,19 @@ def _attention_backward_q_kernel(
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
         num_heads, num_rows, num_keys, head_dim, head_dim_v,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    # Every program writes its whole dQ tile, zeros for rows without keys: the buffer needs no fill.
     tile_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_heads
     h = bh % num_heads
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < num_rows
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    q = _load_rows(Q, b, h, tile_m * BLOCK_M, stride_qb, stride_qs, stride_qh, num_rows, head_dim, BLOCK_M,
+                   BLOCK_D, TMA)
+    do = _load_rows(DO, b, h, tile_m * BLOCK_M, stride_dob, stride_dos, stride_doh, num_rows, head_dim_v, BLOCK_M,
+                    BLOCK_DV, TMA)
     lse = tl.load(LSE + bh * num_rows + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(DELTA + bh * num_rows + offs_m, mask=row_ok, other=0.0)
@@ -288,22 +320,22 @@ def _attention_backward_q_kernel(
     window_start = tl.load(WINDOW_START + mask_rows, mask=row_ok, other=0)
     window_end = tl.load(WINDOW_END + mask_rows, mask=row_ok, other=0)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_index = FULL_INDEX + b * stride_index_b + tile_m * stride_index_t
     for j in range(tl.load(FULL_COUNT + b * stride_count_b + tile_m)):
         start_n = tl.load(full_index + j) * BLOCK_N
-        dq = _backward_q_tile(dq, q, do, lse, delta, k_base, v_base, start_n, prefix_end, window_start,
-                              window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_ks, stride_vs,
-                              BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_PRECISION)
+        dq = _backward_q_tile(dq, q, do, lse, delta, K, V, b, h, start_n, prefix_end, window_start,
+                              window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_kb, stride_ks,
+                              stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_N, BLOCK_D, BLOCK_DV, False,
+                              DOT_PRECISION, TMA)
     partial_index = PARTIAL_INDEX + b * stride_index_b + tile_m * stride_index_t
     for j in range(tl.load(PARTIAL_COUNT + b * stride_count_b + tile_m)):
         start_n = tl.load(partial_index + j) * BLOCK_N
-        dq = _backward_q_tile(dq, q, do, lse, delta, k_base, v_base, start_n, prefix_end, window_start,
-                              window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_ks, stride_vs,
-                              BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_PRECISION)
+        dq = _backward_q_tile(dq, q, do, lse, delta, K, V, b, h, start_n, prefix_end, window_start,
+                              window_end, qk_scale, num_keys, head_dim, head_dim_v, stride_kb, stride_ks,
+                              stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_N, BLOCK_D, BLOCK_DV, True,
+                              DOT_PRECISION, TMA)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
 
@@ -450,7 +482,8 @@ def prune_autotune_configs(configs, named_args, **kwargs):
     from .._kernel_launch import SMEM_PER_BLOCK
 
     values = {**named_args, **kwargs}
-    element_size = values["Q"].element_size()
+    query = values["Q"]
+    element_size = (query.base if isinstance(query, TensorDescriptor) else query).element_size()
     fitting = [c for c in configs
                if shared_memory_estimate(values["BLOCK_M"], values["BLOCK_N"], values["BLOCK_D"], values["BLOCK_DV"],
                                          element_size, c.num_stages) <= SMEM_PER_BLOCK]
@@ -522,6 +555,61 @@ def _map_strides(mask: IntervalMask, tiles) -> tuple[int, int, int, int]:
 
 
 # --------------------------------------------------------------------------------------------------
+# TMA: tensor descriptors for the tiles the passes load
+# --------------------------------------------------------------------------------------------------
+
+TMA_ALIGNMENT = 16
+"""Bytes to which a TMA descriptor's base address and every stride but the last must be aligned."""
+
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+"""Dtypes whose tiles the passes load through TMA. float32 tiles feed IEEE-precision dot products on the
+FMA units from registers, where staging them in shared memory only adds a round trip (the sm_90 gate
+measured stack frames of 4.5 to 11 KB on the float32 D = 128 passes with descriptors, against at most
+2.8 KB with pointer loads), so float32 loads through pointers."""
+
+_TMA_CAPABLE: dict[int, bool] = {}
+
+
+def tma_device(device: torch.device) -> bool:
+    """Whether loads on ``device`` may go through tensor descriptors: a GPU of compute capability 9.0 or
+    later (the copy engine TMA), or the interpreter on the CPU, which runs the same descriptor loads so
+    the tests check the code path the GPU runs."""
+    if device.type != "cuda":
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TMA_CAPABLE:
+        _TMA_CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _TMA_CAPABLE[index]
+
+
+def tma_eligible(*tensors: torch.Tensor) -> bool:
+    """Whether every ``[B, S, H, D]`` tensor can be described for TMA: a non-empty tensor with a
+    contiguous last dim and its base address and other strides multiples of 16 bytes (e.g. a head dim
+    of 20 in float16, 40-byte rows, cannot; the pass then loads through pointers: same kernel,
+    ``TMA=False``)."""
+    for t in tensors:
+        size = t.element_size()
+        if (t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % TMA_ALIGNMENT
+                or any(stride * size % TMA_ALIGNMENT for stride in t.stride()[:-1])):
+            return False
+    return True
+
+
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    # The dispatch rule (docs/attention.md, "Hopper path"): descriptors for 16-bit tiles on a device with
+    # TMA when the layout allows; otherwise the same kernels with pointer loads.
+    return tensors[0].dtype in TMA_DTYPES and tma_device(tensors[0].device) and tma_eligible(*tensors)
+
+
+def _tile_operand(t: torch.Tensor, block_rows: int, block_dim: int, tma: bool):
+    """What a pass takes for a tensor it loads by tiles: a descriptor with block ``[1, block_rows, 1,
+    block_dim]`` (out-of-bounds rows and head dims read as zeros) when ``tma``, else the tensor."""
+    if not tma:
+        return t
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_rows, 1, block_dim])
+
+
+# --------------------------------------------------------------------------------------------------
 # forward / backward drivers
 # --------------------------------------------------------------------------------------------------
 
@@ -541,15 +629,18 @@ def _forward(q, k, v, mask: IntervalMask, scale: float, num_splits: int = 1, dec
     tiles = mask.tiles(config.block_m, config.block_n)
     stride_mask_b, stride_count_b, stride_index_b, stride_index_t = _map_strides(mask, tiles)
     grid = (tiles.num_q_tiles, B * H, num_splits)
+    block_d, block_dv = _block_dim(D), _block_dim(Dv)
+    tma = _use_tma(q, k, v)
     _launch(_attention_forward_kernel, grid, (
-        q, k, v, out, lse, mask.prefix_end, mask.window_start, mask.window_end,
+        _tile_operand(q, config.block_m, block_d, tma), _tile_operand(k, config.block_n, block_d, tma),
+        _tile_operand(v, config.block_n, block_dv, tma), out, lse, mask.prefix_end, mask.window_start, mask.window_end,
         tiles.full_kv_count, tiles.full_kv_index, tiles.kv_count, tiles.kv_index,
         scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(out[0] if split else out),
         out.stride(0) if split else 0,
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
         H, Q, K, D, Dv, num_splits),
-        dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(Dv),
-             DOT_PRECISION=_dot_precision(q.dtype)), config, q.device.type == "cuda")
+        dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+             DOT_PRECISION=_dot_precision(q.dtype), TMA=tma), config, q.device.type == "cuda")
     return out, lse
 
 
@@ -626,26 +717,68 @@ def attention_split_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
+def delta_block_q(head_dim_v: int) -> int:
+    """Query rows per program of the fused delta preprocess: about 4096 elements of O and of dO each."""
+    return max(16, min(64, 4096 // _block_dim(head_dim_v)))
+
+
+_DELTA_WARPS = 4
+
+
+def _backward_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    B, Q, H, Dv = out.shape
+    delta = torch.empty((B, H, Q), dtype=torch.float32, device=out.device)
+    if delta.numel() == 0:
+        return delta
+    if Dv == 0:
+        return delta.zero_()
+    block_q = delta_block_q(Dv)
+    _backward_delta_kernel[(triton.cdiv(Q, block_q), B * H)](
+        out, dout, delta, *_strides_bsh(out), *_strides_bsh(dout), H, Q, Dv,
+        BLOCK_Q=block_q, BLOCK_DV=_block_dim(Dv), num_warps=_DELTA_WARPS)
+    return delta
+
+
+def backward_delta_triton(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """The backward's fused preprocess, twin of :func:`~hdlm_kernels.attention.reference.attention_delta_ref`:
+    ``Δ [B, H, Q]`` float32 from ``out`` and ``dout`` ``[B, Q, H, Dv]`` (same shape and dtype), each read
+    once, with no float32 copies in memory."""
+    for name, t in (("out", out), ("dout", dout)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"backward_delta_triton: {name} must be a [B, Q, H, Dv] tensor, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    if out.shape != dout.shape or out.dtype != dout.dtype:
+        raise ValueError(f"backward_delta_triton: out and dout must have the same shape and dtype, got "
+                         f"{tuple(out.shape)} {out.dtype} and {tuple(dout.shape)} {dout.dtype}")
+    check_triton_inputs(out, context="backward_delta_triton")
+    return _backward_delta(_head_contiguous(out), _head_contiguous(dout))
+
+
 def _backward(dout, q, k, v, out, lse, mask: IntervalMask, scale: float, deterministic: bool):
     B, Q, H, D = q.shape
     K, Dv = k.shape[1], v.shape[3]
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if Q == 0 or K == 0:
-        return dq, dk, dv
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # The kernels write every element of dQ, dK and dV (zeros where no pair is attended): no zero-fill.
+    dq = torch.empty_like(q) if deterministic else None
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     dout = _head_contiguous(dout)
-    # Δ_i = Σ_d O_id dO_id = Σ_j P_ij dP_ij: the softmax-backward row term, [B, H, Q] like the lse.
-    delta = (out.float() * dout.float()).sum(-1).transpose(1, 2).contiguous()
+    delta = _backward_delta(out, dout)
     config = backward_config(D, q.dtype, q.device.type == "cuda")
     tiles = mask.tiles(config.block_m, config.block_n)
     stride_mask_b, stride_count_b, stride_index_b, stride_index_t = _map_strides(mask, tiles)
-    shared = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_dim(D),
-                  BLOCK_DV=_block_dim(Dv), DOT_PRECISION=_dot_precision(q.dtype))
+    block_d, block_dv = _block_dim(D), _block_dim(Dv)
+    tma = _use_tma(q, k, v, dout)
+    shared = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+                  BLOCK_DV=block_dv, DOT_PRECISION=_dot_precision(q.dtype), TMA=tma)
+    q_rows, do_rows = _tile_operand(q, config.block_m, block_d, tma), _tile_operand(dout, config.block_m, block_dv, tma)
+    k_rows, v_rows = _tile_operand(k, config.block_n, block_d, tma), _tile_operand(v, config.block_n, block_dv, tma)
     on_gpu = q.device.type == "cuda"
-    # Atomics accumulate dQ in float32 whatever the input dtype.
+    # Atomics accumulate dQ in float32 whatever the input dtype, from zero.
     dq_accumulator = dq if deterministic else torch.zeros(B, Q, H, D, dtype=torch.float32, device=q.device)
     map_stride_t = tiles.q_index.stride(1)
     _launch(_attention_backward_kv_kernel, (tiles.num_kv_tiles, B * H), (
-        q, k, v, dout, dq_accumulator, dk, dv, lse, delta, mask.prefix_end, mask.window_start, mask.window_end,
+        q_rows, k_rows, v_rows, do_rows, dq_accumulator, dk, dv, lse, delta, mask.prefix_end, mask.window_start, mask.window_end,
         tiles.full_q_count, tiles.full_q_index, tiles.q_count, tiles.q_index,
         scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(dout),
         *_strides_bsh(dq_accumulator), *_strides_bsh(dk), *_strides_bsh(dv),
@@ -656,7 +789,7 @@ def _backward(dout, q, k, v, out, lse, mask: IntervalMask, scale: float, determi
     if not deterministic:
         return dq_accumulator.to(q.dtype), dk, dv
     _launch(_attention_backward_q_kernel, (tiles.num_q_tiles, B * H), (
-        q, k, v, dout, dq, lse, delta, mask.prefix_end, mask.window_start, mask.window_end,
+        q_rows, k_rows, v_rows, do_rows, dq, lse, delta, mask.prefix_end, mask.window_start, mask.window_end,
         tiles.full_kv_count, tiles.full_kv_index, tiles.kv_count, tiles.kv_index,
         scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(dout), *_strides_bsh(dq),
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
@@ -729,6 +862,20 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: In
 GATE_HEAD_DIMS = (32, 64, 96, 128, 256)
 """Head dims the gate compiles: the common ones and the largest accepted (``_MAX_HEAD_DIM``)."""
 
+GATE_POINTER_LOADS = ((64, torch.bfloat16), (128, torch.bfloat16))
+"""(head dim, dtype) at which the gate also compiles the training passes with pointer loads
+(``TMA=False``: a layout TMA cannot describe, or a GPU before sm_90)."""
+
+
+def _gate_operand(dtype: torch.dtype, shape: tuple, block_rows: int, block_dim: int, tma: bool):
+    # A pointer argument is given to warmup as its dtype; a descriptor over a stand-in tensor (Triton's
+    # MockTensor: a dtype and a shape, no memory) with the dispatch's block shape.
+    if not tma:
+        return dtype
+    from triton.runtime.jit import MockTensor
+
+    return _tile_operand(MockTensor(dtype, list(shape)), block_rows, block_dim, True)
+
 
 def dispatchable_launches():
     """Every (kernel, configuration) this module's dispatch can launch on a GPU, built from the
@@ -743,25 +890,43 @@ def dispatchable_launches():
         mask_and_map = (int32,) * 7
         for dtype in _SUPPORTED_DTYPES:
             spill_free = dtype != torch.float32 and head_dim <= 128
+            # Two blocks per SM at D = 64 in 16-bit: one block's softmax overlaps the other's products.
+            training_blocks = 2 if dtype != torch.float32 and head_dim == 64 else 1
             common = dict(BLOCK_D=_block_dim(head_dim), BLOCK_DV=_block_dim(head_dim),
                           DOT_PRECISION=_dot_precision(dtype))
             labels = dict(D=head_dim, dtype=str(dtype).replace("torch.", ""))
+            launches.append(KernelLaunch(
+                "attention.backward_delta", _backward_delta_kernel,
+                (dtype, dtype, fp32, *stride, *stride, heads, rows, head_dim),
+                dict(BLOCK_Q=delta_block_q(head_dim), BLOCK_DV=_block_dim(head_dim)), dict(num_warps=_DELTA_WARPS),
+                labels, spill_free=spill_free))
+            tma_choices = ((True, False) if (head_dim, dtype) in GATE_POINTER_LOADS else
+                           (True,) if dtype in TMA_DTYPES else (False,))
             # The training forward; split-KV decoding with more rows than a window class (float32
             # partials), and with the decode tiles.
-            for window, split in ((None, False), (None, True), *((w, True) for w in DECODE_WINDOW_CLASSES)):
+            first = tma_choices[0]
+            forward_kinds = [(None, False, first), (None, True, first), *((w, True, first) for w in DECODE_WINDOW_CLASSES)]
+            forward_kinds += [(None, False, False)] * (len(tma_choices) > 1)
+            for window, split, tma in forward_kinds:
                 config = forward_config(head_dim, dtype, rows=window)
                 q_rows = window or rows
                 name = "attention.forward" if not split else (
                     "attention.forward_split_kv" if window is None else "attention.decode_forward")
+                block_d = _block_dim(head_dim)
+                q_shape, kv_shape = (8, q_rows, heads, head_dim), (8, rows, heads, head_dim)
                 launches.append(KernelLaunch(
                     name, _attention_forward_kernel,
-                    (dtype, dtype, dtype, fp32 if split else dtype, fp32, *mask_and_map[:3],
+                    (_gate_operand(dtype, q_shape, config.block_m, block_d, tma),
+                     _gate_operand(dtype, kv_shape, config.block_n, block_d, tma),
+                     _gate_operand(dtype, kv_shape, config.block_n, block_d, tma),
+                     fp32 if split else dtype, fp32, *mask_and_map[:3],
                      int32, int32, int32, int32, 0.125, *stride, *stride, *stride, *stride,
                      q_rows * heads * head_dim if split else 0, q_rows, 1, rows // 64, 64,
                      heads, q_rows, rows, head_dim, head_dim, 4 if split else 1),
-                    dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common),
+                    dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, TMA=tma, **common),
                     dict(num_warps=config.num_warps, num_stages=config.num_stages),
-                    dict(labels, block=f"{config.block_m}x{config.block_n}"), spill_free=spill_free))
+                    dict(labels, block=f"{config.block_m}x{config.block_n}", tma="yes" if tma else "no"),
+                    spill_free=spill_free, min_blocks_per_sm=1 if split else training_blocks))
             launches.append(KernelLaunch(
                 "attention.merge_splits", _merge_splits_kernel,
                 (fp32, fp32, dtype, fp32, 16 * heads * head_dim * 8, *stride, *stride, 8 * heads * 16, heads, 16,
@@ -771,20 +936,27 @@ def dispatchable_launches():
             config = backward_config(head_dim, dtype)
             tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)
             options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-            for atomic in (False, True):
+            shape = (8, rows, heads, head_dim)
+            for tma in tma_choices:
+                rows_operand = _gate_operand(dtype, shape, config.block_m, _block_dim(head_dim), tma)
+                keys_operand = _gate_operand(dtype, shape, config.block_n, _block_dim(head_dim), tma)
+                tile_labels = dict(labels, block=f"{config.block_m}x{config.block_n}", tma="yes" if tma else "no")
+                for atomic in (False, True):
+                    launches.append(KernelLaunch(
+                        "attention.backward_dkdv" + ("_atomic_dq" if atomic else ""),
+                        _attention_backward_kv_kernel,
+                        (rows_operand, keys_operand, keys_operand, rows_operand, fp32 if atomic else dtype, dtype,
+                         dtype, fp32, fp32, int32, int32, int32, int32, int32, int32, int32, 0.125, *stride * 7,
+                         rows, rows // 32, rows, 64, heads, rows, rows, head_dim, head_dim),
+                        dict(ATOMIC_DQ=atomic, TMA=tma, **tile), options, tile_labels, spill_free=spill_free,
+                        min_blocks_per_sm=training_blocks))
                 launches.append(KernelLaunch(
-                    "attention.backward_dkdv" + ("_atomic_dq" if atomic else ""),
-                    _attention_backward_kv_kernel,
-                    (dtype, dtype, dtype, dtype, fp32 if atomic else dtype, dtype, dtype, fp32, fp32,
-                     int32, int32, int32, int32, int32, int32, int32, 0.125, *stride * 7,
-                     rows, rows // 32, rows, 64, heads, rows, rows, head_dim, head_dim),
-                    dict(ATOMIC_DQ=atomic, **tile), options,
-                    dict(labels, block=f"{config.block_m}x{config.block_n}"), spill_free=spill_free))
-            launches.append(KernelLaunch(
-                "attention.backward_dq", _attention_backward_q_kernel,
-                (dtype, dtype, dtype, dtype, dtype, fp32, fp32, int32, int32, int32, int32, int32, int32, int32,
-                 0.125, *stride * 5, rows, rows // 32, rows, 64, heads, rows, rows, head_dim, head_dim),
-                tile, options, dict(labels, block=f"{config.block_m}x{config.block_n}"), spill_free=spill_free))
+                    "attention.backward_dq", _attention_backward_q_kernel,
+                    (rows_operand, keys_operand, keys_operand, rows_operand, dtype, fp32, fp32, int32, int32, int32,
+                     int32, int32, int32, int32, 0.125, *stride * 5, rows, rows // 32, rows, 64, heads, rows, rows,
+                     head_dim, head_dim),
+                    dict(TMA=tma, **tile), options, tile_labels, spill_free=spill_free,
+                    min_blocks_per_sm=training_blocks))
     return launches
 
 
