@@ -20,7 +20,7 @@ __all__ = [
     "GUMBEL_STREAM", "DECISION_STREAM", "CORRUPTION_STREAM", "SEED_LIMIT", "STREAM_LIMIT", "WORD_LIMIT",
     "ELEMENT_LIMIT", "LOGITS_DTYPES", "CHUNK_BYTES", "LOG64_COEFFICIENTS", "LN2_HI", "LN2_LO",
     "EXP64_COEFFICIENTS", "INV_LN2", "EXP64_MIN", "HALF_LN2", "FIXED_HI_SCALE", "FIXED_LO_SCALE",
-    "FIXED_HI_UNIT", "FIXED_LO_UNIT", "SMALLEST_WEIGHT",
+    "FIXED_HI_UNIT", "FIXED_LO_UNIT", "SMALLEST_WEIGHT", "SCREEN_RELATIVE", "SCREEN_ABSOLUTE", "SCREEN_NOISE_ERROR",
 ]
 
 # -- the random stream (docs/sampling-stream.md) ----------------------------------------------------
@@ -60,3 +60,10 @@ FIXED_LO_SCALE = 2.0**31
 FIXED_HI_UNIT = 2.0**-32
 FIXED_LO_UNIT = 2.0**-63
 SMALLEST_WEIGHT = 2.0**-1022  # weights below (subnormal or <= 0) count as 0: log64 needs normal inputs
+
+# The screen's bound (docs/sampling-screen.md, "The bound"): |cheap - exact| <= SCREEN_RELATIVE * |a| +
+# SCREEN_ABSOLUTE with a the float32 scaled logit; the cheap noise alone is within SCREEN_NOISE_ERROR.
+# The same values as csrc/screen.h; here for the Triton screen and the tests.
+SCREEN_RELATIVE = 2.0 ** -20
+SCREEN_ABSOLUTE = 2.0 ** -13
+SCREEN_NOISE_ERROR = 2.0 ** -14

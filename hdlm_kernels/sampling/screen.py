@@ -23,10 +23,7 @@ from .arguments import (
     checked_temperature,
     exclude_values,
 )
-
-SCREEN_RELATIVE = 2.0 ** -20
-SCREEN_ABSOLUTE = 2.0 ** -13
-SCREEN_NOISE_ERROR = 2.0 ** -14
+from .constants import SCREEN_ABSOLUTE, SCREEN_NOISE_ERROR, SCREEN_RELATIVE
 
 __all__ = ["SCREEN_ABSOLUTE", "SCREEN_NOISE_ERROR", "SCREEN_RELATIVE", "gumbel_candidates", "hybrid_candidates"]
 

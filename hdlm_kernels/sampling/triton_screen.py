@@ -17,7 +17,7 @@ import struct
 import triton
 import triton.language as tl
 
-from .screen import SCREEN_ABSOLUTE, SCREEN_RELATIVE
+from .constants import SCREEN_ABSOLUTE, SCREEN_RELATIVE
 
 __all__ = ["screen_bounds", "screen_noise", "screen_scale_bits"]
 
