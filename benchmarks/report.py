@@ -57,7 +57,8 @@ def _rate(value) -> str:
 
 
 # extra_info key, column title
-RATES = (("tflops", "TFLOP/s"), ("gbps", "GB/s"), ("tokens_per_s", "tokens/s"))
+RATES = (("tflops", "TFLOP/s"), ("pct_of_matmul", "% of matmul"), ("gbps", "GB/s"), ("pct_of_copy", "% of copy"),
+         ("pct_of_floor", "% of floor"), ("tokens_per_s", "tokens/s"))
 
 
 def _label(bench: dict) -> str:
@@ -142,7 +143,8 @@ def markdown(record: dict) -> str:
     for group, benches in groups(record).items():
         baseline = next((b for b in benches if b.get("extra_info", {}).get("baseline")), None)
         # Suites that know their FLOPs (bytes) record the achieved rate as extra_info["tflops"]
-        # (extra_info["gbps"]): one column each, in groups where some record has it.
+        # (extra_info["gbps"]) and its share of the measured floor (benchmarks/roofline.py) as
+        # extra_info["pct_of_..."]: one column each, in groups where some record has it.
         rates = [(key, title) for key, title in RATES
                  if any(key in b.get("extra_info", {}) for b in benches)]
         lines += [f"## {group}", "", caption(record, benches), "",

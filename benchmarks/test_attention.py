@@ -16,7 +16,12 @@ them side by side on the same (query, key) pairs:
 
 ``tflops`` in each record is the achieved rate on the *attended* pairs only (forward
 ``4 · pairs · D · B · H`` FLOPs, forward+backward 3.5x that), so kernels that skip masked tiles and
-kernels that compute the dense scores are scored on the same useful work.
+kernels that compute the dense scores are scored on the same useful work; ``pct_of_matmul`` puts it
+against this machine's measured dense matmul rate in the same dtype (``benchmarks/roofline.py``,
+recorded as ``matmul_tflops``). ``gbps`` is the bytes a call must move (q, k, v read and the output
+written once; with the backward also dO read and dq, dk, dv written) over the median, and
+``pct_of_copy`` that rate against the measured copy rate (``copy_gbps``): the forward at small ω
+moves little per FLOP, so both floors are shown.
 
 Shapes: on a GPU the paper's (B=8, H=12, D=64, d=1024 -> packed 2048, bf16) with τ_Block for
 ω in {4, 16, 64, 256} (block-causal context) and τ_Slide ω=256 (causal context, as the trainer
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 import hdlm_kernels as hk
+from benchmarks.roofline import copy_bytes_per_s, matmul_flops_per_s
 from benchmarks.timing import median_seconds, synchronized
 
 GPU = torch.cuda.is_available()
@@ -197,9 +203,18 @@ def measure(benchmark, problem: Problem, contender, backward: bool) -> None:
     info = dict(shape=case.shape, dtype=str(DTYPE).replace("torch.", ""), side=side(contender),
                 schedule=problem.name, density=round(case.pairs / case.length ** 2, 4), pairs=int(case.pairs),
                 **case.notes)
+    element_size = torch.empty((), dtype=DTYPE).element_size()
+    tensors_moved = 8 if backward else 4  # q, k, v, out (+ dout, dq, dk, dv)
+    moved_bytes = tensors_moved * B * H * case.length * D * element_size
+    matmul_rate, copy_rate = matmul_flops_per_s(DEVICE, DTYPE), copy_bytes_per_s(DEVICE)
+    info.update(matmul_tflops=float(f"{matmul_rate / 1e12:.4g}"), copy_gbps=float(f"{copy_rate / 1e9:.4g}"),
+                moved_bytes=moved_bytes)
     median = median_seconds(benchmark)
     if median is not None:  # None under --benchmark-disable
         info["tflops"] = float(f"{flops / median / 1e12:.4g}")
+        info["pct_of_matmul"] = float(f"{100 * flops / median / matmul_rate:.3g}")
+        info["gbps"] = float(f"{moved_bytes / median / 1e9:.4g}")
+        info["pct_of_copy"] = float(f"{100 * moved_bytes / median / copy_rate:.3g}")
     if contender is BASELINE:
         info["baseline"] = True
     benchmark.extra_info.update(info)

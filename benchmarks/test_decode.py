@@ -27,12 +27,13 @@ already holds them (a user of those would add the write: two small copies).
 Decode is mostly bandwidth-bound, so each record carries ``kv_bytes``, the bytes of K/V one step
 must read (``2 · B · H · (P + ω) · D`` elements, the same for every contender, so ``gbps`` compares
 them on the same useful traffic), ``gbps`` (``kv_bytes`` over the median time; absent, like
-``tflops``, under ``--benchmark-disable``) and ``floor_us``, the time that traffic takes at the
-≈3.0 TB/s practical H100 roof (docs/benchmarks.md). ``tflops`` is the rate on the step's own work,
+``tflops``, under ``--benchmark-disable``), ``floor_us``, the time that traffic takes at this machine's
+measured copy rate (``benchmarks/roofline.py``, recorded as ``copy_gbps``) and ``pct_of_floor`` (floor
+time over the median: 100 is the floor). ``tflops`` is the rate on the step's own work,
 ``4 · B · H · S · (P + S) · D`` FLOPs for every contender (the prefix recompute's extra work is not
 counted). The floor leaves out the q, output and new-row traffic (``4 · B · S · H · D`` elements, as
-much as the K/V when P = ω), and at ω = 256 a bf16 step does ω FLOPs per K/V byte, near the H100
-ridge point (≈295), so there compute, not the floor, bounds it. Each call is timed synchronized, so
+much as the K/V when P = ω), and at ω = 256 a bf16 step does ω FLOPs per K/V byte, near a Hopper
+GPU's ridge point (≈180-300), so there compute, not the floor, bounds it. Each call is timed synchronized, so
 microsecond-scale calls include one launch and synchronization latency (several µs on a GPU), as a
 single layer's step would.
 
@@ -54,6 +55,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 import hdlm_kernels as hk
+from benchmarks.roofline import copy_bytes_per_s, floor_info
 from benchmarks.timing import median_seconds, synchronized
 from hdlm_kernels import _extension
 
@@ -64,7 +66,6 @@ DTYPE = torch.bfloat16 if GPU else torch.float32
 WINDOWS, PREFIXES, BATCHES = (((16, 64, 256), (256, 1024, 4096), (1, 8, 32)) if GPU
                               else ((16,), (256, 1024), (1, 4)))
 ROUNDS, WARMUP_ROUNDS = (20, 3) if GPU else (10, 2)
-ROOF_BYTES_PER_S = 3.0e12  # practical H100 HBM3 bandwidth (docs/benchmarks.md)
 
 # One compiled FlexAttention shared by the problems; each (B, P, ω) is one more static-shape graph, so
 # leave room above dynamo's default of 8 rather than fall back to eager (materializing) silently.
@@ -236,11 +237,13 @@ def measure(benchmark, problem: Problem, contender) -> None:
         benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
 
     kv_bytes = problem.kv_bytes
+    copy_rate = copy_bytes_per_s(DEVICE)
+    median = median_seconds(benchmark)
     info = dict(shape=problem.shape, dtype=str(DTYPE).replace("torch.", ""), side=side(contender),
-                kv_bytes=kv_bytes, floor_us=float(f"{kv_bytes / ROOF_BYTES_PER_S * 1e6:.3g}"), **case.notes)
+                kv_bytes=kv_bytes, copy_gbps=float(f"{copy_rate / 1e9:.4g}"),
+                **floor_info(kv_bytes / copy_rate, median), **case.notes)
     if not GPU and contender in EAGER_FLEX:
         info.update(execution="emulated", measures=EAGER_FLEX_MEASURES)
-    median = median_seconds(benchmark)
     if median is not None:  # None under --benchmark-disable
         info["gbps"] = float(f"{kv_bytes / median / 1e9:.4g}")
         info["tflops"] = float(f"{problem.flops / median / 1e12:.4g}")

@@ -43,9 +43,9 @@ log-scores, the interpolated staggered score and the transition row as fp32 ``[R
 Rates: ``read_bytes`` is the logits one call must read (``R · V ·`` element size for a full draw,
 ``rows_changed · V ·`` element size for an ACS step, the same for every contender of a group);
 ``gbps`` is ``read_bytes`` over the median time and ``elements_per_s`` the logits elements over it
-(both absent under ``--benchmark-disable``); on a GPU ``floor_us`` is the time ``read_bytes`` takes at
-the ≈3.0 TB/s practical H100 roof (docs/benchmarks.md: 274 µs for [8192, 50258] bf16). The
-FP64 kernels are expected to be compute-bound at a few times that floor (same place).
+(both absent under ``--benchmark-disable``); ``floor_us`` is the time ``read_bytes`` takes at this
+machine's measured copy rate (``benchmarks/roofline.py``, recorded as ``copy_gbps``; about 190 µs for
+[8192, 50258] bf16 at 4.3 TB/s) and ``pct_of_floor`` the floor time over the median (100 is the floor).
 
 Shapes: on a GPU the paper's batch 8 × d = 1024 rows over V = 50258 in bf16 (normal logits × 3,
 seeded); on a CPU a small default of 256 rows in fp32 (the C++ path against the torch reference) so
@@ -60,6 +60,7 @@ import pytest
 import torch
 
 import hdlm_kernels as hk
+from benchmarks.roofline import copy_bytes_per_s, floor_info
 from benchmarks.timing import median_seconds, synchronized
 
 GPU = torch.cuda.is_available()
@@ -68,7 +69,6 @@ ROWS, VOCAB = (8 * 1024, 50258) if GPU else (256, 50258)
 DTYPE = torch.bfloat16 if GPU else torch.float32
 ROUNDS, WARMUP_ROUNDS = (10, 2) if GPU else (3, 0)
 SLOW_ROUNDS = 3  # the reference backend's full draw (log64 spelled out in PyTorch ops)
-ROOF_BYTES_PER_S = 3.0e12  # practical H100 HBM3 bandwidth (docs/benchmarks.md)
 SEED, STEP = 1234, 7
 TEMPERATURE = 1.0
 MASK_ID = VOCAB - 1  # the MASK token of the paper's vocabulary (GPT-2's 50257 tokens + MASK)
@@ -336,11 +336,11 @@ def measure(benchmark, case: Case, group: str, shape: str, rows_read: int, basel
 
     elements = rows_read * VOCAB
     read_bytes = elements * torch.empty((), dtype=DTYPE).element_size()
-    info = dict(shape=shape, dtype=str(DTYPE).replace("torch.", ""), read_bytes=read_bytes,
-                **notes, **case.notes)
-    if GPU:
-        info["floor_us"] = float(f"{read_bytes / ROOF_BYTES_PER_S * 1e6:.3g}")
+    copy_rate = copy_bytes_per_s(DEVICE)
     median = median_seconds(benchmark)
+    info = dict(shape=shape, dtype=str(DTYPE).replace("torch.", ""), read_bytes=read_bytes,
+                copy_gbps=float(f"{copy_rate / 1e9:.4g}"), **floor_info(read_bytes / copy_rate, median),
+                **notes, **case.notes)
     if median is not None:  # None under --benchmark-disable
         info["gbps"] = float(f"{read_bytes / median / 1e9:.4g}")
         info["elements_per_s"] = float(f"{elements / median:.4g}")

@@ -158,3 +158,12 @@ def test_first_call_timing_gets_a_fresh_input_every_round():
 
     time_first_calls(FakeBenchmark(), seen.append, make, rounds=3)
     assert len(seen) == 4 and seen == made and len({id(x) for x in seen}) == 4
+
+
+def test_shares_of_the_measured_floors_get_their_own_columns():
+    rated = record()
+    for bench, (pct, floor) in zip(rated["benchmarks"], ((41.5, 12.0), (83.0, 24.0), (20.75, 6.0))):
+        bench["extra_info"].update(tflops=pct, pct_of_matmul=pct, pct_of_floor=floor)
+    text = report.markdown(rated)
+    assert "| TFLOP/s | % of matmul | % of floor | vs baseline |" in text
+    assert "| 41.5 | 41.5 | 12.0 | baseline |" in text and "pct_of_" not in text
