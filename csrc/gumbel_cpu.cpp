@@ -169,15 +169,7 @@ Candidate sample_row_screened(const scalar_t* row, int64_t stride_col, int64_t v
     if (!any) {
       continue;
     }
-    for (int p = 0; p < count; ++p) {
-      const int64_t even = base + 2 * p;
-      if (even >= 0 && screen_candidate(screen.hi_even[p], floor)) {
-        candidates.emplace_back(even, screen.hi_even[p]);
-      }
-      if (even + 1 < vocab && screen_candidate(screen.hi_odd[p], floor)) {
-        candidates.emplace_back(even + 1, screen.hi_odd[p]);
-      }
-    }
+    append_candidates(screen, count, base, vocab, floor, candidates);
   }
   // Decide: the exact score of every token that can still win, in increasing column order (the list is),
   // so that beats() keeps the lowest of equal scores as the full walk does.

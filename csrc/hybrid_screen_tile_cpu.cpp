@@ -11,7 +11,6 @@
 namespace hdlm {
 namespace {
 
-constexpr int kFloorLanes = 8;
 
 template <bool kKZero>
 __attribute__((always_inline)) inline void hybrid_screen_pairs(const uint32_t* __restrict w0,
@@ -44,25 +43,7 @@ __attribute__((always_inline)) inline float hybrid_screen_tile_body(const uint32
   } else {
     hybrid_screen_pairs<false>(w0, w1, w2, w3, row.shift, row.log_c1, row.log_k, tile);
   }
-  float lanes[kFloorLanes];
-  for (int j = 0; j < kFloorLanes; ++j) {
-    lanes[j] = screen_detail::float_of(0xFF800000u);
-  }
-  for (int p = 0; p < kTilePairs; p += kFloorLanes) {
-    for (int j = 0; j < kFloorLanes; ++j) {
-      lanes[j] = screen_floor(screen_floor(lanes[j], tile.lo_even[p + j]), tile.lo_odd[p + j]);
-    }
-  }
-  for (int j = 0; j < kFloorLanes; ++j) {
-    floor = screen_floor(floor, lanes[j]);
-  }
-  int reach = 0;
-  for (int p = 0; p < kTilePairs; ++p) {
-    reach |= static_cast<int>(screen_candidate(tile.hi_even[p], floor)) |
-             static_cast<int>(screen_candidate(tile.hi_odd[p], floor));
-  }
-  any = reach != 0;
-  return floor;
+  return raise_floor(tile, floor, any);
 }
 
 }  // namespace

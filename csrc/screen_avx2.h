@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "cpu_isa.h"
 #include "noise_tile.h"  // kTilePairs
@@ -68,6 +70,50 @@ inline float tile_max(const ScreenTile& tile, bool& nan) {
   }
   nan = any_nan != 0;
   return top;
+}
+
+// The row floor raised by a screened tile (lane-wise running maxima of the lower ends, a loop the
+// vectorizer takes, then across the lanes), and whether any token of the tile reaches the new floor (most
+// tiles of a row have none: no scalar walk then). Inlined into both builds of each tile stage, so it is
+// compiled with their instruction sets; pure float32 selections.
+constexpr int kFloorLanes = 8;
+
+__attribute__((always_inline)) inline float raise_floor(const ScreenTile& tile, float floor, bool& any) {
+  float lanes[kFloorLanes];
+  for (int j = 0; j < kFloorLanes; ++j) {
+    lanes[j] = -HUGE_VALF;
+  }
+  for (int p = 0; p < kTilePairs; p += kFloorLanes) {
+    for (int j = 0; j < kFloorLanes; ++j) {
+      lanes[j] = screen_floor(screen_floor(lanes[j], tile.lo_even[p + j]), tile.lo_odd[p + j]);
+    }
+  }
+  for (int j = 0; j < kFloorLanes; ++j) {
+    floor = screen_floor(floor, lanes[j]);
+  }
+  int reach = 0;
+  for (int p = 0; p < kTilePairs; ++p) {
+    reach |= static_cast<int>(screen_candidate(tile.hi_even[p], floor)) |
+             static_cast<int>(screen_candidate(tile.hi_odd[p], floor));
+  }
+  any = reach != 0;
+  return floor;
+}
+
+// Appends (column, upper bound) of the tile's tokens whose interval reaches the running floor: the first
+// `count` pairs of the tile, whose even element is column base + 2p (negative for the pair before column
+// 0 when the row starts at an odd element; the odd element of the last pair may lie past the vocabulary).
+inline void append_candidates(const ScreenTile& tile, int count, int64_t base, int64_t vocab, float floor,
+                              std::vector<std::pair<int64_t, float>>& candidates) {
+  for (int p = 0; p < count; ++p) {
+    const int64_t even = base + 2 * p;
+    if (even >= 0 && screen_candidate(tile.hi_even[p], floor)) {
+      candidates.emplace_back(even, tile.hi_even[p]);
+    }
+    if (even + 1 < vocab && screen_candidate(tile.hi_odd[p], floor)) {
+      candidates.emplace_back(even + 1, tile.hi_odd[p]);
+    }
+  }
 }
 
 using ScreenTileFunction = float (*)(const uint32_t*, const uint32_t*, const uint32_t*, const uint32_t*, float,

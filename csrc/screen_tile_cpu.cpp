@@ -14,7 +14,6 @@
 namespace hdlm {
 namespace {
 
-constexpr int kFloorLanes = 8;
 
 __attribute__((always_inline)) inline float screen_tile_body(const uint32_t* __restrict w0,
                                                              const uint32_t* __restrict w1,
@@ -29,27 +28,7 @@ __attribute__((always_inline)) inline float screen_tile_body(const uint32_t* __r
     tile.lo_odd[p] = odd.lo;
     tile.hi_odd[p] = odd.hi;
   }
-  // Lane-wise running maxima (an elementwise loop the vectorizer takes), then across the lanes.
-  float lanes[kFloorLanes];
-  for (int j = 0; j < kFloorLanes; ++j) {
-    lanes[j] = screen_detail::float_of(0xFF800000u);
-  }
-  for (int p = 0; p < kTilePairs; p += kFloorLanes) {
-    for (int j = 0; j < kFloorLanes; ++j) {
-      lanes[j] = screen_floor(screen_floor(lanes[j], tile.lo_even[p + j]), tile.lo_odd[p + j]);
-    }
-  }
-  for (int j = 0; j < kFloorLanes; ++j) {
-    floor = screen_floor(floor, lanes[j]);
-  }
-  // Whether any token of the tile reaches the new floor (most tiles of a row have none: no scalar walk then).
-  int reach = 0;
-  for (int p = 0; p < kTilePairs; ++p) {
-    reach |= static_cast<int>(screen_candidate(tile.hi_even[p], floor)) |
-             static_cast<int>(screen_candidate(tile.hi_odd[p], floor));
-  }
-  any = reach != 0;
-  return floor;
+  return raise_floor(tile, floor, any);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -117,3 +118,18 @@ def cpu_isas() -> list[str]:
     finally:
         C.set_cpu_isa("auto")
     return ["scalar", "avx2"]
+
+
+def calls_during(module, names: tuple[str, ...], run) -> tuple[dict[str, int], list[str]]:
+    """Runs ``run()`` with spies on ``module.<name>`` for each name and on the backend registry's
+    ``select``: returns how often each name was called, and the ops ``select`` resolved, in order
+    (what the "argument checks run once per call" tests of the sampling ops compare)."""
+    patches = {name: mock.patch.object(module, name, wraps=getattr(module, name)) for name in names}
+    spies = {name: patch.start() for name, patch in patches.items()}
+    try:
+        with mock.patch.object(backends, "select", wraps=backends.select) as select:
+            run()
+    finally:
+        for patch in patches.values():
+            patch.stop()
+    return {name: spy.call_count for name, spy in spies.items()}, [call.args[0] for call in select.call_args_list]

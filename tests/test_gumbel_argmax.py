@@ -10,17 +10,16 @@ and smaller vocabularies where they test the same thing; tests marked ``cuda`` c
 
 import itertools
 import math
-from unittest import mock
 
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 from hypothesis import given, settings, strategies as st
-from sampling_checks import Target, assert_same_draw, backend_targets, compiled_ptx_ops
+from sampling_checks import Target, assert_same_draw, backend_targets, calls_during, compiled_ptx_ops
 
 import hdlm_kernels as hk
-from hdlm_kernels import _extension, backends
+from hdlm_kernels import _extension
 from hdlm_kernels.sampling import gumbel as gumbel_module
 from hdlm_kernels.sampling import gumbel_argmax, gumbel_argmax_deferred, gumbel_argmax_ref, uniform53_ref
 from hdlm_kernels.sampling.arguments import checked_exclude, exclude_values
@@ -627,16 +626,10 @@ def test_argument_checks_run_once_per_call():
     """The metadata checks run in gumbel_argmax, the value checks inside the op: each once per call."""
     logits = random_logits(4, 30, torch.float32)
     checkers = ("checked_logits", "checked_row_ids", "check_row_id_values", "exclude_values", "check_winners")
-    patches = {name: mock.patch.object(gumbel_module, name, wraps=getattr(gumbel_module, name)) for name in checkers}
-    spies = {name: patch.start() for name, patch in patches.items()}
-    try:
-        with mock.patch.object(backends, "select", wraps=backends.select) as select:
-            gumbel_argmax(logits, 1, 2, torch.arange(4), exclude=[3])
-    finally:
-        for patch in patches.values():
-            patch.stop()
-    assert {name: spy.call_count for name, spy in spies.items()} == dict.fromkeys(checkers, 1)
-    assert [call.args[0] for call in select.call_args_list].count("gumbel_argmax") == 1
+    counts, selected = calls_during(gumbel_module, checkers,
+                                    lambda: gumbel_argmax(logits, 1, 2, torch.arange(4), exclude=[3]))
+    assert counts == dict.fromkeys(checkers, 1)
+    assert selected.count("gumbel_argmax") == 1
 
 
 # ---------------------------------------------------------------- the Triton kernel's GPU code, compiled without a GPU

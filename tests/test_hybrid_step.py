@@ -14,16 +14,15 @@ cases use fewer rows where they test the same thing; tests marked ``cuda`` cover
 
 import math
 from dataclasses import dataclass, replace
-from unittest import mock
 
 import pytest
 import scipy.linalg
 import torch
-from sampling_checks import Target, assert_same_draw, backend_targets, compiled_ptx_ops
+from sampling_checks import Target, assert_same_draw, backend_targets, calls_during, compiled_ptx_ops
 from scipy import stats
 
 import hdlm_kernels as hk
-from hdlm_kernels import _extension, backends
+from hdlm_kernels import _extension
 from hdlm_kernels.sampling import hybrid as hybrid_module
 from hdlm_kernels.sampling.hybrid import METHODS, hybrid_probs, hybrid_probs_ref, hybrid_step, step_coefficients
 
@@ -839,16 +838,9 @@ def test_argument_checks_run_once_per_call():
     """The metadata checks run in hybrid_step, the value checks inside the op: each once per call."""
     case = random_case(5, 12, 11, seed=4)
     checkers = ("_checked_inputs", "_check_values", "check_row_id_values", "_check_drawn", "checked_row_ids")
-    patches = [mock.patch.object(hybrid_module, name, wraps=getattr(hybrid_module, name)) for name in checkers]
-    spies = [patch.start() for patch in patches]
-    try:
-        with mock.patch.object(backends, "select", wraps=backends.select) as select:
-            step(case, REFERENCE)
-    finally:
-        for patch in patches:
-            patch.stop()
-    assert [spy.call_count for spy in spies] == [1] * len(checkers)
-    assert [call.args[0] for call in select.call_args_list].count("hybrid_step") == 1
+    counts, selected = calls_during(hybrid_module, checkers, lambda: step(case, REFERENCE))
+    assert counts == dict.fromkeys(checkers, 1)
+    assert selected.count("hybrid_step") == 1
 
 
 # ------------------------------------------------------------------ the Triton kernel's GPU code, compiled without a GPU
