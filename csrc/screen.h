@@ -56,13 +56,20 @@ HDLM_HOST_DEVICE inline float float_of(uint32_t bits) {
 #endif
 }
 
+// The series' quotient s = f / (2 + f): the IEEE division, which the proof counts as one rounding. The GPU
+// kernels may pass a faster division within 2 ulp instead (screen_cuda.cuh), one more rounding that the
+// bound's margin covers (docs/sampling-screen.md, "GPU kernels").
+struct ExactQuotient {
+  HDLM_HOST_DEVICE static float of(float f) { return f / (2.0f + f); }
+};
+
 // e * ln 2 + log(1 + f) = e * ln 2 + 2 atanh(s), s = f / (2 + f), with the series 2s (1 + z/3 + z^2/5 + ...)
 // (z = s^2) cut after `kTerms` terms: 5 terms for |s| <= 1/3 (relative truncation error <= 1.8e-6), 4 for
 // |s| <= 3 - 2√2 (absolute <= 2.9e-8).
-template <int kTerms>
+template <int kTerms, class Quotient = ExactQuotient>
 HDLM_HOST_DEVICE inline float log_from_parts(float f, float e) {
   static_assert(kTerms == 4 || kTerms == 5, "log_from_parts: 4 or 5 terms");
-  const float s = f / (2.0f + f);
+  const float s = Quotient::of(f);
   const float z = s * s;
   float p = kTerms == 5 ? kA4 : kA3;
   if (kTerms == 5) {
@@ -89,16 +96,18 @@ HDLM_HOST_DEVICE inline void split(float x, float& f, float& e) {
 }  // namespace screen_detail
 
 // Natural logarithm of a positive normal float (within 2^-17 absolute for |log x| <= 45).
+template <class Quotient = screen_detail::ExactQuotient>
 HDLM_HOST_DEVICE inline float screen_log(float x) {
   float f, e;
   screen_detail::split(x, f, e);
-  return screen_detail::log_from_parts<4>(f, e);
+  return screen_detail::log_from_parts<4, Quotient>(f, e);
 }
 
 // The cheap Gumbel noise of the uniform u = uniform53_from_words(word_a, word_b) (philox.h), within
 // kNoiseError of gumbel_noise(u). u > 1/2 exactly when word_a's top bit is set; then 1 - u is the uniform of
 // the complemented words, and -log u = -log(1 - (1 - u)) is taken without forming u (which float32 would
 // round to 1): t = -log_from_parts(-(1 - u), 0). Otherwise t = -log(u). The noise is -log t.
+template <class Quotient = screen_detail::ExactQuotient>
 HDLM_HOST_DEVICE inline float screen_noise(uint32_t word_a, uint32_t word_b) {
   const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(word_a) >> 31);  // all ones when u > 1/2
   word_a ^= flip;
@@ -111,8 +120,8 @@ HDLM_HOST_DEVICE inline float screen_noise(uint32_t word_a, uint32_t word_b) {
   // Selections between values computed unconditionally (so that compilers keep the loop branch-free).
   const bool upper = flip != 0u;
   const float minus_v = -v;
-  const float t = -screen_detail::log_from_parts<5>(upper ? minus_v : f, upper ? 0.0f : e);  // -log u, in (0, 36.8]
-  return -screen_log(t);
+  const float t = -screen_detail::log_from_parts<5, Quotient>(upper ? minus_v : f, upper ? 0.0f : e);  // -log u, in (0, 36.8]
+  return -screen_log<Quotient>(t);
 }
 
 namespace screen_detail {

@@ -46,35 +46,12 @@ __device__ __forceinline__ float nan_as_infinity(float hi) { return hi != hi ? _
 // screen_noise of screen.h with the logarithms' division s = f / (2 + f) taken as __fdividef (within 2 ulp,
 // one instruction pair instead of the IEEE division's slow-path call): one more rounding in each
 // logarithm, within the margin of the bound (docs/sampling-screen.md, "GPU kernels").
-template <int kTerms>
-__device__ __forceinline__ float log_from_parts_device(float f, float e) {
-  using namespace screen_detail;
-  const float s = __fdividef(f, 2.0f + f);
-  const float z = s * s;
-  float p = kTerms == 5 ? kA4 : kA3;
-  if (kTerms == 5) {
-    p = p * z + kA3;
-  }
-  p = p * z + kA2;
-  p = p * z + kA1;
-  p = p * z + kA0;
-  return e * kLn2Hi + (e * kLn2Lo + (s + s) * p);
-}
+struct FastQuotient {
+  __device__ __forceinline__ static float of(float f) { return __fdividef(f, 2.0f + f); }
+};
 
 __device__ __forceinline__ float screen_noise_device(uint32_t word_a, uint32_t word_b) {
-  using namespace screen_detail;
-  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(word_a) >> 31);  // all ones when u > 1/2
-  word_a ^= flip;
-  word_b ^= flip;
-  const float v = static_cast<float>(static_cast<int32_t>(word_a >> 6)) * 0x1p-26f +
-                  static_cast<float>(static_cast<int32_t>(((word_b >> 6) << 1) | 1u)) * 0x1p-53f;
-  float f, e;
-  split(v, f, e);
-  const bool upper = flip != 0u;
-  const float t = -log_from_parts_device<5>(upper ? -v : f, upper ? 0.0f : e);  // -log u, in (0, 36.8]
-  float f2, e2;
-  split(t, f2, e2);
-  return -log_from_parts_device<4>(f2, e2);
+  return screen_noise<FastQuotient>(word_a, word_b);
 }
 
 // The columns of one chunk of a row: kColumns = 16 / sizeof(scalar_t) adjacent columns, starting at
