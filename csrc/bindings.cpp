@@ -42,6 +42,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the screen of csrc/screen.h elementwise: (noise, lo, hi) float32 of the uniforms' words (int64 tensors "
         "holding uint32) and float32 logits at scale float32(1/T); the noise of screen_noise_fast (the CPU "
         "tiles'), or of screen_noise with atanh=True");
+  m.def("screen_noise_bound_cpu", &hdlm::screen_noise_bound_cpu, pybind11::arg("word_a"),
+        "screen_noise_bound of csrc/screen.h elementwise: float32 upper bounds of the exact Gumbel noise of every "
+        "uniform whose first Philox word is word_a (int64 tensor holding uint32)");
   m.def("screen_philox_words_cpu", &hdlm::screen_philox_words_cpu, pybind11::arg("seed"), pybind11::arg("step"),
         pybind11::arg("stream"), pybind11::arg("first_pair"),
         "the words [4, 128] (int64) of Philox pairs first_pair.. of `stream` from the AVX2 tile stage");

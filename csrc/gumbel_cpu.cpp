@@ -93,6 +93,7 @@ struct ScreenSetup {
   bool enabled;
   float scale;  // float32(1 / T), 1 for T = 1
   ScreenTileFunction tile;
+  TileReachesFunction reaches;
   bool avx2_philox;  // the Philox stage in AVX2 lanes (philox_tile_avx2), else the portable tile
 };
 
@@ -147,22 +148,11 @@ Candidate sample_row_screened(const scalar_t* row, int64_t stride_col, int64_t v
         screen.logit_odd[p] = present && even + 1 < vocab ? load(even + 1) : kMinusInfFloat;
       }
     }
-    // Skip the tile when no exact score in it can reach the floor (docs/sampling-screen.md, "Skipping
-    // tiles"): s <= fl64(l_max / T) + g_max, each rounding within 2^-52 relative.
-    if (floor > kMinusInfFloat) {
-      bool nan = false;
-      const float top = tile_max(screen, nan);
-      if (!nan) {
-        if (top == kMinusInfFloat) {
-          continue;  // every score of the tile is exactly -inf, below a finite floor
-        }
-        const double x_up = params.divide ? static_cast<double>(top) / params.temperature : static_cast<double>(top);
-        const double g_up = tile_noise_bound(tile.w0, tile.w2);
-        const double bound = (x_up + g_up) + 0x1p-48 * (std::fabs(x_up) + std::fabs(g_up) + 1.0);
-        if (bound < static_cast<double>(floor)) {
-          continue;
-        }
-      }
+    // Skip the tile when no exact score in it can reach the floor (docs/sampling-screen.md, "The
+    // prefilter"): each token's score is at most its logit's part plus a bound of its noise from its
+    // first Philox word alone, so the cheap noise is computed only in tiles where some token passes.
+    if (floor > kMinusInfFloat && !setup.reaches(tile.w0, tile.w2, screen, setup.scale, floor)) {
+      continue;
     }
     bool any = false;
     floor = setup.tile(tile.w0, tile.w1, tile.w2, tile.w3, setup.scale, floor, screen, any);
@@ -284,7 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_argmax_counted_cpu(
   }
   const bool noise = temperature != 0.0;
   const GumbelParams params{seed, static_cast<uint64_t>(step), temperature, noise, noise && temperature != 1.0};
-  ScreenSetup setup{false, 1.0f, screen_tile_function(), active_cpu_isa() == CpuIsa::kAvx2};
+  ScreenSetup setup{false, 1.0f, screen_tile_function(), tile_reaches_function(),
+                    active_cpu_isa() == CpuIsa::kAvx2};
   if (noise && logits.scalar_type() != at::kDouble) {
     setup.enabled = screen_temperature(temperature, setup.scale);
   }

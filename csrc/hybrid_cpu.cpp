@@ -146,6 +146,7 @@ struct Scratch {
 struct HybridSetup {
   bool avx2;
   HybridScreenTileFunction tile;
+  HybridTileReachesFunction reaches;
 };
 
 // The largest float32 value <= v (v finite, |v| < 2^100): a lower bound of an exact score as a floor.
@@ -226,7 +227,6 @@ bool draw_row_screened(const scalar_t* row, int64_t stride_col, int64_t vocab, i
   }
 
   // Pass 3, the screen: tiles of Philox pairs, candidates against the running floor.
-  const double log_c1 = no_read_weight ? 0.0 : log64(weights.c1);
   auto& candidates = scratch.candidates;
   candidates.clear();
   Tile& tile = scratch.tile;
@@ -256,20 +256,10 @@ bool draw_row_screened(const scalar_t* row, int64_t stride_col, int64_t vocab, i
         screen.logit_odd[p] = present && even + 1 < vocab ? buffer[even + 1] : kMinusInfFloat;
       }
     }
-    // Skip the tile when no exact score in it can reach the floor (docs/sampling-screen.md, "Skipping
-    // tiles"): s <= log64(c1) + fl64(s_max - m) + g_max up to a few float64 roundings.
-    if (floor > kMinusInfFloat) {
-      bool nan = false;  // never: a row with a NaN read entry is bad and not screened
-      const float top = tile_max(screen, nan);
-      if (top == kMinusInfFloat) {
-        continue;  // no read token in the tile has a ratio: every score is exactly -inf
-      }
-      const double d_up = static_cast<double>(top) - shift;
-      const double g_up = tile_noise_bound(tile.w0, tile.w2);
-      const double bound = (log_c1 + d_up + g_up) + 0x1p-44 * (std::fabs(log_c1) + std::fabs(d_up) + std::fabs(g_up) + 1.0);
-      if (!nan && bound < static_cast<double>(floor)) {
-        continue;
-      }
+    // Skip the tile when no exact score in it can reach the floor (docs/sampling-screen.md, "The
+    // prefilter"): no cheap noise for a tile where every read token's upper bound stays below it.
+    if (floor > kMinusInfFloat && !setup.reaches(tile.w0, tile.w2, screen, screen_row, floor)) {
+      continue;
     }
     bool any = false;
     floor = setup.tile(tile.w0, tile.w1, tile.w2, tile.w3, screen_row, floor, screen, any);
@@ -308,7 +298,8 @@ void draw_rows(const at::Tensor& log_score, const int64_t* x, const double* coef
   const int64_t stride_row = log_score.stride(0);
   const int64_t stride_col = log_score.stride(1);
   const bool parallel = num_rows > 1 && num_rows * vocab >= kMinTokensToParallelize;
-  const HybridSetup setup{active_cpu_isa() == CpuIsa::kAvx2, hybrid_screen_tile_function()};
+  const HybridSetup setup{active_cpu_isa() == CpuIsa::kAvx2, hybrid_screen_tile_function(),
+                          hybrid_tile_reaches_function()};
   // float64 log-scores do not fit the float32 screen: every row takes the full exact race.
   const bool screened = !std::is_same_v<scalar_t, double>;
   // Rows differ in cost (tiles without weight skip their noise), so they are handed out dynamically, in

@@ -1,5 +1,7 @@
 // The CPU stages of the γ step's screen (docs/sampling-screen.md, "The γ step"), each compiled twice, for
 // AVX2 (target attribute) and portably ("scalar"); cpu_isa.h picks one at run time.
+//   hybrid_tile_reaches_*: the prefilter of a tile (an upper bound of every token's score from its first
+//     Philox word), same translation unit;
 //   hybrid_screen_tile_*: the intervals of hybrid_screen.h over a tile of kTilePairs Philox pairs (float32
 //     lanes, no FP64 operation), in hybrid_screen_tile_cpu.cpp (compiled without trapping-math, like
 //     screen_tile_cpu.cpp, so that its selections become blends);
@@ -24,6 +26,20 @@ float hybrid_screen_tile_avx2(const uint32_t* w0, const uint32_t* w1, const uint
                               const HybridScreenRow& row, float floor, ScreenTile& tile, bool& any);
 float hybrid_screen_tile_scalar(const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, const uint32_t* w3,
                                 const HybridScreenRow& row, float floor, ScreenTile& tile, bool& any);
+
+// The prefilter of a tile (screen_avx2.h, tile_reaches_*) with the γ step's upper bound: whether any read
+// token of the tile may reach `floor`.
+bool hybrid_tile_reaches_avx2(const uint32_t* w0, const uint32_t* w2, const ScreenTile& tile,
+                              const HybridScreenRow& row, float floor);
+bool hybrid_tile_reaches_scalar(const uint32_t* w0, const uint32_t* w2, const ScreenTile& tile,
+                                const HybridScreenRow& row, float floor);
+
+using HybridTileReachesFunction = bool (*)(const uint32_t*, const uint32_t*, const ScreenTile&,
+                                           const HybridScreenRow&, float);
+
+inline HybridTileReachesFunction hybrid_tile_reaches_function() {
+  return active_cpu_isa() == CpuIsa::kAvx2 ? &hybrid_tile_reaches_avx2 : &hybrid_tile_reaches_scalar;
+}
 
 using HybridScreenTileFunction = float (*)(const uint32_t*, const uint32_t*, const uint32_t*, const uint32_t*,
                                            const HybridScreenRow&, float, ScreenTile&, bool&);

@@ -46,7 +46,44 @@ __attribute__((always_inline)) inline float hybrid_screen_tile_body(const uint32
   return raise_floor(tile, floor, any);
 }
 
+// The prefilter (screen_avx2.h, tile_reaches_*) with the γ step's interval: the K = 0 form of
+// hybrid_screen_bounds takes φ = 0, an upper bound of φ(y) for every K, and the noise bound of the first word
+// stands in for the cheap noise (it is at least the exact noise; the margin's 40 covers its size).
+__attribute__((always_inline)) inline bool hybrid_tile_reaches_body(const uint32_t* __restrict w0,
+                                                                    const uint32_t* __restrict w2,
+                                                                    const ScreenTile& tile,
+                                                                    const HybridScreenRow& row_in, float floor) {
+  const HybridScreenRow row = row_in;
+  int reach = 0;
+  for (int p = 0; p < kTilePairs; ++p) {
+    const float even =
+        hybrid_screen_bounds<true>(tile.logit_even[p], screen_noise_bound(w0[p]), row.shift, row.log_c1, 0.0f).hi;
+    const float odd =
+        hybrid_screen_bounds<true>(tile.logit_odd[p], screen_noise_bound(w2[p]), row.shift, row.log_c1, 0.0f).hi;
+    reach |= static_cast<int>(screen_candidate(even, floor)) | static_cast<int>(screen_candidate(odd, floor));
+  }
+  return reach != 0;
+}
+
 }  // namespace
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) bool hybrid_tile_reaches_avx2(const uint32_t* w0, const uint32_t* w2,
+                                                              const ScreenTile& tile, const HybridScreenRow& row,
+                                                              float floor) {
+  return hybrid_tile_reaches_body(w0, w2, tile, row, floor);
+}
+#else
+bool hybrid_tile_reaches_avx2(const uint32_t* w0, const uint32_t* w2, const ScreenTile& tile,
+                              const HybridScreenRow& row, float floor) {
+  return hybrid_tile_reaches_body(w0, w2, tile, row, floor);
+}
+#endif
+
+bool hybrid_tile_reaches_scalar(const uint32_t* w0, const uint32_t* w2, const ScreenTile& tile,
+                                const HybridScreenRow& row, float floor) {
+  return hybrid_tile_reaches_body(w0, w2, tile, row, floor);
+}
 
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx2"))) float hybrid_screen_tile_avx2(const uint32_t* w0, const uint32_t* w1,

@@ -184,6 +184,22 @@ HDLM_HOST_DEVICE inline float screen_noise_fast(uint32_t word_a, uint32_t word_b
   return -screen_log_fast(t);
 }
 
+// An upper bound of the exact Gumbel noise g(u) = -ln(-ln u) of every uniform whose first word is `word_a`
+// (whatever the second word), from integer and float32 operations only (docs/sampling-screen.md, "The
+// prefilter"). A word without its top bit has u < 1/2, so g(u) < g(1/2) = -ln ln 2 = 0.36651...; otherwise
+// v = 1 - u > A 2^-26 with A = (~word_a) >> 6, and g(u) < -ln v (since -ln(1 - v) > v) < 26 ln 2 - ln A.
+// With A' = A >> 2 (exact in float32) and the bits of float32(A') read as a number, n 2^-23 - 127 is a lower
+// bound of log2 A' (log2 m >= m - 1 on [1, 2]); an A' of 0 gives -127 and so a bound of 151 ln 2 > 53 ln 2,
+// above every noise. The float32 roundings (at most 2^-16 in log2 A', 2^-22 relative in the products) are
+// covered by the margin 2^-10.
+HDLM_HOST_DEVICE inline float screen_noise_bound(uint32_t word_a) {
+  const uint32_t complement = ~word_a >> 8;  // A' = A >> 2, below 2^24
+  const float log2_lower = static_cast<float>(static_cast<int32_t>(screen_detail::bits_of(
+                               static_cast<float>(static_cast<int32_t>(complement))))) * 0x1p-23f - 127.0f;
+  const float upper_half = (24.0f - log2_lower) * 0x1.62e43p-1f + 0x1p-10f;  // (26 - 2 - log2 A') ln 2, rounded up
+  return static_cast<int32_t>(word_a) < 0 ? upper_half : 0x1.7758p-2f;  // 0.366547 > -ln ln 2
+}
+
 // The interval [lo, hi] that holds the exact score of a token with float32 logit `logit` (the logits dtype
 // widened exactly: fp32, bf16, fp16) and cheap noise `noise`, at scale = float32(1 / T) (1 for T = 1):
 //   a = logit * scale;  c = a + noise;  B = kRelative |a| + kAbsolute;  [lo, hi] = [c - B, c + B]

@@ -33,44 +33,18 @@ float screen_tile_avx2(const uint32_t* w0, const uint32_t* w1, const uint32_t* w
 float screen_tile_scalar(const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, const uint32_t* w3, float scale,
                          float floor, ScreenTile& tile, bool& any);
 
+// The prefilter of a tile (docs/sampling-screen.md, "The prefilter"): whether any token of the tile may
+// reach `floor`, from an upper bound of each token's exact score that needs only the first Philox word
+// (screen_noise_bound) and the logit: screen_bounds(logit, screen_noise_bound(word_a), scale).hi. A tile
+// where none does is skipped without its cheap noise. With the instruction set named (screen_tile_cpu.cpp).
+bool tile_reaches_avx2(const uint32_t* w0, const uint32_t* w2, const ScreenTile& tile, float scale, float floor);
+bool tile_reaches_scalar(const uint32_t* w0, const uint32_t* w2, const ScreenTile& tile, float scale, float floor);
+
 // The Philox blocks of all kTilePairs pairs first_pair + p of stream `stream`, word by word, 8 pairs per AVX2
 // instruction (32-bit lanes; the 32 x 32 -> 64-bit products of the even and the odd lanes by vpmuludq): the
 // words of philox_block_for_pair (philox.h), bit for bit. Only called where cpu_has_avx2().
 void philox_tile_avx2(uint64_t seed, uint64_t step, uint32_t stream, uint64_t first_pair, uint32_t* w0, uint32_t* w1,
                       uint32_t* w2, uint32_t* w3);
-
-// Tile skipping (docs/sampling-screen.md, "Skipping tiles"): the exact Gumbel noise is increasing in u, and
-// u <= (a + 1) 2^-26 for the largest a = word >> 6 of the tile's first words (w0 of the even, w2 of the odd
-// elements), so every exact noise of the tile is at most the value returned here (+inf when that bound
-// reaches u = 1). The words of absent pairs only loosen it. One scalar float64 evaluation per tile (glibc's
-// log, within 1 ulp, plus a margin of 2^-40).
-inline double tile_noise_bound(const uint32_t* w0, const uint32_t* w2) {
-  uint32_t top = 0;
-  for (int p = 0; p < kTilePairs; ++p) {
-    const uint32_t even = w0[p] >> 6, odd = w2[p] >> 6;
-    top = even > top ? even : top;
-    top = odd > top ? odd : top;
-  }
-  if (top >= (uint32_t{1} << 26) - 1) {
-    return HUGE_VAL;
-  }
-  const double u_up = static_cast<double>(top + 1) * 0x1p-26;
-  return -std::log(-std::log(u_up)) + 0x1p-40;
-}
-
-// The largest float32 of the tile's logits (or log-scores), and whether one is NaN.
-inline float tile_max(const ScreenTile& tile, bool& nan) {
-  float top = -HUGE_VALF;
-  int any_nan = 0;
-  for (int p = 0; p < kTilePairs; ++p) {
-    const float even = tile.logit_even[p], odd = tile.logit_odd[p];
-    any_nan |= static_cast<int>(even != even) | static_cast<int>(odd != odd);
-    top = even > top ? even : top;
-    top = odd > top ? odd : top;
-  }
-  nan = any_nan != 0;
-  return top;
-}
 
 // The row floor raised by a screened tile (lane-wise running maxima of the lower ends, a loop the
 // vectorizer takes, then across the lanes), and whether any token of the tile reaches the new floor (most
@@ -122,6 +96,13 @@ using ScreenTileFunction = float (*)(const uint32_t*, const uint32_t*, const uin
 // The tile stage of the instruction set active_cpu_isa() names (read once per call, not per tile).
 inline ScreenTileFunction screen_tile_function() {
   return active_cpu_isa() == CpuIsa::kAvx2 ? &screen_tile_avx2 : &screen_tile_scalar;
+}
+
+using TileReachesFunction = bool (*)(const uint32_t*, const uint32_t*, const ScreenTile&, float, float);
+
+// The prefilter of the instruction set active_cpu_isa() names.
+inline TileReachesFunction tile_reaches_function() {
+  return active_cpu_isa() == CpuIsa::kAvx2 ? &tile_reaches_avx2 : &tile_reaches_scalar;
 }
 
 }  // namespace hdlm

@@ -43,6 +43,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> screen_scores_cpu(const at::Tenso
   return {noise, lo, hi};
 }
 
+at::Tensor screen_noise_bound_cpu(const at::Tensor& word_a) {
+  TORCH_CHECK(word_a.scalar_type() == at::kLong, "screen_noise_bound_cpu: word_a must be an int64 tensor, got ",
+              word_a.scalar_type());
+  TORCH_CHECK(word_a.device().is_cpu(), "screen_noise_bound_cpu: word_a must be on the CPU");
+  const at::Tensor a = word_a.contiguous();
+  at::Tensor bound = at::empty(a.sizes(), a.options().dtype(at::kFloat));
+  const int64_t* a_data = a.const_data_ptr<int64_t>();
+  float* bound_data = bound.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    bound_data[i] = screen_noise_bound(static_cast<uint32_t>(a_data[i]));
+  }
+  return bound;
+}
+
 at::Tensor screen_philox_words_cpu(uint64_t seed, int64_t step, int64_t stream, uint64_t first_pair) {
   TORCH_CHECK(cpu_has_avx2(), "screen_philox_words_cpu: needs AVX2, which this processor (or build) lacks");
   TORCH_CHECK(step >= 0, "screen_philox_words_cpu: step must be >= 0, got ", step);

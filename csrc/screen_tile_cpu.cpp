@@ -31,7 +31,34 @@ __attribute__((always_inline)) inline float screen_tile_body(const uint32_t* __r
   return raise_floor(tile, floor, any);
 }
 
+__attribute__((always_inline)) inline bool tile_reaches_body(const uint32_t* __restrict w0,
+                                                             const uint32_t* __restrict w2, const ScreenTile& tile,
+                                                             float scale, float floor) {
+  int reach = 0;
+  for (int p = 0; p < kTilePairs; ++p) {
+    const float even = screen_bounds(tile.logit_even[p], screen_noise_bound(w0[p]), scale).hi;
+    const float odd = screen_bounds(tile.logit_odd[p], screen_noise_bound(w2[p]), scale).hi;
+    reach |= static_cast<int>(screen_candidate(even, floor)) | static_cast<int>(screen_candidate(odd, floor));
+  }
+  return reach != 0;
+}
+
 }  // namespace
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) bool tile_reaches_avx2(const uint32_t* w0, const uint32_t* w2, const ScreenTile& tile,
+                                                       float scale, float floor) {
+  return tile_reaches_body(w0, w2, tile, scale, floor);
+}
+#else
+bool tile_reaches_avx2(const uint32_t* w0, const uint32_t* w2, const ScreenTile& tile, float scale, float floor) {
+  return tile_reaches_body(w0, w2, tile, scale, floor);
+}
+#endif
+
+bool tile_reaches_scalar(const uint32_t* w0, const uint32_t* w2, const ScreenTile& tile, float scale, float floor) {
+  return tile_reaches_body(w0, w2, tile, scale, floor);
+}
 
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx2"))) float screen_tile_avx2(const uint32_t* w0, const uint32_t* w1, const uint32_t* w2,

@@ -68,6 +68,25 @@ def test_cheap_noise_within_its_bound(atanh):
     assert error <= SCREEN_NOISE_ERROR / 8, error
 
 
+def test_noise_bound_of_the_first_word():
+    """The prefilter's bound (docs/sampling-screen.md, "The prefilter") is at least the exact noise of every
+    uniform with that first word: u grows with the second word, so the all-ones second word is the worst."""
+    word_a, _ = extreme_words()
+    steps = torch.arange(26, dtype=torch.int64)
+    # Complements A = (~word_a) >> 6 at and next to every power of two (where float32(A >> 2) changes exponent).
+    complements = torch.cat([(1 << steps) - 1, 1 << steps, (1 << steps) + 1, (1 << steps) + 3]).clamp(max=(1 << 26) - 1)
+    word_a = torch.cat([word_a, 0xFFFFFFFF - (complements << 6), 0xFFFFFFFF - (complements << 6) - 63])
+    worst = gumbel_noise(uniform_of_words(word_a, torch.full_like(word_a, 0xFFFFFFFF)))
+    bound = C().screen_noise_bound_cpu(word_a).to(torch.float64)
+    assert bool((bound >= worst).all()), (bound - worst).min().item()
+    # And it is close where it matters, for u > 1/2 away from 1 - 2^-24: within ln(2 ln 2) + 0.06 (the
+    # ratio -ln u / (1 - u) up to u = 1/2, and log2 m >= m - 1).
+    complement = (0xFFFFFFFF - word_a) >> 6
+    upper = (word_a >= 1 << 31) & (complement >= 1 << 10)
+    assert bool(((bound - worst)[upper] <= math.log(2 * math.log(2)) + 0.065).all())
+    assert bool((bound[word_a < 1 << 31] < 0.3666).all())
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1e-3, 1e-25, 7.0, 1e20])
 @pytest.mark.parametrize("scale", [3.0, 1e4, 1e-6, 3e38])
 def test_interval_holds_the_exact_score(temperature, scale):
