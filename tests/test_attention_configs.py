@@ -81,10 +81,10 @@ def test_the_gate_compiles_what_dispatch_chooses():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
 def test_the_dq_pass_has_wgmma_tiles_in_16_bit(head_dim, dtype):
     """wgmma multiplies 64 rows per warp group: the dQ pass, whose products have M = its query rows, takes
-    at least 64 of them per warp group at D <= 128 on a GPU. Up to D = 64 it shares the dK/dV pass's tile
+    at least 64 of them at every head dim on a GPU. Up to D = 64 it shares the dK/dV pass's tile
     (one tile map); above, the dK/dV pass keeps its own (32 query rows x 64 keys, its products M = keys)."""
     dq, dkdv = ta.backward_dq_config(head_dim, dtype), ta.backward_config(head_dim, dtype)
     assert dq.block_m >= 64 and dq.block_n >= 32
@@ -102,9 +102,10 @@ def test_float32_keeps_one_backward_tile():
 
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 96), (torch.float32, 40)])
 def test_the_gpu_backward_tiles_compute_the_reference(monkeypatch, dtype, head_dim):
-    """The GPU's 16-bit backward at D = 96/128, run in the interpreter: the dK/dV pass on 32 x 64 tiles
-    and the dQ pass on 64 x 64 tiles with its own tile map, each map built once per tile shape without
-    a host sync, the dQ pass bit-reproducible, and the gradients those of the reference."""
+    """The GPU's 16-bit backward tiles at D = 96/128, run in the interpreter (float16, and float32 for the
+    semantics): the dK/dV pass on 32 x 64 tiles and the dQ pass on 64 x 64 tiles with its own tile map,
+    each map built once per tile shape without a host sync, the backward bit-reproducible, and the
+    gradients those of the reference."""
     from host_syncs import HostSyncs
 
     from hdlm_kernels.attention.reference import attention_ref
@@ -113,7 +114,8 @@ def test_the_gpu_backward_tiles_compute_the_reference(monkeypatch, dtype, head_d
     monkeypatch.setattr(ta, "backward_config", lambda d, t, on_gpu=True: real_backward(128, torch.float16))
     monkeypatch.setattr(ta, "backward_dq_config", lambda d, t, on_gpu=True: real_dq(128, torch.float16))
     dkdv_tile, dq_tile = ta.backward_config(head_dim, dtype), ta.backward_dq_config(head_dim, dtype)
-    assert (dkdv_tile.block_m, dkdv_tile.block_n) == (32, 64) and (dq_tile.block_m, dq_tile.block_n) == (64, 64)
+    assert (dkdv_tile.block_m, dkdv_tile.block_n) == (32, 64)
+    assert (dq_tile.block_m, dq_tile.block_n) == (64, 64)
 
     g = torch.Generator().manual_seed(7)
     B, Q, H = 2, 150, 2
@@ -124,7 +126,8 @@ def test_the_gpu_backward_tiles_compute_the_reference(monkeypatch, dtype, head_d
     ends = torch.stack([torch.clamp((rows // 70 + 1) * 70, max=Q), torch.clamp((rows // 70) * 70, max=Q)])
     ends[0, 20:30] = 0
     starts = torch.stack([torch.zeros_like(rows), torch.clamp(rows - 5, min=0)])
-    mask = IntervalMask(ends, starts, torch.where(torch.arange(B)[:, None] == 1, torch.clamp(rows + 5, max=Q), 0), Q)
+    window_ends = torch.stack([torch.zeros_like(rows), torch.clamp(rows + 5, max=Q)])
+    mask = IntervalMask(ends, starts, window_ends, Q)
 
     built, real_tiles = [], type(mask).tiles
 

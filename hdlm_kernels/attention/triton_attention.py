@@ -7,9 +7,10 @@ Flash-attention-2 style kernels that walk a FlexAttention-format tile map
   (no element mask) and then the *partial* ones (element mask from the rows' two intervals); writes the
   output and the natural-log log-sum-exp ``[B, H, Q]`` (``-inf`` for rows without keys, whose output is 0);
 * backward, dK/dV: one program per (key tile, batch·head) over the query tiles of the transposed map;
-* backward, dQ: one program per (query tile, batch·head) over the same key tiles as the forward
-  (deterministic: no atomics), or, with ``deterministic=False``, accumulated by the dK/dV programs with
-  float32 atomics (one matmul fewer per tile pair; the summation order then varies run to run).
+* backward, dQ: one program per (query tile, batch·head) over the key tiles of a map like the forward's,
+  on a tile of its own (``backward_dq_config``; deterministic: no atomics), or, with
+  ``deterministic=False``, accumulated by the dK/dV programs with float32 atomics (one matmul fewer
+  per tile pair; the summation order then varies run to run).
 
 The reference twin is :func:`hdlm_kernels.attention.reference.attention_ref` (and
 :func:`~hdlm_kernels.attention.reference.attention_lse_ref` for the log-sum-exp).
@@ -971,7 +972,8 @@ def dispatchable_launches():
                     keys_operand = _gate_operand(dtype, shape, config.block_n, _block_dim(head_dim), tma)
                     tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, TMA=tma, **common)
                     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-                    tile_labels = dict(labels, block=f"{config.block_m}x{config.block_n}", tma="yes" if tma else "no")
+                    tile_labels = dict(labels, block=f"{config.block_m}x{config.block_n}",
+                                       tma="yes" if tma else "no")
                     if name == "attention.backward_dq":
                         kernel, args = _attention_backward_q_kernel, (
                             rows_operand, keys_operand, keys_operand, rows_operand, dtype, fp32, fp32, int32,
