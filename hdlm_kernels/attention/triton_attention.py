@@ -984,7 +984,7 @@ def dispatchable_launches():
                         kernel, args = _attention_backward_kv_kernel, (
                             rows_operand, keys_operand, keys_operand, rows_operand, fp32 if atomic else dtype,
                             dtype, dtype, fp32, fp32, int32, int32, int32, int32, int32, int32, int32, 0.125,
-                            *stride * 7, rows, rows // config.block_m, rows, 64, heads, rows, rows, head_dim,
+                            *stride * 7, rows, rows // config.block_n, rows, 64, heads, rows, rows, head_dim,
                             head_dim)
                         tile["ATOMIC_DQ"] = atomic
                     launches.append(KernelLaunch(name, kernel, args, tile, options, tile_labels,
