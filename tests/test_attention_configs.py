@@ -23,6 +23,7 @@ def test_the_interpreter_keeps_its_own_tiles():
     for rows in (None, 4, 100):
         assert ta.forward_config(64, torch.float32, on_gpu=False, rows=rows) == ta.LaunchConfig(32, 32)
     assert ta.backward_config(128, torch.float16, on_gpu=False) == ta.LaunchConfig(32, 32)
+    assert ta.backward_dq_config(128, torch.float16, on_gpu=False) == ta.LaunchConfig(32, 32)
 
 
 @pytest.mark.parametrize("programs,key_tiles,expected", [
@@ -64,7 +65,9 @@ def test_the_gate_compiles_what_dispatch_chooses():
             continue
         if "TMA" in c:
             assert c["TMA"] == (launch.config["tma"] == "yes")
-        if launch.name.startswith("attention.backward"):
+        if launch.name == "attention.backward_dq":
+            expected = ta.backward_dq_config(launch.config["D"], dtype)
+        elif launch.name.startswith("attention.backward"):
             expected = ta.backward_config(launch.config["D"], dtype)
         elif launch.name == "attention.decode_forward":
             expected = ta.forward_config(launch.config["D"], dtype, rows=c["BLOCK_M"])
@@ -75,6 +78,93 @@ def test_the_gate_compiles_what_dispatch_chooses():
         assert (c["BLOCK_M"], c["BLOCK_N"], launch.options["num_warps"], launch.options["num_stages"]) == (
             expected.block_m, expected.block_n, expected.num_warps, expected.num_stages)
         assert launch.spill_free == (dtype != torch.float32 and launch.config["D"] <= 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
+def test_the_dq_pass_has_wgmma_tiles_in_16_bit(head_dim, dtype):
+    """wgmma multiplies 64 rows per warp group: the dQ pass, whose products have M = its query rows, takes
+    at least 64 of them at every head dim on a GPU. Up to D = 64 it shares the dK/dV pass's tile
+    (one tile map); above, the dK/dV pass keeps its own (32 query rows x 64 keys, its products M = keys)."""
+    dq, dkdv = ta.backward_dq_config(head_dim, dtype), ta.backward_config(head_dim, dtype)
+    assert dq.block_m >= 64 and dq.block_n >= 32
+    if head_dim <= 64:
+        assert dq == dkdv
+    else:
+        assert dkdv == ta.LaunchConfig(32, 64, num_warps=8, num_stages=2)
+        assert (dq.block_m, dq.block_n) != (dkdv.block_m, dkdv.block_n)
+
+
+def test_float32_keeps_one_backward_tile():
+    for head_dim in (32, 64, 96, 128, 256):
+        assert ta.backward_dq_config(head_dim, torch.float32) == ta.backward_config(head_dim, torch.float32)
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 96), (torch.float32, 40)])
+def test_the_gpu_backward_tiles_compute_the_reference(monkeypatch, dtype, head_dim):
+    """The GPU's 16-bit backward tiles at D = 96/128, run in the interpreter (float16, and float32 for the
+    semantics): the dK/dV pass on 32 x 64 tiles and the dQ pass on 64 x 64 tiles with its own tile map,
+    each map built once per tile shape without a host sync, the backward bit-reproducible, and the
+    gradients those of the reference."""
+    from host_syncs import HostSyncs
+
+    from hdlm_kernels.attention.reference import attention_ref
+
+    real_backward, real_dq = ta.backward_config, ta.backward_dq_config
+    monkeypatch.setattr(ta, "backward_config", lambda d, t, on_gpu=True: real_backward(128, torch.float16))
+    monkeypatch.setattr(ta, "backward_dq_config", lambda d, t, on_gpu=True: real_dq(128, torch.float16))
+    dkdv_tile, dq_tile = ta.backward_config(head_dim, dtype), ta.backward_dq_config(head_dim, dtype)
+    assert (dkdv_tile.block_m, dkdv_tile.block_n) == (32, 64)
+    assert (dq_tile.block_m, dq_tile.block_n) == (64, 64)
+
+    g = torch.Generator().manual_seed(7)
+    B, Q, H = 2, 150, 2
+    q, k, v, grad = (torch.randn(B, Q, H, head_dim, generator=g).to(dtype) for _ in range(4))
+    rows = torch.arange(Q, dtype=torch.int32)
+    # Blocks of 70 rows that see their own and earlier blocks (full and partial tiles at 64 x 64), a window
+    # of 10 keys in the second sequence, and rows 20..29 of the first without keys.
+    ends = torch.stack([torch.clamp((rows // 70 + 1) * 70, max=Q), torch.clamp((rows // 70) * 70, max=Q)])
+    ends[0, 20:30] = 0
+    starts = torch.stack([torch.zeros_like(rows), torch.clamp(rows - 5, min=0)])
+    window_ends = torch.stack([torch.zeros_like(rows), torch.clamp(rows + 5, max=Q)])
+    mask = IntervalMask(ends, starts, window_ends, Q)
+
+    built, real_tiles = [], type(mask).tiles
+
+    def recorded_tiles(self, block_m=128, block_n=128):
+        fresh = (block_m, block_n) not in self._tiles
+        with HostSyncs() as syncs:
+            tiles = real_tiles(self, block_m, block_n)
+        built.append(((block_m, block_n), fresh, syncs.seen))
+        return tiles
+
+    monkeypatch.setattr(type(mask), "tiles", recorded_tiles)
+    first = _forward_backward(q, k, v, mask, grad)
+    second = _forward_backward(q, k, v, mask, grad)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    fresh = [(shape, syncs) for shape, is_new, syncs in built if is_new]
+    assert sorted(shape for shape, _ in fresh) == [(32, 32), (32, 64), (64, 64)]  # forward, dK/dV, dQ
+    assert all(syncs == [] for _, syncs in fresh)
+    assert {shape for shape, _, _ in built} == {(32, 32), (32, 64), (64, 64)}
+
+    # The tolerance rule of the attention tests: within twice the error of the reference computed in
+    # the same dtype, plus a small absolute term, against the float64 truth.
+    monkeypatch.undo()
+    low = _reference_gradients(attention_ref, q, k, v, mask, grad)
+    truth = _reference_gradients(attention_ref, q.double(), k.double(), v.double(), mask, grad.double())
+    for name, got, want, same_dtype in zip(("out", "dq", "dk", "dv"), first, truth, low):
+        error = (got.double() - want).abs().max().item()
+        reference_error = (same_dtype.double() - want).abs().max().item()
+        assert error <= 2 * reference_error + {torch.float32: 1e-5, torch.float16: 1e-4}[dtype], name
+    assert (first[1][0, 20:30] == 0).all()  # dQ of the rows without keys, written by the dQ pass
+
+
+def _reference_gradients(attention_ref, q, k, v, mask, grad):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attention_ref(q, k, v, mask)
+    out.backward(grad)
+    return out.detach(), q.grad, k.grad, v.grad
 
 
 def _merge_in_torch(out, lse):

@@ -7,9 +7,10 @@ Flash-attention-2 style kernels that walk a FlexAttention-format tile map
   (no element mask) and then the *partial* ones (element mask from the rows' two intervals); writes the
   output and the natural-log log-sum-exp ``[B, H, Q]`` (``-inf`` for rows without keys, whose output is 0);
 * backward, dK/dV: one program per (key tile, batch·head) over the query tiles of the transposed map;
-* backward, dQ: one program per (query tile, batch·head) over the same key tiles as the forward
-  (deterministic: no atomics), or, with ``deterministic=False``, accumulated by the dK/dV programs with
-  float32 atomics (one matmul fewer per tile pair; the summation order then varies run to run).
+* backward, dQ: one program per (query tile, batch·head) over the key tiles of a map like the forward's,
+  on a tile of its own (``backward_dq_config``; deterministic: no atomics), or, with
+  ``deterministic=False``, accumulated by the dK/dV programs with float32 atomics (one matmul fewer
+  per tile pair; the summation order then varies run to run).
 
 The reference twin is :func:`hdlm_kernels.attention.reference.attention_ref` (and
 :func:`~hdlm_kernels.attention.reference.attention_lse_ref` for the log-sum-exp).
@@ -34,6 +35,7 @@ from ..masks.interval_mask import IntervalMask
 
 __all__ = ["attention_triton", "attention_forward_triton", "attention_split_kv_triton", "split_count",
            "choose_splits", "forward_config", "backward_config", "window_class", "dispatchable_launches",
+           "backward_dq_config",
            "interpreted", "check_triton_inputs", "backward_delta_triton", "tma_eligible", "tma_device"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -442,7 +444,8 @@ def _decode_config(block_m: int, head_dim: int, dtype: torch.dtype) -> LaunchCon
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, on_gpu: bool = True) -> LaunchConfig:
-    """The backward's configuration; its dK/dV and dQ passes share one tile map."""
+    """The backward dK/dV pass's configuration (and the dQ pass's where :func:`backward_dq_config`
+    returns the same tile: then both passes walk one tile map)."""
     if not on_gpu:
         return _INTERPRETER_CONFIG
     if head_dim <= 64:
@@ -452,6 +455,21 @@ def backward_config(head_dim: int, dtype: torch.dtype, on_gpu: bool = True) -> L
     # 32 query rows per inner tile keep the dK/dV pass at D = 96/128 under 180 registers without
     # spilling (64 rows and one stage reached 255 registers and spilled); two stages overlap the loads.
     return LaunchConfig(32, 64, num_warps=8, num_stages=2)
+
+
+def backward_dq_config(head_dim: int, dtype: torch.dtype, on_gpu: bool = True) -> LaunchConfig:
+    """The deterministic backward's dQ pass: its own tile, with its own tile map, where the dK/dV
+    pass's tile would keep its products off wgmma."""
+    if not on_gpu or head_dim <= 64 or dtype == torch.float32:
+        return backward_config(head_dim, dtype, on_gpu)
+    # The dK/dV pass holds scores transposed, [keys, rows], so its products have M = 64 keys; the dQ
+    # pass's have M = query rows, and wgmma needs 64 rows per warp group: 32-row tiles took mma.sync.
+    # By the sm_90 gate: 64 x 64 in one warp group with two stages keeps D = 96/128 spill-free at 219
+    # registers and 2 CTAs per SM (8 warps: 188 registers, 1 CTA; three stages: 1 CTA by shared memory).
+    if head_dim <= 128:
+        return LaunchConfig(64, 64, num_warps=4, num_stages=2)
+    # D = 256: 64 x 64 spilled (a 528-byte stack with one stage); 32 keys per tile stay in 250 registers.
+    return LaunchConfig(64, 32, num_warps=8, num_stages=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -788,12 +806,23 @@ def _backward(dout, q, k, v, out, lse, mask: IntervalMask, scale: float, determi
         reset_to_zero=("DQ",))  # autotuning reruns the pass: the atomics must restart from zero
     if not deterministic:
         return dq_accumulator.to(q.dtype), dk, dv
+    # The dQ pass has its own tile (backward_dq_config) and so its own tile map, kept by the mask like
+    # the first one (built once per tile shape, on the device, without host syncs).
+    dq_config = backward_dq_config(D, q.dtype, on_gpu)
+    if (dq_config.block_m, dq_config.block_n) != (config.block_m, config.block_n):
+        tiles = mask.tiles(dq_config.block_m, dq_config.block_n)
+        stride_mask_b, stride_count_b, stride_index_b, stride_index_t = _map_strides(mask, tiles)
+        shared = dict(shared, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n)
+        q_rows = _tile_operand(q, dq_config.block_m, block_d, tma)
+        do_rows = _tile_operand(dout, dq_config.block_m, block_dv, tma)
+        k_rows = _tile_operand(k, dq_config.block_n, block_d, tma)
+        v_rows = _tile_operand(v, dq_config.block_n, block_dv, tma)
     _launch(_attention_backward_q_kernel, (tiles.num_q_tiles, B * H), (
         q_rows, k_rows, v_rows, do_rows, dq, lse, delta, mask.prefix_end, mask.window_start, mask.window_end,
         tiles.full_kv_count, tiles.full_kv_index, tiles.kv_count, tiles.kv_index,
         scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(dout), *_strides_bsh(dq),
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
-        H, Q, K, D, Dv), shared, config, on_gpu)
+        H, Q, K, D, Dv), shared, dq_config, on_gpu)
     return dq, dk, dv
 
 
@@ -933,30 +962,33 @@ def dispatchable_launches():
                  head_dim, 4),
                 dict(BLOCK_Q=_MERGE_BLOCK_Q, BLOCK_DV=_block_dim(head_dim)), dict(num_warps=4), labels,
                 spill_free=spill_free))
-            config = backward_config(head_dim, dtype)
-            tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)
-            options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
             shape = (8, rows, heads, head_dim)
             for tma in tma_choices:
-                rows_operand = _gate_operand(dtype, shape, config.block_m, _block_dim(head_dim), tma)
-                keys_operand = _gate_operand(dtype, shape, config.block_n, _block_dim(head_dim), tma)
-                tile_labels = dict(labels, block=f"{config.block_m}x{config.block_n}", tma="yes" if tma else "no")
-                for atomic in (False, True):
-                    launches.append(KernelLaunch(
-                        "attention.backward_dkdv" + ("_atomic_dq" if atomic else ""),
-                        _attention_backward_kv_kernel,
-                        (rows_operand, keys_operand, keys_operand, rows_operand, fp32 if atomic else dtype, dtype,
-                         dtype, fp32, fp32, int32, int32, int32, int32, int32, int32, int32, 0.125, *stride * 7,
-                         rows, rows // 32, rows, 64, heads, rows, rows, head_dim, head_dim),
-                        dict(ATOMIC_DQ=atomic, TMA=tma, **tile), options, tile_labels, spill_free=spill_free,
-                        min_blocks_per_sm=training_blocks))
-                launches.append(KernelLaunch(
-                    "attention.backward_dq", _attention_backward_q_kernel,
-                    (rows_operand, keys_operand, keys_operand, rows_operand, dtype, fp32, fp32, int32, int32, int32,
-                     int32, int32, int32, int32, 0.125, *stride * 5, rows, rows // 32, rows, 64, heads, rows, rows,
-                     head_dim, head_dim),
-                    dict(TMA=tma, **tile), options, tile_labels, spill_free=spill_free,
-                    min_blocks_per_sm=training_blocks))
+                # The dK/dV pass (both forms) with backward_config, the dQ pass with backward_dq_config.
+                for name, config in (("attention.backward_dkdv", backward_config(head_dim, dtype)),
+                                     ("attention.backward_dkdv_atomic_dq", backward_config(head_dim, dtype)),
+                                     ("attention.backward_dq", backward_dq_config(head_dim, dtype))):
+                    rows_operand = _gate_operand(dtype, shape, config.block_m, _block_dim(head_dim), tma)
+                    keys_operand = _gate_operand(dtype, shape, config.block_n, _block_dim(head_dim), tma)
+                    tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, TMA=tma, **common)
+                    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                    tile_labels = dict(labels, block=f"{config.block_m}x{config.block_n}",
+                                       tma="yes" if tma else "no")
+                    if name == "attention.backward_dq":
+                        kernel, args = _attention_backward_q_kernel, (
+                            rows_operand, keys_operand, keys_operand, rows_operand, dtype, fp32, fp32, int32,
+                            int32, int32, int32, int32, int32, int32, 0.125, *stride * 5, rows,
+                            rows // config.block_m, rows, 64, heads, rows, rows, head_dim, head_dim)
+                    else:
+                        atomic = name.endswith("_atomic_dq")
+                        kernel, args = _attention_backward_kv_kernel, (
+                            rows_operand, keys_operand, keys_operand, rows_operand, fp32 if atomic else dtype,
+                            dtype, dtype, fp32, fp32, int32, int32, int32, int32, int32, int32, int32, 0.125,
+                            *stride * 7, rows, rows // config.block_n, rows, 64, heads, rows, rows, head_dim,
+                            head_dim)
+                        tile["ATOMIC_DQ"] = atomic
+                    launches.append(KernelLaunch(name, kernel, args, tile, options, tile_labels,
+                                                 spill_free=spill_free, min_blocks_per_sm=training_blocks))
     return launches
 
 
