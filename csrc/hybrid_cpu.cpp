@@ -182,14 +182,9 @@ bool draw_row_screened(const scalar_t* row, int64_t stride_col, int64_t vocab, i
 
   // Pass 1: the maximum of the read entries (float32 values: max is exact, as on their float64 widening);
   // a NaN or +inf one makes the row bad (then draw_row reports it).
-  float read_max = kMinusInfFloat;
-  int bad = 0;
-  for (int64_t column = 0; column < vocab; ++column) {
-    const float s = buffer[column];
-    bad |= static_cast<int>(!(s < std::numeric_limits<float>::infinity()));  // NaN or +inf
-    read_max = s > read_max ? s : read_max;
-  }
-  if (bad != 0) {
+  bool bad = false;
+  const float read_max = setup.avx2 ? read_maximum_avx2(buffer, vocab, bad) : read_maximum_scalar(buffer, vocab, bad);
+  if (bad) {
     return false;
   }
   const double shift = hybrid_shift(static_cast<double>(read_max), current != mask_id);

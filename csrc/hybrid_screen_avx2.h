@@ -1,5 +1,6 @@
 // The CPU stages of the γ step's screen (docs/sampling-screen.md, "The γ step"), each compiled twice, for
 // AVX2 (target attribute) and portably ("scalar"); cpu_isa.h picks one at run time.
+//   read_maximum_*: the row's largest log-score in float32 lanes (pass 1), same translation unit;
 //   hybrid_tile_reaches_*: the prefilter of a tile (an upper bound of every token's score from its first
 //     Philox word), same translation unit;
 //   hybrid_screen_tile_*: the intervals of hybrid_screen.h over a tile of kTilePairs Philox pairs (float32
@@ -33,6 +34,11 @@ bool hybrid_tile_reaches_avx2(const uint32_t* w0, const uint32_t* w2, const Scre
                               const HybridScreenRow& row, float floor);
 bool hybrid_tile_reaches_scalar(const uint32_t* w0, const uint32_t* w2, const ScreenTile& tile,
                                 const HybridScreenRow& row, float floor);
+
+// Pass 1 of a screened row: the largest of `count` float32 log-scores (the tokens not read hold -inf), and
+// `bad` when one is NaN or +inf (the row then takes the exact race, which reports it).
+float read_maximum_avx2(const float* values, int64_t count, bool& bad);
+float read_maximum_scalar(const float* values, int64_t count, bool& bad);
 
 using HybridTileReachesFunction = bool (*)(const uint32_t*, const uint32_t*, const ScreenTile&,
                                            const HybridScreenRow&, float);

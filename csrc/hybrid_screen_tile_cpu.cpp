@@ -5,6 +5,10 @@
 
 #include "hybrid_screen_avx2.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "hybrid_screen.h"
 #include "screen.h"
 
@@ -65,7 +69,48 @@ __attribute__((always_inline)) inline bool hybrid_tile_reaches_body(const uint32
   return reach != 0;
 }
 
+// The largest of `count` float32 values and whether one is NaN or +inf (max is exact, so the order of the
+// comparisons does not matter when no value is NaN, and a NaN makes the row bad whatever the maximum).
+inline float read_maximum_tail(const float* values, int64_t begin, int64_t count, float top, bool& bad) {
+  constexpr float kInf = __builtin_inff();
+  for (int64_t i = begin; i < count; ++i) {
+    bad = bad || !(values[i] < kInf);
+    top = values[i] > top ? values[i] : top;
+  }
+  return top;
+}
+
 }  // namespace
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// 8 running maxima and NaN/+inf flags in AVX2 lanes (the vectorizer does not take the flagged maximum).
+__attribute__((target("avx2"))) float read_maximum_avx2(const float* values, int64_t count, bool& bad) {
+  const __m256 inf = _mm256_set1_ps(__builtin_inff());
+  __m256 top = _mm256_set1_ps(-__builtin_inff());
+  __m256 flags = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m256 v = _mm256_loadu_ps(values + i);
+    flags = _mm256_or_ps(flags, _mm256_cmp_ps(v, inf, _CMP_NLT_UQ));  // NaN or +inf
+    top = _mm256_max_ps(v, top);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  bad = _mm256_movemask_ps(flags) != 0;
+  float best = read_maximum_tail(values, i, count, -__builtin_inff(), bad);
+  return read_maximum_tail(lanes, 0, 8, best, bad);
+}
+#else
+float read_maximum_avx2(const float* values, int64_t count, bool& bad) {
+  bad = false;
+  return read_maximum_tail(values, 0, count, -__builtin_inff(), bad);
+}
+#endif
+
+float read_maximum_scalar(const float* values, int64_t count, bool& bad) {
+  bad = false;
+  return read_maximum_tail(values, 0, count, -__builtin_inff(), bad);
+}
 
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx2"))) bool hybrid_tile_reaches_avx2(const uint32_t* w0, const uint32_t* w2,

@@ -76,6 +76,16 @@ __attribute__((target("avx2"))) void fixed_sum_avx2(const float* scores, int cou
   __m256d lo = _mm256_load_pd(lanes.lo);
   const __m256d m = _mm256_set1_pd(shift);
   int i = 0;
+  // Two independent groups of 4 per iteration: exp64's Horner chain is 28 dependent operations, so one
+  // group leaves the floating-point units waiting on latency.
+  for (; i + 8 <= count; i += 8) {
+    const __m256d s0 = _mm256_cvtps_pd(_mm_loadu_ps(scores + i));
+    const __m256d s1 = _mm256_cvtps_pd(_mm_loadu_ps(scores + i + 4));
+    const __m256d r0 = exp64_lanes(_mm256_sub_pd(s0, m));
+    const __m256d r1 = exp64_lanes(_mm256_sub_pd(s1, m));
+    fixed_add_lanes(r0, hi, lo);
+    fixed_add_lanes(r1, hi, lo);
+  }
   for (; i + 4 <= count; i += 4) {
     const __m256d s = _mm256_cvtps_pd(_mm_loadu_ps(scores + i));  // exact widening
     fixed_add_lanes(exp64_lanes(_mm256_sub_pd(s, m)), hi, lo);
