@@ -32,19 +32,20 @@ def problem(dtype, seed=0):
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+# float16 at three of the counts: the interpreter's programs are slow.
+@pytest.mark.parametrize("dtype,num_splits", [*((torch.float32, n) for n in (1, 2, 3, 7, 16)),
+                                              *((torch.float16, n) for n in (1, 3, 16))], ids=str)
 def test_fused_merge_computes_the_reference(dtype, num_splits):
-    if dtype == torch.float16 and num_splits in (2, 7):
-        pytest.skip("float16 runs the split counts 1, 3 and 16 (the interpreter is slow on 2 cores)")
     q, k, v, mask = problem(dtype, seed=num_splits)
     out, lse = ta.attention_split_kv_triton(q, k, v, mask, num_splits=num_splits)
     assert out.shape == (B, Q, H, D) and out.dtype == dtype and lse.shape == (B, H, Q)
     assert torch.isfinite(out).all()
     if dtype == torch.float32:
         torch.testing.assert_close(out, attention_ref(q, k, v, mask), rtol=1e-5, atol=1e-5)
-    else:  # the reference computes in the input dtype: torch's default float16 tolerance
-        torch.testing.assert_close(out, attention_ref(q, k, v, mask))
+    else:  # the tolerance rule (docs/testing.md): within twice the float16 reference's error, plus 1e-4
+        truth = attention_ref(q.double(), k.double(), v.double(), mask)
+        reference_error = (attention_ref(q, k, v, mask).double() - truth).abs().max().item()
+        assert (out.double() - truth).abs().max().item() <= 2 * reference_error + 1e-4
     torch.testing.assert_close(lse, attention_lse_ref(q, k, v, mask), rtol=1e-5, atol=1e-5)
     assert torch.isneginf(lse[0, :, :2]).all() and (out[0, :2] == 0).all()  # rows without any key
 
