@@ -680,6 +680,7 @@ def _forward(q, k, v, mask: IntervalMask, scale: float, num_splits: int = 1, dec
 
 
 _ARRIVALS: dict[tuple[str, int], torch.Tensor] = {}
+_RETIRED_ARRIVALS: list[torch.Tensor] = []
 
 
 def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
@@ -691,8 +692,10 @@ def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     key = (str(device), stream)
     counters = _ARRIVALS.get(key)
     if counters is None or counters.numel() < count:
-        # A buffer it replaces is freed to the caching allocator, which hands it out again only to work
-        # queued after the launches still using it.
+        if counters is not None:
+            # Kept, not freed: a captured CUDA graph may still launch on it (its replays restore it to
+            # zero too). Sizes double, so the retired buffers hold fewer counters than the current one.
+            _RETIRED_ARRIVALS.append(counters)
         counters = torch.zeros(triton.next_power_of_2(count), dtype=torch.int32, device=device)
         _ARRIVALS[key] = counters
     return counters
