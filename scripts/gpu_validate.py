@@ -184,7 +184,7 @@ class Run:
     def sm90(self, timeout):
         argv = [self.python, str(REPO / "scripts" / "sm90_check.py"), "--out-dir", str(self.out),
                 "--name", "sm90-resources"]
-        argv += ["--only", "attention.merge_splits D=64, dtype=float32", "--no-cuda", "--jobs", "1"] if self.dry_run else ["--device", "--jobs", "16"]
+        argv += ["--only", "attention.backward_delta D=64, dtype=float32", "--no-cuda", "--jobs", "1"] if self.dry_run else ["--device", "--jobs", "16"]
         env = dict(self.env)
         env.pop("TRITON_INTERPRET", None)
         status, tail = self.command("sm90", argv, timeout, env=env)

@@ -1,6 +1,6 @@
 """The attention kernels' launch configurations: decode window classes, the split-KV choice for the
-GPU's SM count, the dispatchable launches the sm_90 gate compiles, the one-kernel split merge, and the
-opt-in autotuning's pruning (docs/attention.md, "Launch configurations")."""
+GPU's SM count, the dispatchable launches the sm_90 gate compiles, and the opt-in autotuning's
+pruning (docs/attention.md, "Launch configurations")."""
 
 import pytest
 import torch
@@ -41,9 +41,8 @@ def test_the_gate_compiles_what_dispatch_chooses():
     """Every (head dim, dtype) the package accepts has each pass, with the configuration dispatch reads."""
     launches = ta.dispatchable_launches()
     seen = {(l.name, l.config["D"], l.config["dtype"]) for l in launches}
-    names = ("attention.forward", "attention.forward_split_kv", "attention.decode_forward", "attention.merge_splits",
-             "attention.backward_delta", "attention.backward_dkdv", "attention.backward_dkdv_atomic_dq",
-             "attention.backward_dq")
+    names = ("attention.forward", "attention.forward_split_kv", "attention.decode_forward", "attention.backward_delta",
+             "attention.backward_dkdv", "attention.backward_dkdv_atomic_dq", "attention.backward_dq")
     for D in (32, 64, 96, 128, 256):
         for dtype in ("float16", "bfloat16", "float32"):
             assert {(n, D, dtype) for n in names} <= seen
@@ -51,7 +50,7 @@ def test_the_gate_compiles_what_dispatch_chooses():
     # compiles), float32 through pointers; the pointer-load variant is compiled too where
     # GATE_POINTER_LOADS says.
     with_tma = {(l.name, l.config["D"], l.config["dtype"]) for l in launches if l.config.get("tma") == "yes"}
-    tile_passes = [n for n in names if n not in ("attention.merge_splits", "attention.backward_delta")]
+    tile_passes = [n for n in names if n != "attention.backward_delta"]
     assert with_tma == {(n, D, dtype) for n in tile_passes for D in (32, 64, 96, 128, 256)
                         for dtype in ("float16", "bfloat16")}
     pointer = {(l.name, l.config["D"], l.config["dtype"]) for l in launches if l.config.get("tma") == "no"}
@@ -71,13 +70,16 @@ def test_the_gate_compiles_what_dispatch_chooses():
             expected = ta.backward_config(launch.config["D"], dtype)
         elif launch.name == "attention.decode_forward":
             expected = ta.forward_config(launch.config["D"], dtype, rows=c["BLOCK_M"])
-        elif launch.name == "attention.merge_splits":
-            continue
         else:
             expected = ta.forward_config(launch.config["D"], dtype)
         assert (c["BLOCK_M"], c["BLOCK_N"], launch.options["num_warps"], launch.options["num_stages"]) == (
             expected.block_m, expected.block_n, expected.num_warps, expected.num_stages)
         assert launch.spill_free == (dtype != torch.float32 and launch.config["D"] <= 128)
+        if launch.name.startswith("attention.forward") or launch.name == "attention.decode_forward":
+            # The split-KV launches compile the fused merge; the training forward does not.
+            assert c["SPLIT_KV"] == (launch.name != "attention.forward")
+    # The merge runs inside the split-KV launch: no separate merge kernel is dispatched.
+    assert not any("merge" in launch.name for launch in launches)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -165,27 +167,6 @@ def _reference_gradients(attention_ref, q, k, v, mask, grad):
     out = attention_ref(q, k, v, mask)
     out.backward(grad)
     return out.detach(), q.grad, k.grad, v.grad
-
-
-def _merge_in_torch(out, lse):
-    total = torch.logsumexp(lse, dim=0)
-    weight = torch.where(torch.isneginf(lse), 0.0, torch.exp(lse - total.where(~torch.isneginf(total), 0.0)))
-    return (weight.permute(0, 1, 3, 2).unsqueeze(-1) * out).sum(0), total
-
-
-def test_split_merge_kernel_equals_the_log_sum_exp_formula():
-    g = torch.Generator().manual_seed(0)
-    S, B, Q, H, Dv = 3, 2, 21, 2, 40
-    out = torch.randn(S, B, Q, H, Dv, generator=g)
-    lse = torch.randn(S, B, H, Q, generator=g) * 4
-    lse[1, 0, :, :5] = float("-inf")   # a split without keys for some rows
-    lse[:, 1, 1, 7] = float("-inf")    # a row without any key
-    out[:, 1, 7, 1] = 0.0
-    merged, total = ta._merge_splits(out, lse.contiguous(), torch.float32)
-    want_out, want_total = _merge_in_torch(out, lse)
-    torch.testing.assert_close(merged, want_out, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(total, want_total, rtol=1e-6, atol=1e-6)
-    assert torch.isneginf(total[1, 1, 7]) and (merged[1, 7, 1] == 0).all()
 
 
 @pytest.mark.parametrize("block_m", ta.DECODE_WINDOW_CLASSES)

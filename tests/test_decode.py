@@ -316,12 +316,13 @@ def test_the_op_finds_the_callers_mask_and_its_tile_maps():
 
 # -- no host synchronization ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend,num_splits", [("reference", None), ("triton", None), ("triton", 3)])
 @pytest.mark.parametrize("with_mask", [False, True], ids=["dense_window", "mask"])
-def test_decode_never_makes_the_host_wait(backend, with_mask):
+def test_decode_never_makes_the_host_wait(backend, num_splits, with_mask):
     """decode with its checks on (the default) issues no op that waits for the device: the checks are
     recorded on the device, the keys read are [0, max_len) under the mask, and the dense window and its
-    tile map are built from cache_len on the device (once per cache_len value version)."""
+    tile map are built from cache_len on the device (once per cache_len value version). With several
+    splits, the fused merge's arrival counters are reused without a host read."""
     q, k_cache, v_cache, cache_len, k_new, v_new = decode_problem()
     mask = None
     if with_mask:
@@ -330,12 +331,13 @@ def test_decode_never_makes_the_host_wait(backend, with_mask):
     errors = hk.attention.DecodeErrors(DEVICE)
     with torch.no_grad():
         expected = hk.attention.decode(q, k_cache.clone(), v_cache.clone(), cache_len, k_new, v_new, mask,
-                                       backend=backend, errors=errors)
+                                       backend=backend, errors=errors, num_splits=num_splits)
         with HostSyncs(armed=False) as syncs:
-            _ = hk.attention.decode(q, k_cache, v_cache, cache_len, k_new, v_new, mask, backend=backend)
+            _ = hk.attention.decode(q, k_cache, v_cache, cache_len, k_new, v_new, mask, backend=backend,
+                                    num_splits=num_splits)
             syncs.armed = True
             out = hk.attention.decode(q, k_cache, v_cache, cache_len, k_new, v_new, mask, backend=backend,
-                                      errors=errors)
+                                      errors=errors, num_splits=num_splits)
             syncs.armed = False
     assert syncs.seen == []
     assert torch.equal(out, expected)

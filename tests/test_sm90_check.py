@@ -94,7 +94,7 @@ def test_every_attention_launch_fits_the_shared_memory_estimate():
     from hdlm_kernels.attention import triton_attention as ta
 
     for launch in ta.dispatchable_launches():
-        if launch.name in ("attention.merge_splits", "attention.backward_delta"):
+        if launch.name == "attention.backward_delta":
             continue
         element = 4 if launch.config["dtype"] == "float32" else 2
         c = launch.constexprs
@@ -108,12 +108,12 @@ def test_one_launch_compiles_for_sm90_without_a_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO)
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "sm90_check.py"), "--only",
-                             "attention.merge_splits D=64, dtype=float32", "--no-cuda", "--jobs", "1",
+                             "attention.backward_delta D=64, dtype=float32", "--no-cuda", "--jobs", "1",
                              "--out-dir", str(tmp_path), "--name", "gate"], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     (record,) = json.loads((tmp_path / "gate.json").read_text())["records"]
     assert record["arch"] == "sm_90a" and 0 < record["registers"] <= 255 and record["failures"] == []
-    assert "| attention.merge_splits | D=64, dtype=float32 |" in (tmp_path / "gate.md").read_text()
+    assert "| attention.backward_delta | D=64, dtype=float32 |" in (tmp_path / "gate.md").read_text()
     assert record["blocks_per_sm"] >= 1 and record["min_blocks_per_sm"] == 1
 
 

@@ -93,20 +93,80 @@ def _forward_tile(acc, m_i, l_i, q, K, V, b, h, start_n, prefix_end, window_star
     return acc, m_new, l_i
 
 
+@triton.jit
+def _store_output(O, LSE, out, lse, b, h, bh, offs_m, offs_dv, row_ok, stride_ob, stride_os, stride_oh, num_rows,
+                  head_dim_v):
+    # The final output [B, Q, H, Dv] in O's dtype and the log-sum-exp [B, H, Q] in float32.
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    tl.store(LSE + bh * num_rows + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _arrive_and_merge(O, LSE, O_PARTIAL, LSE_PARTIAL, ARRIVALS, out, lse, tile_m, b, h, bh, split, offs_m, offs_dv,
+                      row_ok, stride_ob, stride_os, stride_oh, num_rows, head_dim_v, num_splits,
+                      BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # Split-KV with the merge fused (docs/attention.md, "Split-KV (flash-decoding)"): every split writes
+    # its float32 partial (out [S, B·H, Q, Dv], lse [S, B·H, Q], contiguous) and arrives on the counter
+    # of its (query tile, b·h); the split that arrives last merges all of them and writes the output.
+    num_bh = tl.num_programs(1)
+    tile_ok = row_ok[:, None] & (offs_dv[None, :] < head_dim_v)
+    partial = O_PARTIAL + (bh * num_rows + offs_m[:, None]) * head_dim_v + offs_dv[None, :]
+    split_stride = num_bh.to(tl.int64) * num_rows * head_dim_v
+    tl.store(partial + split * split_stride, out, mask=tile_ok)
+    partial_lse = LSE_PARTIAL + bh * num_rows + offs_m
+    tl.store(partial_lse + split * num_bh * num_rows, lse, mask=row_ok)
+    # Release: the barrier orders every thread's partial stores before the one atomic, whose release at
+    # GPU scope publishes them to the program that acquires the counter's last value.
+    tl.debug_barrier()
+    counter = ARRIVALS + bh * tl.num_programs(0) + tile_m
+    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_splits - 1:
+        # Last to arrive (in any order of arrival): merge in split order 0..S-1, so the result does not
+        # depend on which split came last. Online log-sum-exp over the splits: lse = log Σ_s exp(lse_s),
+        # out = Σ_s exp(lse_s - lse) out_s; a split without keys (lse_s = -inf) weighs 0, a row without
+        # any key keeps out = 0 and lse = -inf. The loads skip L1 (.cg): each partial is read once.
+        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        for s in range(num_splits):
+            lse_s = tl.load(partial_lse + s * num_bh * num_rows, mask=row_ok, other=float("-inf"),
+                            cache_modifier=".cg")
+            out_s = tl.load(partial + s * split_stride, mask=tile_ok, other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, lse_s)
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_shift)
+            weight = tl.exp(lse_s - m_shift)
+            total = total * alpha + weight
+            acc = acc * alpha[:, None] + weight[:, None] * out_s
+            m = m_new
+        has_key = total > 0.0
+        merged = acc / tl.where(has_key, total, 1.0)[:, None]
+        merged_lse = tl.where(has_key, m + tl.log(tl.where(has_key, total, 1.0)), float("-inf"))
+        _store_output(O, LSE, merged, merged_lse, b, h, bh, offs_m, offs_dv, row_ok, stride_ob, stride_os, stride_oh,
+                      num_rows, head_dim_v)
+        # Every split has arrived, so nothing else touches the counter in this launch: back to 0 for the
+        # next launch on the stream, which starts after this one ends (no memset per call).
+        tl.store(counter, 0)
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _attention_forward_kernel(
-        Q, K, V, O, LSE, PREFIX_END, WINDOW_START, WINDOW_END,
+        Q, K, V, O, LSE, O_PARTIAL, LSE_PARTIAL, ARRIVALS, PREFIX_END, WINDOW_START, WINDOW_END,
         FULL_COUNT, FULL_INDEX, PARTIAL_COUNT, PARTIAL_INDEX,
         sm_scale,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_o_split,
+        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
         num_heads, num_rows, num_keys, head_dim, head_dim_v, num_splits,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
-    # With num_splits > 1 (split-KV, flash-decoding) program `split` takes every num_splits-th tile of
-    # each list and writes a partial (out, lse) pair that the caller merges. A runtime argument: one
-    # compiled kernel serves every split count (not specialized: 1 would otherwise compile apart).
+        DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, SPLIT_KV: tl.constexpr):
+    # With SPLIT_KV (split-KV, flash-decoding) and num_splits > 1, program `split` takes every
+    # num_splits-th tile of each list, and the last split of each (query tile, b·h) to finish merges the
+    # partials in the same launch (_arrive_and_merge). num_splits is a runtime argument: one compiled
+    # kernel serves every split count (not specialized: 1 would otherwise compile apart); with 1 the
+    # program writes the output directly. Without SPLIT_KV (training) the merge is not compiled in and
+    # O_PARTIAL, LSE_PARTIAL and ARRIVALS are unused.
     tile_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -145,11 +205,19 @@ def _attention_forward_kernel(
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # rows without keys: acc = 0, so out = 0
-    tl.store(O + split * stride_o_split + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
-             + offs_dv[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
     lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
-    tl.store(LSE + (split * tl.num_programs(1) + bh) * num_rows + offs_m, lse, mask=row_ok)
+    if SPLIT_KV:
+        if num_splits > 1:
+            _arrive_and_merge(O, LSE, O_PARTIAL, LSE_PARTIAL, ARRIVALS, out, lse, tile_m, b, h, bh, split, offs_m,
+                              offs_dv, row_ok, stride_ob, stride_os, stride_oh, num_rows, head_dim_v, num_splits,
+                              BLOCK_M, BLOCK_DV)
+        else:
+            _store_output(O, LSE, out, lse, b, h, bh, offs_m, offs_dv, row_ok, stride_ob, stride_os, stride_oh,
+                          num_rows, head_dim_v)
+    else:
+        _store_output(O, LSE, out, lse, b, h, bh, offs_m, offs_dv, row_ok, stride_ob, stride_os, stride_oh, num_rows,
+                      head_dim_v)
 
 
 @triton.jit
@@ -340,44 +408,6 @@ def _attention_backward_q_kernel(
                               DOT_PRECISION, TMA)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
-
-
-@triton.jit
-def _merge_splits_kernel(OUT_SPLIT, LSE_SPLIT, OUT, LSE,
-                         stride_split_o, stride_ob, stride_os, stride_oh, stride_mb, stride_ms, stride_mh,
-                         stride_split_l, num_heads, num_rows, head_dim_v, num_splits,
-                         BLOCK_Q: tl.constexpr, BLOCK_DV: tl.constexpr):
-    # Split-KV partials over disjoint key sets, merged by an online log-sum-exp over the splits:
-    # lse = log Σ_s exp(lse_s), out = Σ_s exp(lse_s - lse) out_s. A split without keys (lse_s = -inf)
-    # weighs 0; a row without any key keeps out = 0 and lse = -inf.
-    bh = tl.program_id(0)
-    b = bh // num_heads
-    h = bh % num_heads
-    offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_q < num_rows
-    tile_ok = row_ok[:, None] & (offs_dv[None, :] < head_dim_v)
-    m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, BLOCK_DV], dtype=tl.float32)
-    partial = OUT_SPLIT + b * stride_ob + h * stride_oh + offs_q[:, None] * stride_os + offs_dv[None, :]
-    for split in range(num_splits):
-        lse = tl.load(LSE_SPLIT + split * stride_split_l + bh * num_rows + offs_q, mask=row_ok,
-                      other=float("-inf"))
-        out = tl.load(partial + split * stride_split_o, mask=tile_ok, other=0.0)
-        m_new = tl.maximum(m, lse)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_shift)
-        weight = tl.exp(lse - m_shift)
-        total = total * alpha + weight
-        acc = acc * alpha[:, None] + weight[:, None] * out
-        m = m_new
-    has_key = total > 0.0
-    merged = acc / tl.where(has_key, total, 1.0)[:, None]
-    tl.store(OUT + b * stride_mb + h * stride_mh + offs_q[:, None] * stride_ms + offs_dv[None, :],
-             merged.to(OUT.dtype.element_ty), mask=tile_ok)
-    tl.store(LSE + bh * num_rows + offs_q, tl.where(has_key, m + tl.log(tl.where(has_key, total, 1.0)),
-                                                    float("-inf")), mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -634,11 +664,8 @@ def _tile_operand(t: torch.Tensor, block_rows: int, block_dim: int, tma: bool):
 def _forward(q, k, v, mask: IntervalMask, scale: float, num_splits: int = 1, decoding: bool = False):
     B, Q, H, D = q.shape
     K, Dv = k.shape[1], v.shape[3]
-    split = num_splits > 1
-    # Split-KV partials are kept in float32 until the merge.
-    out = torch.empty((num_splits,) * split + (B, Q, H, Dv), dtype=torch.float32 if split else q.dtype,
-                      device=q.device)
-    lse = torch.empty((num_splits,) * split + (B, H, Q), dtype=torch.float32, device=q.device)
+    out = torch.empty((B, Q, H, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Q), dtype=torch.float32, device=q.device)
     if Q == 0:
         return out, lse
     if K == 0:
@@ -649,33 +676,47 @@ def _forward(q, k, v, mask: IntervalMask, scale: float, num_splits: int = 1, dec
     grid = (tiles.num_q_tiles, B * H, num_splits)
     block_d, block_dv = _block_dim(D), _block_dim(Dv)
     tma = _use_tma(q, k, v)
+    if num_splits > 1:
+        # Float32 partials of every split, merged in the launch by the last split to finish.
+        out_partial = torch.empty((num_splits, B * H, Q, Dv), dtype=torch.float32, device=q.device)
+        lse_partial = torch.empty((num_splits, B * H, Q), dtype=torch.float32, device=q.device)
+        arrivals = _arrival_counters(q.device, tiles.num_q_tiles * B * H)
+    else:
+        # Not read with one split; tensors of the same dtypes keep one compiled kernel for every count.
+        out_partial, lse_partial, arrivals = lse, lse, tiles.kv_count
     _launch(_attention_forward_kernel, grid, (
         _tile_operand(q, config.block_m, block_d, tma), _tile_operand(k, config.block_n, block_d, tma),
-        _tile_operand(v, config.block_n, block_dv, tma), out, lse, mask.prefix_end, mask.window_start, mask.window_end,
+        _tile_operand(v, config.block_n, block_dv, tma), out, lse, out_partial, lse_partial, arrivals,
+        mask.prefix_end, mask.window_start, mask.window_end,
         tiles.full_kv_count, tiles.full_kv_index, tiles.kv_count, tiles.kv_index,
-        scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(out[0] if split else out),
-        out.stride(0) if split else 0,
+        scale, *_strides_bsh(q), *_strides_bsh(k), *_strides_bsh(v), *_strides_bsh(out),
         stride_mask_b, stride_count_b, stride_index_b, stride_index_t,
         H, Q, K, D, Dv, num_splits),
         dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-             DOT_PRECISION=_dot_precision(q.dtype), TMA=tma), config, q.device.type == "cuda")
+             DOT_PRECISION=_dot_precision(q.dtype), TMA=tma, SPLIT_KV=decoding), config, q.device.type == "cuda")
     return out, lse
 
 
-_MERGE_BLOCK_Q = 16
+_ARRIVALS: dict[tuple[str, int], torch.Tensor] = {}
+_RETIRED_ARRIVALS: list[torch.Tensor] = []
 
 
-def _merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
-    """Combine split-KV partials ``out [S, B, Q, H, Dv]``, ``lse [S, B, H, Q]`` over disjoint key
-    sets: ``lse = logsumexp_s lse_s`` and ``out = Σ_s exp(lse_s - lse) out_s``, in one kernel."""
-    num_splits, B, Q, H, Dv = out.shape
-    merged = torch.empty((B, Q, H, Dv), dtype=dtype, device=out.device)
-    total = torch.empty((B, H, Q), dtype=torch.float32, device=out.device)
-    _merge_splits_kernel[(B * H, triton.cdiv(Q, _MERGE_BLOCK_Q))](
-        out, lse, merged, total, out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        merged.stride(0), merged.stride(1), merged.stride(2), lse.stride(0), H, Q, Dv, num_splits,
-        BLOCK_Q=_MERGE_BLOCK_Q, BLOCK_DV=_block_dim(Dv), num_warps=4)
-    return merged, total
+def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least ``count`` int32 arrival counters of a split-KV launch (one per query tile and batch·head),
+    all zero: one buffer per device and stream, zeroed once when allocated (or grown) and restored to
+    zero by each launch's last splits, so a call costs no memset. Kept per stream because two launches
+    sharing counters must not overlap: on one stream each starts after the previous one ended."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (str(device), stream)
+    counters = _ARRIVALS.get(key)
+    if counters is None or counters.numel() < count:
+        if counters is not None:
+            # Kept, not freed: a captured CUDA graph may still launch on it (its replays restore it to
+            # zero too). Sizes double, so the retired buffers hold fewer counters than the current one.
+            _RETIRED_ARRIVALS.append(counters)
+        counters = torch.zeros(triton.next_power_of_2(count), dtype=torch.int32, device=device)
+        _ARRIVALS[key] = counters
+    return counters
 
 
 def choose_splits(programs: int, key_tiles: int, multiprocessors: int) -> int:
@@ -727,12 +768,7 @@ def attention_split_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"attention_split_kv_triton: num_splits must be an int >= 1, got {num_splits!r}")
     q, k, v = _head_contiguous(q), _head_contiguous(k), _head_contiguous(v)
     with torch.no_grad():
-        out, lse = _forward(q, k, v, mask, scale, num_splits, decoding=True)
-        if num_splits > 1 and q.shape[1] and k.shape[1]:
-            return _merge_splits(out, lse, q.dtype)
-        if num_splits > 1:  # nothing to merge: no rows or no keys
-            return out[0].to(q.dtype), lse[0]
-    return out, lse
+        return _forward(q, k, v, mask, scale, num_splits, decoding=True)
 
 
 def delta_block_q(head_dim_v: int) -> int:
@@ -931,8 +967,8 @@ def dispatchable_launches():
                 labels, spill_free=spill_free))
             tma_choices = ((True, False) if (head_dim, dtype) in GATE_POINTER_LOADS else
                            (True,) if dtype in TMA_DTYPES else (False,))
-            # The training forward; split-KV decoding with more rows than a window class (float32
-            # partials), and with the decode tiles.
+            # The training forward; split-KV decoding (the merge fused in) with more rows than a window
+            # class, and with the decode tiles.
             first = tma_choices[0]
             forward_kinds = [(None, False, first), (None, True, first), *((w, True, first) for w in DECODE_WINDOW_CLASSES)]
             forward_kinds += [(None, False, False)] * (len(tma_choices) > 1)
@@ -948,20 +984,13 @@ def dispatchable_launches():
                     (_gate_operand(dtype, q_shape, config.block_m, block_d, tma),
                      _gate_operand(dtype, kv_shape, config.block_n, block_d, tma),
                      _gate_operand(dtype, kv_shape, config.block_n, block_d, tma),
-                     fp32 if split else dtype, fp32, *mask_and_map[:3],
+                     dtype, fp32, fp32, fp32, int32, *mask_and_map[:3],
                      int32, int32, int32, int32, 0.125, *stride, *stride, *stride, *stride,
-                     q_rows * heads * head_dim if split else 0, q_rows, 1, rows // 64, 64,
-                     heads, q_rows, rows, head_dim, head_dim, 4 if split else 1),
-                    dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, TMA=tma, **common),
+                     q_rows, 1, rows // 64, 64, heads, q_rows, rows, head_dim, head_dim, 4 if split else 1),
+                    dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, TMA=tma, SPLIT_KV=split, **common),
                     dict(num_warps=config.num_warps, num_stages=config.num_stages),
                     dict(labels, block=f"{config.block_m}x{config.block_n}", tma="yes" if tma else "no"),
                     spill_free=spill_free, min_blocks_per_sm=1 if split else training_blocks))
-            launches.append(KernelLaunch(
-                "attention.merge_splits", _merge_splits_kernel,
-                (fp32, fp32, dtype, fp32, 16 * heads * head_dim * 8, *stride, *stride, 8 * heads * 16, heads, 16,
-                 head_dim, 4),
-                dict(BLOCK_Q=_MERGE_BLOCK_Q, BLOCK_DV=_block_dim(head_dim)), dict(num_warps=4), labels,
-                spill_free=spill_free))
             shape = (8, rows, heads, head_dim)
             for tma in tma_choices:
                 # The dK/dV pass (both forms) with backward_config, the dQ pass with backward_dq_config.
