@@ -9,6 +9,12 @@ interpreter costs about a second per row, so each launch draws 6 rows of V = 100
 spread over the rows); the GPU run of the same rows is marked ``cuda``. The kernel's sm_90 code keeps
 the exact decision free of fused multiply-adds."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +24,7 @@ from tests.sampling_checks import assert_exact_float64_path, assert_same_draw, c
 
 triton = pytest.importorskip("triton")
 
+REPO = Path(__file__).resolve().parent.parent
 SMALL_VOCAB = 1001
 METHOD_GAMMAS = [("analytic", 0.0), ("analytic", 0.05), ("analytic", 0.5), ("analytic", 1.0), ("euler", 0.05),
                  ("euler", 1.0)]
@@ -114,7 +121,8 @@ def test_float64_log_scores_take_the_exact_kernel():
 
 
 def test_screened_kernel_decides_without_fma(tmp_path):
-    """The screened kernel compiled for sm_90 (no GPU needed), bf16 and fp32: its exact FP64 pass (row sum,
+    """The screened kernel compiled for sm_90 (no GPU needed; bf16: the FP64 code does not depend on the
+    dtype, which is widened on load): its exact FP64 pass (row sum,
     the current cell, the candidates, the exact race of the rows outside the screen) has no fused
     multiply-add, only IEEE round-to-nearest float64 arithmetic, truncating conversions and exact float64
     literals: besides those of the exact kernel, the screen's range 2^±100, and ±2^-150, where the compiler
@@ -125,7 +133,7 @@ def test_screened_kernel_decides_without_fma(tmp_path):
     signatures = [{"LOG_SCORE": "*" + dtype, "X": "*i64", "COEFFICIENTS": "*fp64", "ROW_IDS": "*i64",
                    "CONSTS": "*fp64", "TOKENS": "*i64", "BEST": "*fp64", "COUNTS": "*i64", "stride_row": "i32",
                    "stride_col": "i32", "vocab": "i32", "mask_id": "i32", "key0": "i64", "key1": "i64",
-                   "step_lo": "i64", "BLOCK_P": "constexpr", "MAX_TILES": "constexpr"} for dtype in ("bf16", "fp32")]
+                   "step_lo": "i64", "BLOCK_P": "constexpr", "MAX_TILES": "constexpr"} for dtype in ("bf16",)]
     constexprs = {"BLOCK_P": pairs, "MAX_TILES": module.max_tiles(VOCAB, pairs)}
     found = compiled_ptx_ops(ptx_ops_script("triton_hybrid", "_hybrid_step_screened_kernel", signatures,
                                             constexprs, warps), tmp_path)
@@ -133,6 +141,29 @@ def test_screened_kernel_decides_without_fma(tmp_path):
                                                      "0d3690000000000000", "0dB690000000000000"})  # ±2^-150
     assert {"add.rn.f64", "sub.rn.f64", "mul.rn.f64", "div.rn.f64"} <= set(found["f64"]), found["f64"]
     assert found["cvt_to_int"], found
+
+
+@pytest.mark.slow
+def test_screen_loop_has_no_fp64(tmp_path):
+    """scripts/screen_sass_counts.py on the screened kernel (bf16, compiled for sm_90 with the stand-in
+    driver): five loops in source order (max, sum, screen, decide, the exact race of the rows outside the
+    screen), no FP64 instruction in the screen loop, the exact FP64 score in the decide and exact loops."""
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "screen_sass_counts.py"), "--no-cuda", "--only",
+                             "triton hybrid_step screened bfloat16", "--out-dir", str(tmp_path)],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (record,) = json.loads((tmp_path / "screen-sass-counts.json").read_text())["kernels"]
+    assert [loop["role"] for loop in record["loops"]] == ["max", "sum", "screen", "decide", "exact race"], record
+    roles = {loop["role"]: loop for loop in record["loops"]}
+    assert roles["screen"]["fp64"] == 0 and record["screen_fp64"] == 0
+    assert roles["decide"]["fp64"] > 0 and roles["exact race"]["fp64"] > 0
 
 
 @pytest.mark.cuda
