@@ -118,7 +118,8 @@ def describe(kernel: Kernel, sass: str) -> dict:
 # ---------------------------------------------------------------- Triton
 
 def triton_kernels(only: str) -> list[tuple[Kernel, str]]:
-    """Compiles the Triton sampling kernels (gumbel_argmax exact and screened, the γ step) for sm_90."""
+    """Compiles the Triton sampling kernels (gumbel_argmax exact and screened, the γ step exact and screened)
+    for sm_90."""
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
     from triton.runtime import driver
@@ -148,12 +149,22 @@ def triton_kernels(only: str) -> list[tuple[Kernel, str]]:
                  triton_gumbel._gumbel_argmax_kernel,
                  (torch.bfloat16, i64, i64, torch.int8, f64, i64, f64, VOCAB, 1, VOCAB, 1, 2, 3, one),
                  {"HAS_TAKE": False, "HAS_EXCLUDE": False, "NOISE": True, "DIVIDE": False, "BLOCK_P": pairs}, warps))
-    jobs.append((Kernel("triton hybrid_step", f"bfloat16, BLOCK_P={hybrid_pairs}, warps={hybrid_warps}",
+    jobs.append((Kernel("triton hybrid_step exact", f"bfloat16, BLOCK_P={hybrid_pairs}, warps={hybrid_warps}",
                         (("max", hybrid_per_thread), ("sum", hybrid_per_thread), ("race", hybrid_per_thread)),
                         False),
                  triton_hybrid._hybrid_step_kernel,
                  (torch.bfloat16, i64, f64, i64, f64, i64, f64, VOCAB, 1, VOCAB, 50256, 1, 2, 3),
                  {"BLOCK_P": hybrid_pairs}, hybrid_warps))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        name = str(dtype).replace("torch.", "")
+        # Loops in source order: max, sum, the screen and the decision of the screened race, then the exact
+        # race of the rows the screen does not apply to (the other side of the per-row branch).
+        jobs.append((Kernel("triton hybrid_step screened", f"{name}, BLOCK_P={hybrid_pairs}, warps={hybrid_warps}",
+                            (("max", hybrid_per_thread), ("sum", hybrid_per_thread), ("screen", hybrid_per_thread),
+                             ("decide", hybrid_per_thread), ("exact race", hybrid_per_thread)), True),
+                     triton_hybrid._hybrid_step_screened_kernel,
+                     (dtype, i64, f64, i64, f64, i64, f64, i64, VOCAB, 1, VOCAB, 50256, 1, 2, 3),
+                     {"BLOCK_P": hybrid_pairs, "MAX_TILES": triton_gumbel.max_tiles(VOCAB, hybrid_pairs)}, hybrid_warps))
     cuobjdump = sm90_check._tools()["cuobjdump"]
     compiled = []
     for kernel, function, args, constexprs, num_warps in jobs:

@@ -146,6 +146,8 @@ def sampling_launches():
         for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
             labels = {"dtype": str(dtype).replace("torch.", ""), "BLOCK_P": pairs}
             if module is triton_hybrid:
+                if dtype != torch.float64:
+                    continue  # bf16 / fp16 / fp32 rows launch the screened kernel (below)
                 launches.append(KernelLaunch(
                     name, module._hybrid_step_kernel, (dtype, i64, f64, i64, f64, i64, f64, vocab, 1, vocab, 50256,
                                                        1, 2, 3),
@@ -174,6 +176,17 @@ def sampling_launches():
             triton_stream.launch_options(warps),
             {"dtype": str(dtype).replace("torch.", ""), "BLOCK_P": pairs, "take": take, "exclude": exclude,
              "divide": divide}, fp64_allowed=True))
+    # The screened γ step (passes 1 and 2 exact, the race screened in float32, the exact race per row where
+    # the screen does not apply): bf16 / fp16 / fp32.
+    pairs = min(triton_hybrid.GPU_BLOCK_PAIRS, 1 << (vocab // 2).bit_length())
+    warps = max(1, min(triton_gumbel.MAX_WARPS, pairs // triton_hybrid.PAIRS_PER_WARP))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        launches.append(KernelLaunch(
+            "sampling.hybrid_step_screened", triton_hybrid._hybrid_step_screened_kernel,
+            (dtype, i64, f64, i64, f64, i64, f64, i64, vocab, 1, vocab, 50256, 1, 2, 3),
+            {"BLOCK_P": pairs, "MAX_TILES": triton_gumbel.max_tiles(vocab, pairs)},
+            triton_stream.launch_options(warps), {"dtype": str(dtype).replace("torch.", ""), "BLOCK_P": pairs},
+            fp64_allowed=True))
     launches.append(KernelLaunch(
         "sampling.corrupt", triton_corrupt._corrupt_kernel,
         (i64, f64, f64, i64, i64, torch.int8, torch.int8, numel, 50257, 50257, 1, 2, 3),

@@ -133,3 +133,51 @@ def calls_during(module, names: tuple[str, ...], run) -> tuple[dict[str, int], l
         for patch in patches.values():
             patch.stop()
     return {name: spy.call_count for name, spy in spies.items()}, [call.args[0] for call in select.call_args_list]
+
+
+# The float64 literals an exact FP64 decision path may hold: values every compiler writes exactly (powers of
+# two, ±0.5, ±1, 2, ±inf, NaN, 0); the coefficients and scales come from a float64 tensor.
+EXACT_FLOAT64_LITERALS = frozenset({
+    "0d3CA0000000000000", "0d3FE0000000000000", "0dBFE0000000000000", "0d3FF0000000000000", "0dBFF0000000000000",
+    "0d4000000000000000", "0d7FF0000000000000", "0dFFF0000000000000", "0d7FF8000000000000", "0d0000000000000000",
+})
+
+# A script for ``compiled_ptx_ops``: compiles KERNEL of MODULE (hdlm_kernels.sampling.<MODULE>) for sm_90 with
+# each signature of SIGNATURES and the CONSTEXPRS, under the module's launch options with WARPS warps, and
+# prints the float64 and float32 PTX operations, the float64 literals and the float64 -> integer conversions.
+PTX_OPS_SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hdlm_kernels.sampling import {module} as module, triton_stream
+
+found = {{"f64": set(), "f32": set(), "literals": set(), "cvt_to_int": set()}}
+for signature in {signatures!r}:
+    source = ASTSource(fn=module.{kernel}, signature=signature, constexprs={constexprs!r})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=triton_stream.launch_options({warps}))
+    ptx = kernel.asm["ptx"]
+    found["f64"] |= set(re.findall(r"\b[a-z]+(?:\.[a-z0-9]+)*\.f64\b", ptx))
+    found["f32"] |= set(re.findall(r"\b[a-z]+(?:\.[a-z0-9]+)*\.f32\b", ptx))
+    found["literals"] |= set(re.findall(r"\b0d[0-9A-F]{{16}}\b", ptx))
+    found["cvt_to_int"] |= set(re.findall(r"\bcvt(?:\.[a-z0-9]+)*\.[su]\d+\.f64\b", ptx))
+json.dump({{k: sorted(v) for k, v in found.items()}}, sys.stdout)
+"""
+
+
+def ptx_ops_script(module: str, kernel: str, signatures: list, constexprs: dict, warps: int) -> str:
+    """The source of ``PTX_OPS_SCRIPT`` for one kernel (see there), to run with ``compiled_ptx_ops``."""
+    return PTX_OPS_SCRIPT.format(module=module, kernel=kernel, signatures=signatures, constexprs=constexprs,
+                                 warps=warps)
+
+
+def assert_exact_float64_path(found: dict, extra_literals=()) -> None:
+    """What bit-identity of a Triton kernel's FP64 decision path rests on, from ``PTX_OPS_SCRIPT``'s output:
+    no fused multiply-add and no approximate operation in float64, IEEE round-to-nearest float64
+    arithmetic, truncating float64 -> integer conversions, and no float64 literal but the exact ones
+    (``EXACT_FLOAT64_LITERALS`` and ``extra_literals``)."""
+    assert not [op for op in found["f64"] if op.startswith("fma") or "approx" in op], found["f64"]
+    arithmetic = [op for op in found["f64"] if op.split(".")[0] in ("add", "sub", "mul", "div")]
+    assert arithmetic and all(".rn." in op for op in arithmetic), found["f64"]
+    assert all(".rzi." in op for op in found["cvt_to_int"]), found["cvt_to_int"]
+    assert set(found["literals"]) <= EXACT_FLOAT64_LITERALS | set(extra_literals), found["literals"]

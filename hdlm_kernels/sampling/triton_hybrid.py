@@ -1,9 +1,13 @@
 """Triton backend of the fused γ step (``hybrid_step``), bit-identical to the reference: the twin of
-``csrc/hybrid_rule.h``.
+``csrc/hybrid_rule.h`` and, for bf16 / fp16 / fp32 log-scores, of the screened race of
+``csrc/hybrid_cpu.cpp`` (docs/sampling-screen.md, "The γ step").
 
 One program per row and three passes over it (docs/hybrid-step.md): the maximum of the read
 log-scores, the exact fixed-point sum of the scaled ratios, then the weights and the Gumbel race
-with the Gumbel-max kernel's pairing of columns and its winner rule.
+with the Gumbel-max kernel's pairing of columns and its winner rule. ``_hybrid_step_kernel`` runs the
+race in FP64 on every token (float64 log-scores); ``_hybrid_step_screened_kernel`` screens it in float32
+and scores exactly only the current cell and the candidates, and takes the exact race, by a branch
+inside the kernel, on the rows the screen does not apply to.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gumbel import INTERPRETER_BLOCK_PAIRS, MAX_VOCAB, MAX_WARPS, row_winner, take_if_better
+from .triton_gumbel import INTERPRETER_BLOCK_PAIRS, MAX_VOCAB, MAX_WARPS, max_tiles, row_winner, take_if_better
+from .triton_hybrid_screen import float_at_most, hybrid_screen_bounds, hybrid_screen_row
+from .triton_screen import screen_noise
 from .triton_stream import (
     check_triton_device,
     interpreted,
@@ -30,7 +36,7 @@ from .triton_stream import (
     widen,
 )
 
-__all__ = ["hybrid_step_triton", "interpreted"]
+__all__ = ["hybrid_candidates_triton", "hybrid_step_triton", "interpreted", "screened"]
 
 # The kernel holds more per pair than Gumbel-max's (the weight, its log and exp64 of the log-score
 # besides the noise): on sm_90 256 pairs and 8 warps (1 pair per thread) compile to 92 registers
@@ -39,37 +45,25 @@ GPU_BLOCK_PAIRS = 256
 PAIRS_PER_WARP = 32
 
 
-@triton.jit(do_not_specialize=["mask_id", "key0", "key1", "step_lo"])
-def _hybrid_step_kernel(
-        LOG_SCORE, X, COEFFICIENTS, ROW_IDS, CONSTS, TOKENS, BEST,
-        stride_row, stride_col, vocab, mask_id,
-        key0: tl.int64, key1: tl.int64, step_lo: tl.int64,
-        BLOCK_P: tl.constexpr):
-    # Program i steps row i (the fused form, docs/hybrid-step.md): pass 1 the maximum m of the read entries,
-    # pass 2 the fixed-point sum of r' = exp64(s - m), pass 3 the weights and the Gumbel race. "Read"
-    # columns are the real tokens other than x. The log-scores are loaded three times in their own dtype
-    # and widened in registers; nothing of the row is kept in memory between the passes.
-    SENTINEL: tl.constexpr = 2147483647
-    BLOCK_C: tl.constexpr = 2 * BLOCK_P  # columns per iteration of passes 1 and 2
-    i = tl.program_id(0)
-    row_ptr = LOG_SCORE + i.to(tl.int64) * stride_row
-    x = tl.load(X + i)
-    row_id = tl.load(ROW_IDS + i)
-    coefficients = COEFFICIENTS + i.to(tl.int64) * 6
+@triton.jit
+def _row_sums(row_ptr, stride_col, vocab, mask_id, x, coefficients, CONSTS, BLOCK_P: tl.constexpr):
+    # Passes 1 and 2 of row (log-scores at row_ptr, current token x, its 6 coefficients): returns
+    # (good, bad, m, c1, c2·S, the current cell's weight). "Read" columns are the real tokens other than x.
+    BLOCK_C: tl.constexpr = 2 * BLOCK_P  # columns per iteration
+    (e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13,
+     inv_ln2, exp_min) = load_exp64_constants(CONSTS)
+    ln2_hi = tl.load(CONSTS + 11)
+    ln2_lo = tl.load(CONSTS + 12)
+    hi_scale = tl.load(CONSTS + 29)
+    lo_scale = tl.load(CONSTS + 30)
+    hi_unit = tl.load(CONSTS + 31)
+    lo_unit = tl.load(CONSTS + 32)
     c1 = tl.load(coefficients + 0)
     c2 = tl.load(coefficients + 1)
     c3 = tl.load(coefficients + 2)
     c4 = tl.load(coefficients + 3)
     c5 = tl.load(coefficients + 4)
     c6 = tl.load(coefficients + 5)
-    l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
-    (e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13,
-     inv_ln2, exp_min) = load_exp64_constants(CONSTS)
-    hi_scale = tl.load(CONSTS + 29)
-    lo_scale = tl.load(CONSTS + 30)
-    hi_unit = tl.load(CONSTS + 31)
-    lo_unit = tl.load(CONSTS + 32)
-    smallest_weight = tl.load(CONSTS + 33)
 
     # Pass 1: m over the read entries; a NaN or +inf there marks the row bad, and a bad row continues
     # with every read entry at -inf, as the reference's masked row does (its score becomes NaN at the end).
@@ -109,18 +103,49 @@ def _hybrid_step_kernel(
     u = exp64(-m, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2, ln2_hi, ln2_lo,
                exp_min)
     total = others + c3 * u
-    shift = c2 * total
+    c2_total = c2 * total
     current = c4 * (c5 * u - c6 * total)  # the weight of y = x
+    return good, bad, m, c1, c2_total, current
 
-    # Pass 3: the race, walking the row's Philox blocks as _gumbel_argmax_kernel does (lane j owns block
-    # (row_id * V >> 1) + j: columns 2j - parity and 2j - parity + 1), so the noise is that kernel's.
-    k0 = key0.to(tl.uint32)
-    k1 = key1.to(tl.uint32)
-    step_word = step_lo.to(tl.uint32)
-    element_base = row_id * vocab
-    parity = (element_base & 1).to(tl.int32)
-    pair_base = element_base >> 1
-    num_pairs = (vocab + parity + 1) // 2
+
+@triton.jit
+def _read_score(s, word_a, word_b, m, c1, c2_total, CONSTS):
+    # The exact score of read tokens with widened log-scores s (float64; -inf where not read) and the
+    # Philox words of their uniforms: log64(w) + g, w = (exp64(s - m) - c2·S)·c1, -inf where w < 2^-1022.
+    l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
+    (e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13,
+     inv_ln2, exp_min) = load_exp64_constants(CONSTS)
+    smallest_weight = tl.load(CONSTS + 33)
+    ratio = exp64(s - m, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2,
+                   ln2_hi, ln2_lo, exp_min)
+    weight = (ratio - c2_total) * c1
+    return _score_of_weight(weight, word_a, word_b, smallest_weight, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9,
+                            l10, ln2_hi, ln2_lo)
+
+
+@triton.jit
+def _score_of_weight(weight, word_a, word_b, smallest_weight, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10,
+                     ln2_hi, ln2_lo):
+    # log64(weight) + the Gumbel noise of the words; a weight below 2^-1022 (subnormal, <= 0, NaN) scores -inf.
+    positive = weight >= smallest_weight
+    log_weight = log64(tl.where(positive, weight, 1.0), l0, l1, l2, l3, l4, l5, l6, l7, l8, l9,
+                       l10, ln2_hi, ln2_lo)
+    score = tl.where(positive, log_weight, float("-inf"))
+    return score + gumbel_noise(uniform53_of_words(word_a, word_b), l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10,
+                                ln2_hi, ln2_lo)
+
+
+@triton.jit
+def _exact_race(row_ptr, stride_col, vocab, mask_id, x, good, m, c1, c2_total, current, CONSTS,
+                pair_base, parity, num_pairs, k0, k1, step_word, BLOCK_P: tl.constexpr):
+    # Pass 3 on every token: the race, walking the row's Philox blocks as _gumbel_argmax_kernel does (lane
+    # j owns block (row_id * V >> 1) + j: columns 2j - parity and 2j - parity + 1), so the noise is that
+    # kernel's. Returns the lanes' best (score, column) per lane.
+    SENTINEL: tl.constexpr = 2147483647
+    l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
+    (e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13,
+     inv_ln2, exp_min) = load_exp64_constants(CONSTS)
+    smallest_weight = tl.load(CONSTS + 33)
     lanes = tl.arange(0, BLOCK_P)
     best_val = tl.full([BLOCK_P], float("-inf"), tl.float64)
     best_idx = tl.full([BLOCK_P], SENTINEL, tl.int32)
@@ -142,21 +167,177 @@ def _hybrid_step_kernel(
             s = widen(tl.load(row_ptr + col.to(tl.int64) * stride_col, mask=read, other=float("-inf")))
             ratio = exp64(s - m, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2,
                            ln2_hi, ln2_lo, exp_min)
-            weight = (ratio - shift) * c1
+            weight = (ratio - c2_total) * c1
             weight = tl.where(col == mask_id, 0.0, weight)
             weight = tl.where(col == x, current, weight)  # after MASK: x = MASK keeps its own weight
-            positive = weight >= smallest_weight  # subnormal, <= 0 (and NaN) weights count as 0
-            log_weight = log64(tl.where(positive, weight, 1.0), l0, l1, l2, l3, l4, l5, l6, l7, l8, l9,
-                                l10, ln2_hi, ln2_lo)
-            score = tl.where(positive, log_weight, float("-inf"))
-            score = score + gumbel_noise(uniform53_of_words(word_a, word_b), l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10,
-                                    ln2_hi, ln2_lo)
+            score = _score_of_weight(weight, word_a, word_b, smallest_weight, l0, l1, l2, l3, l4, l5, l6, l7, l8,
+                                     l9, l10, ln2_hi, ln2_lo)
             best_val, best_idx = take_if_better(best_val, best_idx, score, col, valid, SENTINEL)
+    return row_winner(best_val, best_idx, SENTINEL)  # no NaN score here: bad rows are flagged
 
-    token, best = row_winner(best_val, best_idx, SENTINEL)  # no NaN score here: bad rows are flagged
+
+@triton.jit(do_not_specialize=["mask_id", "key0", "key1", "step_lo"])
+def _hybrid_step_kernel(
+        LOG_SCORE, X, COEFFICIENTS, ROW_IDS, CONSTS, TOKENS, BEST,
+        stride_row, stride_col, vocab, mask_id,
+        key0: tl.int64, key1: tl.int64, step_lo: tl.int64,
+        BLOCK_P: tl.constexpr):
+    # Program i steps row i (the fused form, docs/hybrid-step.md): pass 1 the maximum m of the read entries,
+    # pass 2 the fixed-point sum of r' = exp64(s - m), pass 3 the weights and the Gumbel race on every
+    # token. The log-scores are loaded three times in their own dtype and widened in registers; nothing of
+    # the row is kept in memory between the passes.
+    i = tl.program_id(0)
+    row_ptr = LOG_SCORE + i.to(tl.int64) * stride_row
+    x = tl.load(X + i)
+    row_id = tl.load(ROW_IDS + i)
+    good, bad, m, c1, c2_total, current = _row_sums(row_ptr, stride_col, vocab, mask_id, x,
+                                                    COEFFICIENTS + i.to(tl.int64) * 6, CONSTS, BLOCK_P)
+    element_base = row_id * vocab
+    parity = (element_base & 1).to(tl.int32)
+    num_pairs = (vocab + parity + 1) // 2
+    token, best = _exact_race(row_ptr, stride_col, vocab, mask_id, x, good, m, c1, c2_total, current, CONSTS,
+                              element_base >> 1, parity, num_pairs, key0.to(tl.uint32), key1.to(tl.uint32),
+                              step_lo.to(tl.uint32), BLOCK_P)
     best = tl.where(bad, float("nan"), best)
     tl.store(TOKENS + i, token.to(tl.int64))
     tl.store(BEST + i, best.to(tl.float64))
+
+
+@triton.jit
+def _tile_bounds(row_ptr, stride_col, vocab, mask_id, x, j, parity, pair_base, k0, k1, step_word, shift, log_c1,
+                 log_k, k_zero):
+    # The screen of one tile of Philox pairs (float32 and integer work only): the read log-scores (float32,
+    # -inf where not read), the Philox words, and the intervals of the even and odd columns.
+    col_even = 2 * j - parity
+    col_odd = col_even + 1
+    read_even = (col_even >= 0) & (col_even < vocab) & (col_even != mask_id) & (col_even != x)
+    read_odd = (col_odd < vocab) & (col_odd != mask_id) & (col_odd != x)
+    s_even = tl.load(row_ptr + col_even.to(tl.int64) * stride_col, mask=read_even, other=float("-inf"))
+    s_odd = tl.load(row_ptr + col_odd.to(tl.int64) * stride_col, mask=read_odd, other=float("-inf"))
+    s_even = s_even.to(tl.float32)
+    s_odd = s_odd.to(tl.float32)
+    w0, w1, w2, w3 = stream_block(pair_base + j, k0, k1, 0, step_word)
+    lo_even, hi_even = hybrid_screen_bounds(s_even, screen_noise(w0, w1), shift, log_c1, log_k, k_zero)
+    lo_odd, hi_odd = hybrid_screen_bounds(s_odd, screen_noise(w2, w3), shift, log_c1, log_k, k_zero)
+    return (col_even, col_odd, read_even, read_odd, s_even, s_odd, w0, w1, w2, w3,
+            lo_even, hi_even, lo_odd, hi_odd)
+
+
+@triton.jit
+def _screened_race(row_ptr, stride_col, vocab, mask_id, x, row_id, m, c1, c2_total, current, no_read, shift,
+                   log_c1, log_k, k_zero, CONSTS, pair_base, parity, num_pairs, k0, k1, step_word,
+                   BLOCK_P: tl.constexpr, MAX_TILES: tl.constexpr):
+    # Screen, then decide (docs/sampling-screen.md, "The γ step") on a good row: returns (token, score,
+    # number of exact scores). The current cell is scored exactly first; its score rounded down to float32
+    # is the first floor. Then, in two walks over the row's tiles of BLOCK_P Philox pairs:
+    #   1. float32 only: each read column's interval [lo, hi]; the row floor L = max lo, and each tile's
+    #      largest hi kept in registers (MAX_TILES >= the tile count). A row without read weight (c1 = 0)
+    #      has no tile to walk;
+    #   2. the tiles whose largest hi reaches L (a branch on one scalar) recompute their words and intervals,
+    #      and their candidates (hi >= L) get the exact score and today's winner rule.
+    SENTINEL: tl.constexpr = 2147483647
+    l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
+    smallest_weight = tl.load(CONSTS + 33)
+    # The current cell (element row_id * V + x: words (w0, w1) of its Philox block when even, (w2, w3) when odd).
+    element = row_id * vocab + x
+    c_w0, c_w1, c_w2, c_w3 = stream_block(element >> 1, k0, k1, 0, step_word)
+    odd = (element & 1) != 0
+    current_offered = current >= smallest_weight  # else its score is -inf: not offered
+    current_score = _score_of_weight(current, tl.where(odd, c_w2, c_w0), tl.where(odd, c_w3, c_w1),
+                                     smallest_weight, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo)
+    first_floor = tl.where(current_offered, float_at_most(current_score), float("-inf"))
+
+    lanes = tl.arange(0, BLOCK_P)
+    tiles = tl.arange(0, MAX_TILES)
+    num_tiles = tl.where(no_read, 0, (num_pairs + BLOCK_P - 1) // BLOCK_P)
+    floor = tl.zeros([BLOCK_P], tl.float32) + first_floor
+    tile_top = tl.full([MAX_TILES], float("-inf"), tl.float32)
+    for tile in range(0, num_tiles):
+        (col_even, col_odd, read_even, read_odd, s_even, s_odd, w0, w1, w2, w3,
+         lo_even, hi_even, lo_odd, hi_odd) = _tile_bounds(row_ptr, stride_col, vocab, mask_id, x,
+                                                          tile * BLOCK_P + lanes, parity, pair_base, k0, k1,
+                                                          step_word, shift, log_c1, log_k, k_zero)
+        floor = tl.where(lo_even > floor, lo_even, floor)
+        floor = tl.where(lo_odd > floor, lo_odd, floor)
+        tile_top = tl.where(tiles == tile, tl.max(tl.maximum(hi_even, hi_odd), axis=0), tile_top)
+    row_floor = tl.max(floor, axis=0)
+
+    best_val = tl.full([BLOCK_P], float("-inf"), tl.float64)
+    best_idx = tl.full([BLOCK_P], SENTINEL, tl.int32)
+    candidates = tl.zeros([BLOCK_P], tl.int32)
+    for tile in range(0, num_tiles):
+        if tl.max(tl.where(tiles == tile, tile_top, float("-inf")), axis=0) >= row_floor:
+            (col_even, col_odd, read_even, read_odd, s_even, s_odd, w0, w1, w2, w3,
+             lo_even, hi_even, lo_odd, hi_odd) = _tile_bounds(row_ptr, stride_col, vocab, mask_id, x,
+                                                              tile * BLOCK_P + lanes, parity, pair_base, k0, k1,
+                                                              step_word, shift, log_c1, log_k, k_zero)
+            keep_even = read_even & ~(hi_even < row_floor)
+            keep_odd = read_odd & ~(hi_odd < row_floor)
+            score_even = _read_score(s_even.to(tl.float64), w0, w1, m, c1, c2_total, CONSTS)
+            score_odd = _read_score(s_odd.to(tl.float64), w2, w3, m, c1, c2_total, CONSTS)
+            best_val, best_idx = take_if_better(best_val, best_idx, score_even, col_even, keep_even, SENTINEL)
+            best_val, best_idx = take_if_better(best_val, best_idx, score_odd, col_odd, keep_odd, SENTINEL)
+            candidates += keep_even.to(tl.int32) + keep_odd.to(tl.int32)
+
+    # The candidates' winner against the current cell with the same rule (the larger score, ties to the
+    # lower column); nothing of positive weight: -inf at column 0, as the full race.
+    token, best = row_winner(best_val, best_idx, SENTINEL)
+    take_current = current_offered & ((token == SENTINEL) | (current_score > best)
+                                      | ((current_score == best) & (x < token)))
+    token = tl.where(take_current, x.to(tl.int32), token)
+    best = tl.where(take_current, current_score, best)
+    nothing = (token == SENTINEL) | (best == float("-inf"))
+    token = tl.where(nothing, 0, token)
+    best = tl.where(nothing, float("-inf"), best)
+    return token, best, 1 + tl.sum(candidates, axis=0)
+
+
+@triton.jit(do_not_specialize=["mask_id", "key0", "key1", "step_lo"])
+def _hybrid_step_screened_kernel(
+        LOG_SCORE, X, COEFFICIENTS, ROW_IDS, CONSTS, TOKENS, BEST, COUNTS,
+        stride_row, stride_col, vocab, mask_id,
+        key0: tl.int64, key1: tl.int64, step_lo: tl.int64,
+        BLOCK_P: tl.constexpr, MAX_TILES: tl.constexpr):
+    # The γ step for bf16 / fp16 / fp32 log-scores: passes 1 and 2 as _hybrid_step_kernel, then the race
+    # screened (_screened_race) when the row is good and its constants are in the screen's range
+    # (c1 and K = c2·S in [2^-100, 2^100], K = 0 allowed, or c1 = 0: no read weight at all), else the exact
+    # race on every token (_exact_race): a branch per row inside the kernel. COUNTS[i]: the tokens scored
+    # exactly (the current cell plus the candidates, or V).
+    i = tl.program_id(0)
+    row_ptr = LOG_SCORE + i.to(tl.int64) * stride_row
+    x = tl.load(X + i)
+    row_id = tl.load(ROW_IDS + i)
+    good, bad, m, c1, c2_total, current = _row_sums(row_ptr, stride_col, vocab, mask_id, x,
+                                                    COEFFICIENTS + i.to(tl.int64) * 6, CONSTS, BLOCK_P)
+    element_base = row_id * vocab
+    parity = (element_base & 1).to(tl.int32)
+    pair_base = element_base >> 1
+    num_pairs = (vocab + parity + 1) // 2
+    k0 = key0.to(tl.uint32)
+    k1 = key1.to(tl.uint32)
+    step_word = step_lo.to(tl.uint32)
+    l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
+    applies, shift, log_c1, log_k, k_zero = hybrid_screen_row(m, c1, c2_total, l0, l1, l2, l3, l4, l5, l6, l7, l8,
+                                                              l9, l10, ln2_hi, ln2_lo)
+    no_read = (c1 == 0.0) & (tl.abs(c2_total) < float("inf"))  # 0 times a finite r' - K: no read weight
+    if good & (no_read | applies):
+        token, best, exact = _screened_race(row_ptr, stride_col, vocab, mask_id, x, row_id, m, c1, c2_total,
+                                            current, no_read, shift, log_c1, log_k, k_zero, CONSTS, pair_base,
+                                            parity, num_pairs, k0, k1, step_word, BLOCK_P, MAX_TILES)
+    else:
+        token, best = _exact_race(row_ptr, stride_col, vocab, mask_id, x, good, m, c1, c2_total, current, CONSTS,
+                                  pair_base, parity, num_pairs, k0, k1, step_word, BLOCK_P)
+        best = tl.where(bad, float("nan"), best)
+        exact = vocab
+    tl.store(TOKENS + i, token.to(tl.int64))
+    tl.store(BEST + i, best.to(tl.float64))
+    tl.store(COUNTS + i, exact.to(tl.int64))
+
+
+def screened(log_score: torch.Tensor) -> bool:
+    """Whether the γ step takes the screened kernel: bf16 / fp16 / fp32 log-scores (float32 holds them
+    exactly). Which rows of it are screened is decided inside the kernel, per row."""
+    return log_score.dtype != torch.float64
 
 
 def hybrid_step_triton(
@@ -173,6 +354,19 @@ def hybrid_step_triton(
     coefficients float64 [R, 6] (``step_coefficients``), row_ids int64 [R]. Returns (tokens int64 [R],
     winning scores float64 [R]: NaN for a row with a NaN or +inf read log-score, -inf for a row without a
     positive weight). One program per row, no float64 copy of the log-scores."""
+    tokens, best, _ = _draw(log_score, x, coefficients, row_ids, mask_id, seed, step)
+    return tokens, best
+
+
+def hybrid_candidates_triton(log_score: torch.Tensor, x: torch.Tensor, coefficients: torch.Tensor,
+                             row_ids: torch.Tensor, mask_id: int, seed: int, step: int) -> torch.Tensor:
+    """The number of tokens per row whose exact FP64 score decides the Triton draw: the current cell plus
+    the screen's candidates, or V for a row on the exact race (float64 log-scores, a bad row, constants
+    outside the screen's range). Arguments as ``hybrid_step_triton``; int64 [R]."""
+    return _draw(log_score, x, coefficients, row_ids, mask_id, seed, step)[2]
+
+
+def _draw(log_score, x, coefficients, row_ids, mask_id, seed, step):
     check_triton_device(log_score, "hybrid_step")
     device = log_score.device
     num_rows, vocab = log_score.shape
@@ -181,17 +375,24 @@ def hybrid_step_triton(
     tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
     best = torch.empty(num_rows, dtype=torch.float64, device=device)
     if num_rows == 0:
-        return tokens, best
+        return tokens, best, torch.empty(0, dtype=torch.int64, device=device)
     x = x.to(device=device, dtype=torch.int64).contiguous()
     coefficients = coefficients.to(device=device, dtype=torch.float64).contiguous()
     row_ids = row_ids.to(device=device, dtype=torch.int64).contiguous()
     # Pass 3 spans at most V // 2 + 1 Philox blocks; passes 1 and 2 take 2 * block_pairs columns at a time.
     block_pairs = min(launch_block(GPU_BLOCK_PAIRS, INTERPRETER_BLOCK_PAIRS),
                       triton.next_power_of_2(vocab // 2 + 1))
+    options = launch_options(max(1, min(MAX_WARPS, block_pairs // PAIRS_PER_WARP)))
+    arguments = (log_score, x, coefficients, row_ids, float64_constants(device), tokens, best)
+    scalars = (log_score.stride(0), log_score.stride(1), vocab, mask_id, seed & 0xFFFFFFFF, seed >> 32,
+               step & 0xFFFFFFFF)
     with on_device(log_score):
-        _hybrid_step_kernel[(num_rows,)](
-            log_score, x, coefficients, row_ids, float64_constants(device), tokens, best,
-            log_score.stride(0), log_score.stride(1), vocab, mask_id,
-            seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF, BLOCK_P=block_pairs,
-            **launch_options(max(1, min(MAX_WARPS, block_pairs // PAIRS_PER_WARP))))
-    return tokens, best
+        if screened(log_score):
+            counts = torch.empty(num_rows, dtype=torch.int64, device=device)
+            _hybrid_step_screened_kernel[(num_rows,)](
+                *arguments, counts, *scalars, BLOCK_P=block_pairs, MAX_TILES=max_tiles(vocab, block_pairs),
+                **options)
+        else:
+            counts = torch.full((num_rows,), vocab, dtype=torch.int64, device=device)
+            _hybrid_step_kernel[(num_rows,)](*arguments, *scalars, BLOCK_P=block_pairs, **options)
+    return tokens, best, counts
