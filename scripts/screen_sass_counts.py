@@ -43,7 +43,8 @@ CUDA_THREADS = 256  # csrc/block_best.cuh kThreadsPerRow
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """One compiled kernel and the roles of its loops in address order: (role, elements per iteration
-    per thread). ``screened`` kernels must have no FP64 instruction in their "screen" loops (roles starting with "screen")."""
+    per thread). ``screened`` kernels must have no FP64 instruction in their "screen" loops (the roles
+    starting with "screen")."""
 
     name: str
     config: str
