@@ -123,8 +123,15 @@ __device__ __forceinline__ Candidate hybrid_race_exact(int64_t vocab, int64_t cu
 // kVector: a contiguous, 16-byte-aligned tensor), take the maximum in float32 (exact: the widening to
 // float64 is monotone), and race screened (hybrid_screen_cuda.cuh) unless the row is bad or its constants
 // are outside the screen's range (hybrid_screen_row), which take the full race.
+// The least blocks per SM that ptxas must fit: with __launch_bounds__(256) alone it allocates the float64
+// kernel 48 registers (five blocks per SM in the resource table) and spills a loop invariant across the
+// slow-path calls of the IEEE division in log64, so that kernel asks for one block (64 registers, no spill);
+// the screened kernels ask for two (at most 128 registers; with one they take about 156, one block per SM).
+template <typename scalar_t>
+constexpr int kMinBlocksPerSm = std::is_same_v<scalar_t, double> ? 1 : 2;
+
 template <typename scalar_t, bool kVector>
-__global__ void __launch_bounds__(kThreadsPerRow)
+__global__ void __launch_bounds__(kThreadsPerRow, kMinBlocksPerSm<scalar_t>)
     hybrid_step_kernel(const scalar_t* __restrict__ log_score, int64_t stride_row, int64_t stride_col, int64_t vocab,
                        const int64_t* __restrict__ x, const double* __restrict__ coefficients,
                        const int64_t* __restrict__ row_ids, int64_t mask_id, uint64_t seed, uint64_t step,
@@ -246,7 +253,9 @@ void launch(const at::Tensor& log_score, const int64_t* x, const double* coeffic
   const bool vector = !std::is_same_v<scalar_t, double> && log_score.stride(1) == 1 &&
                       reinterpret_cast<uintptr_t>(log_score.const_data_ptr()) % 16 == 0 &&
                       (log_score.size(0) == 1 || (log_score.stride(0) * log_score.element_size()) % 16 == 0);
-  const auto kernel = vector ? hybrid_step_kernel<scalar_t, true> : hybrid_step_kernel<scalar_t, false>;
+  // float64 rows are never read by 16-byte chunks: one instantiation.
+  const auto kernel = vector ? hybrid_step_kernel<scalar_t, !std::is_same_v<scalar_t, double>>
+                             : hybrid_step_kernel<scalar_t, false>;
   kernel<<<static_cast<unsigned int>(log_score.size(0)), kThreadsPerRow, 0, stream>>>(
       log_score.const_data_ptr<scalar_t>(), log_score.stride(0), log_score.stride(1), log_score.size(1), x,
       coefficients, row_ids, mask_id, seed, step, tokens, best);
