@@ -117,12 +117,6 @@ __device__ __forceinline__ Candidate hybrid_race_exact(int64_t vocab, int64_t cu
   return best;
 }
 
-// Block i steps row i: log-scores log_score[i, :], current token x[i], constants coefficients[i, :],
-// noise of identity row_ids[i]. float64 log-scores take passes 1 and 2 on float64 values and the full race;
-// bf16 / fp16 / fp32 ones read the row in chunks of 16 bytes (screen_cuda.cuh; one 16-byte load each with
-// kVector: a contiguous, 16-byte-aligned tensor), take the maximum in float32 (exact: the widening to
-// float64 is monotone), and race screened (hybrid_screen_cuda.cuh) unless the row is bad or its constants
-// are outside the screen's range (hybrid_screen_row), which take the full race.
 // The least blocks per SM that ptxas must fit: with __launch_bounds__(256) alone it allocates the float64
 // kernel 48 registers (five blocks per SM in the resource table) and spills a loop invariant across the
 // slow-path calls of the IEEE division in log64, so that kernel asks for one block (64 registers, no spill);
@@ -130,6 +124,12 @@ __device__ __forceinline__ Candidate hybrid_race_exact(int64_t vocab, int64_t cu
 template <typename scalar_t>
 constexpr int kMinBlocksPerSm = std::is_same_v<scalar_t, double> ? 1 : 2;
 
+// Block i steps row i: log-scores log_score[i, :], current token x[i], constants coefficients[i, :],
+// noise of identity row_ids[i]. float64 log-scores take passes 1 and 2 on float64 values and the full race;
+// bf16 / fp16 / fp32 ones read the row in chunks of 16 bytes (screen_cuda.cuh; one 16-byte load each with
+// kVector: a contiguous, 16-byte-aligned tensor), take the maximum in float32 (exact: the widening to
+// float64 is monotone), and race screened (hybrid_screen_cuda.cuh) unless the row is bad or its constants
+// are outside the screen's range (hybrid_screen_row), which take the full race.
 template <typename scalar_t, bool kVector>
 __global__ void __launch_bounds__(kThreadsPerRow, kMinBlocksPerSm<scalar_t>)
     hybrid_step_kernel(const scalar_t* __restrict__ log_score, int64_t stride_row, int64_t stride_col, int64_t vocab,
