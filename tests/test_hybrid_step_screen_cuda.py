@@ -22,7 +22,8 @@ pytestmark = pytest.mark.cuda
 
 def cuda_draw(log_score, x, coefficients, row_ids=ROW_IDS):
     implementation = hk.backends.select("hybrid_step", "cuda", "cuda", "test").function()
-    return implementation(log_score.cuda(), x.cuda(), coefficients.cuda(), row_ids.cuda(), MASK_ID, SEED, STEP, 2)
+    return implementation(log_score.cuda(), x.cuda(), coefficients.cuda(), row_ids.cuda(), MASK_ID, SEED, STEP,
+                          2)
 
 
 def check(log_score, x, coefficients, row_ids=ROW_IDS):
@@ -74,10 +75,12 @@ def test_rows_without_16_byte_loads(layout):
         device_scores = torch.zeros(len(x), VOCAB + 1, dtype=torch.float32, device="cuda")[:, :VOCAB]
         device_scores.copy_(log_score.cuda())
     else:
-        device_scores = torch.zeros(len(x) * VOCAB + 1, dtype=torch.float32, device="cuda")[1:].view(len(x), VOCAB)
+        flat = torch.zeros(len(x) * VOCAB + 1, dtype=torch.float32, device="cuda")
+        device_scores = flat[1:].view(len(x), VOCAB)
         device_scores.copy_(log_score.cuda())
     implementation = hk.backends.select("hybrid_step", "cuda", "cuda", "test").function()
-    ours = implementation(device_scores, x.cuda(), coefficients.cuda(), ROW_IDS.cuda(), MASK_ID, SEED, STEP, 2)
+    ours = implementation(device_scores, x.cuda(), coefficients.cuda(), ROW_IDS.cuda(), MASK_ID, SEED, STEP,
+                          2)
     assert_same_draw(ours, expected)
 
 
@@ -108,5 +111,6 @@ def test_many_rows_and_odd_vocabularies():
         row_ids = torch.arange(num_rows) * 7 + 1
         expected = _hybrid_step_reference(log_score, x, coefficients, row_ids, mask_id, SEED, STEP, 64)
         implementation = hk.backends.select("hybrid_step", "cuda", "cuda", "test").function()
-        ours = implementation(log_score.cuda(), x.cuda(), coefficients.cuda(), row_ids.cuda(), mask_id, SEED, STEP, 2)
+        ours = implementation(log_score.cuda(), x.cuda(), coefficients.cuda(), row_ids.cuda(), mask_id, SEED,
+                              STEP, 2)
         assert_same_draw(ours, expected)
