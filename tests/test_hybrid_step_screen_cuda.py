@@ -22,8 +22,8 @@ pytestmark = pytest.mark.cuda
 
 def cuda_draw(log_score, x, coefficients, row_ids=ROW_IDS):
     implementation = hk.backends.select("hybrid_step", "cuda", "cuda", "test").function()
-    return implementation(log_score.cuda(), x.cuda(), coefficients.cuda(), row_ids.cuda(), MASK_ID, SEED, STEP,
-                          2)
+    device_tensors = (t.cuda() for t in (log_score, x, coefficients, row_ids))
+    return implementation(*device_tensors, MASK_ID, SEED, STEP, 2)
 
 
 def check(log_score, x, coefficients, row_ids=ROW_IDS):
