@@ -100,10 +100,13 @@ __global__ void __launch_bounds__(kThreadsPerRow)
 //      keep the best with beats() of gumbel_rule.h.
 // kExclude: `excluded` marks excluded ids (else it is null); kVector: every row is contiguous and 16-byte
 // aligned (one 16-byte load per chunk). `counts` (may be null) receives the number of candidates of each row.
+// __launch_bounds__(256, 2): with the maximum threads alone, ptxas allocates the float32 kernel with exclusion
+// and strided loads 64 registers and spills across the slow-path calls of log64's IEEE division; asking for
+// two blocks per SM (at most 128 registers) it takes 85 and spills nothing (ptxas -v, sm_90).
 constexpr int kScreenSlots = 128;
 
 template <typename scalar_t, bool kExclude, bool kVector>
-__global__ void __launch_bounds__(kThreadsPerRow)
+__global__ void __launch_bounds__(kThreadsPerRow, 2)
     gumbel_argmax_screened_kernel(const scalar_t* __restrict__ logits, int64_t stride_row, int64_t stride_col,
                                   int64_t vocab, const int64_t* __restrict__ take, const int64_t* __restrict__ row_ids,
                                   const uint8_t* __restrict__ excluded, GumbelParams params, float scale,

@@ -111,6 +111,36 @@ constexpr uint64_t kMantissaMask = (uint64_t{1} << 52) - 1;
 constexpr uint64_t kExponentOne = uint64_t{1023} << 52;  // the bit pattern of 1.0
 constexpr uint64_t kSqrt2Bits = 0x3FF6A09E667F3BCDull;    // √2 rounded down; m above it is halved
 
+// The coefficients as the device reads them. A float64 constant that is not a short immediate (most of the
+// above) costs two UMOV instructions wherever an FP64 instruction uses it, in every iteration of a loop that
+// calls log64 or exp64; read from constant memory it is an operand of the FP64 instruction itself
+// (c[0x3][offset]), at no instruction. The values are the constexpr scalars above, so the bits are the
+// same on host and device, and every operation stays the same explicit round-to-nearest intrinsic (no
+// contraction). Host code reads the scalars directly (log64_constant below).
+struct Log64Constants {
+  double log_c[11];  // kC0 .. kC10
+  double ln2_hi, ln2_lo;
+  double exp_e[14];  // kE0 .. kE13
+  double inv_ln2;
+};
+
+#ifdef __CUDACC__
+// One copy per translation unit (static): the extension's CUDA sources are compiled whole-program.
+static __constant__ Log64Constants kDeviceConstants = {
+    {kC0, kC1, kC2, kC3, kC4, kC5, kC6, kC7, kC8, kC9, kC10},
+    kLn2Hi,
+    kLn2Lo,
+    {kE0, kE1, kE2, kE3, kE4, kE5, kE6, kE7, kE8, kE9, kE10, kE11, kE12, kE13},
+    kInvLn2};
+#endif
+
+// The device reads kDeviceConstants.member, the host the constexpr scalar `host` (the same value).
+#ifdef __CUDA_ARCH__
+#define HDLM_LOG64_CONSTANT(member, host) (::hdlm::log64_detail::kDeviceConstants.member)
+#else
+#define HDLM_LOG64_CONSTANT(member, host) (::hdlm::log64_detail::host)
+#endif
+
 HDLM_HOST_DEVICE inline uint64_t bits_of(double x) {
 #ifdef __CUDA_ARCH__
   return static_cast<uint64_t>(__double_as_longlong(x));
@@ -149,19 +179,20 @@ HDLM_HOST_DEVICE inline double log64(double x) {
   const double f = add_rn(double_of(mantissa_bits), -1.0);  // m - 1, exact (Sterbenz)
   const double s = div_rn(f, add_rn(f, 2.0));
   const double z = mul_rn(s, s);
-  double p = kC10;
-  p = add_rn(mul_rn(p, z), kC9);
-  p = add_rn(mul_rn(p, z), kC8);
-  p = add_rn(mul_rn(p, z), kC7);
-  p = add_rn(mul_rn(p, z), kC6);
-  p = add_rn(mul_rn(p, z), kC5);
-  p = add_rn(mul_rn(p, z), kC4);
-  p = add_rn(mul_rn(p, z), kC3);
-  p = add_rn(mul_rn(p, z), kC2);
-  p = add_rn(mul_rn(p, z), kC1);
-  p = add_rn(mul_rn(p, z), kC0);
+  double p = HDLM_LOG64_CONSTANT(log_c[10], kC10);
+  p = add_rn(mul_rn(p, z), HDLM_LOG64_CONSTANT(log_c[9], kC9));
+  p = add_rn(mul_rn(p, z), HDLM_LOG64_CONSTANT(log_c[8], kC8));
+  p = add_rn(mul_rn(p, z), HDLM_LOG64_CONSTANT(log_c[7], kC7));
+  p = add_rn(mul_rn(p, z), HDLM_LOG64_CONSTANT(log_c[6], kC6));
+  p = add_rn(mul_rn(p, z), HDLM_LOG64_CONSTANT(log_c[5], kC5));
+  p = add_rn(mul_rn(p, z), HDLM_LOG64_CONSTANT(log_c[4], kC4));
+  p = add_rn(mul_rn(p, z), HDLM_LOG64_CONSTANT(log_c[3], kC3));
+  p = add_rn(mul_rn(p, z), HDLM_LOG64_CONSTANT(log_c[2], kC2));
+  p = add_rn(mul_rn(p, z), HDLM_LOG64_CONSTANT(log_c[1], kC1));
+  p = add_rn(mul_rn(p, z), HDLM_LOG64_CONSTANT(log_c[0], kC0));
   const double e = static_cast<double>(exponent);  // |e| < 2^11: exact
-  return add_rn(mul_rn(e, kLn2Hi), add_rn(mul_rn(e, kLn2Lo), mul_rn(add_rn(s, s), p)));
+  return add_rn(mul_rn(e, HDLM_LOG64_CONSTANT(ln2_hi, kLn2Hi)),
+                add_rn(mul_rn(e, HDLM_LOG64_CONSTANT(ln2_lo, kLn2Lo)), mul_rn(add_rn(s, s), p)));
 }
 
 // e^x for x <= 708 (and 0 for x < -708, -inf and NaN); bit-identical to log64.py's exp64:
@@ -174,24 +205,25 @@ HDLM_HOST_DEVICE inline double exp64(double x) {
   if (!(x >= kExp64Min)) {  // written so that NaN lands here too, as the torch twin's `live` mask
     return 0.0;
   }
-  const double t = mul_rn(x, kInvLn2);
+  const double t = mul_rn(x, HDLM_LOG64_CONSTANT(inv_ln2, kInvLn2));
   const int64_t k = double_to_int64_rz(t >= 0.0 ? add_rn(t, 0.5) : sub_rn(t, 0.5));
   const double kf = int64_to_double_rn(k);  // |k| < 2^11: exact
-  const double r = sub_rn(sub_rn(x, mul_rn(kf, kLn2Hi)), mul_rn(kf, kLn2Lo));
-  double p = kE13;
-  p = add_rn(mul_rn(p, r), kE12);
-  p = add_rn(mul_rn(p, r), kE11);
-  p = add_rn(mul_rn(p, r), kE10);
-  p = add_rn(mul_rn(p, r), kE9);
-  p = add_rn(mul_rn(p, r), kE8);
-  p = add_rn(mul_rn(p, r), kE7);
-  p = add_rn(mul_rn(p, r), kE6);
-  p = add_rn(mul_rn(p, r), kE5);
-  p = add_rn(mul_rn(p, r), kE4);
-  p = add_rn(mul_rn(p, r), kE3);
-  p = add_rn(mul_rn(p, r), kE2);
-  p = add_rn(mul_rn(p, r), kE1);
-  p = add_rn(mul_rn(p, r), kE0);
+  const double r = sub_rn(sub_rn(x, mul_rn(kf, HDLM_LOG64_CONSTANT(ln2_hi, kLn2Hi))),
+                         mul_rn(kf, HDLM_LOG64_CONSTANT(ln2_lo, kLn2Lo)));
+  double p = HDLM_LOG64_CONSTANT(exp_e[13], kE13);
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[12], kE12));
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[11], kE11));
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[10], kE10));
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[9], kE9));
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[8], kE8));
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[7], kE7));
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[6], kE6));
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[5], kE5));
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[4], kE4));
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[3], kE3));
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[2], kE2));
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[1], kE1));
+  p = add_rn(mul_rn(p, r), HDLM_LOG64_CONSTANT(exp_e[0], kE0));
   // The exponent field k + 1023 in unsigned arithmetic: the same 64 bits as the torch twin's int64 shift.
   const double scale = double_of(static_cast<uint64_t>(k + 1023) << 52);
   return mul_rn(p, scale);

@@ -43,7 +43,8 @@ CUDA_THREADS = 256  # csrc/block_best.cuh kThreadsPerRow
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """One compiled kernel and the roles of its loops in address order: (role, elements per iteration
-    per thread). ``screened`` kernels must have no FP64 instruction in their "screen" loop."""
+    per thread). ``screened`` kernels must have no FP64 instruction in their "screen" loops (the roles
+    starting with "screen")."""
 
     name: str
     config: str
@@ -110,8 +111,9 @@ def describe(kernel: Kernel, sass: str) -> dict:
             loop = dict(loop, role="other" if kernel.roles else f"loop {index + 1}")
         record["loops"].append(loop)
     if kernel.screened:
-        screen = [loop for loop in record["loops"] if loop["role"] == "screen"]
-        record["screen_fp64"] = screen[0]["fp64"] if screen else None
+        # A kernel may hold several screen loops (the CUDA γ step: one per form of the interval).
+        screen = [loop for loop in record["loops"] if loop["role"].startswith("screen")]
+        record["screen_fp64"] = max(loop["fp64"] for loop in screen) if screen else None
     return record
 
 
@@ -198,9 +200,21 @@ def _cuda_kernel(symbol: str) -> Kernel | None:
         # unrolled by nvcc, so it is not named.
         return Kernel("cuda gumbel_argmax exact", dtype, (("exact walk", 2),), False)
     if "hybrid_step_kernel" in short:
-        # nvcc unrolls this kernel's column loops (with remainder loops), so neither the order of its loops
-        # nor their elements per iteration follow the source: listed without roles.
-        return Kernel("cuda hybrid_step", dtype, (), False)
+        flags = re.findall(r"\b(true|false)\b", short)
+        config = f"{dtype}, vector={flags[0]}" if flags else dtype
+        if dtype == "float64":
+            # float64 rows take the full race only, and nvcc unrolls its column loops (with remainder loops),
+            # so neither the order of its loops nor their elements per iteration follow the source: listed
+            # without roles.
+            return Kernel("cuda hybrid_step", config, (), False)
+        # Address order (checked on the machine code: the ladder constants of hybrid_screen.h's φ bounds sit
+        # in the first screen loop): the float32 max and the exact sum over 16-byte chunks, the screen and
+        # the decision with K = c2 S > 0, the same with K = 0 (Euler), then the full race of the rows the
+        # screen does not take (one Philox pair per iteration).
+        columns = {"bfloat16": 8, "float16": 8, "float32": 4}[dtype]
+        return Kernel("cuda hybrid_step", config,
+                      (("max", columns), ("sum", columns), ("screen, K > 0", columns), ("decide, K > 0", columns),
+                       ("screen, K = 0", columns), ("decide, K = 0", columns), ("exact race", 2)), True)
     return None
 
 

@@ -1,0 +1,205 @@
+// The device side of the γ step's screen (docs/sampling-screen.md, "The γ step" and "GPU kernels"): the
+// chunks of a row with the tokens that are not read set to -inf, and the screened race of one row, run by a
+// whole thread block once the row's exact m and S are known. The rule of the interval is hybrid_screen.h's
+// (the very functions the C++ backend runs, compiled for the device); the chunks, the float32 reductions
+// and the 16-byte loads are screen_cuda.cuh's. The screen loop holds no FP64 instruction
+// (scripts/screen_sass_counts.py counts them in the sm_90 machine code); the exact decision is the header
+// code of the full race (hybrid_rule.h, gumbel_rule.h, log64.h), so the winner is the full race's, bit for
+// bit.
+#pragma once
+
+#include <cstdint>
+
+#include "block_best.cuh"
+#include "gumbel_rule.h"
+#include "hybrid_rule.h"
+#include "hybrid_screen.h"
+#include "log64.h"
+#include "philox.h"
+#include "screen.h"
+#include "screen_cuda.cuh"
+
+namespace hdlm {
+namespace hybrid_screen_cuda_detail {
+
+// Iterations of a warp over its row with their own slot of the largest upper bound (later iterations share
+// the last slot), as in gumbel_cuda.cu's screened kernel.
+constexpr int kScreenSlots = 128;
+
+}  // namespace hybrid_screen_cuda_detail
+
+// The chunk of kColumns columns starting at `first` (screen_cuda.cuh's load_chunk), with the columns that
+// are not read (the current token and the MASK column) at -inf: their ratio is 0 in the row's max and sum,
+// and the race scores them apart (the current cell exactly, the MASK column never).
+template <typename scalar_t, bool kVector>
+__device__ __forceinline__ Chunk<scalar_t> load_read_chunk(const scalar_t* __restrict__ row, int64_t stride_col,
+                                                           int64_t vocab, int64_t first, int64_t current,
+                                                           int64_t mask_id) {
+  Chunk<scalar_t> chunk = load_chunk<scalar_t, kVector>(row, stride_col, vocab, first);
+#pragma unroll
+  for (int c = 0; c < Chunk<scalar_t>::kColumns; ++c) {
+    const int64_t column = first + c;
+    chunk.x[c] = column == current || column == mask_id ? __int_as_float(0xFF800000) : chunk.x[c];
+  }
+  return chunk;
+}
+
+// The largest of the block's float values (none NaN), in every thread. `scratch` is this reduction's own
+// shared array (not reused, so no barrier is needed after reading it).
+__device__ __forceinline__ float block_max_float(float value, float* scratch) {
+  using namespace block_best_detail;
+  value = warp_max_float(value);
+  if (threadIdx.x % kWarpSize == 0) {
+    scratch[threadIdx.x / kWarpSize] = value;
+  }
+  __syncthreads();
+  value = scratch[0];
+#pragma unroll
+  for (int warp = 1; warp < kWarpsPerRow; ++warp) {
+    value = fmaxf(value, scratch[warp]);
+  }
+  return value;
+}
+
+// The largest float32 value at most v (v finite): a lower bound of an exact score, as a floor.
+__device__ __forceinline__ float float_at_most_device(double v) { return __double2float_rd(v); }
+
+// What the screened race of a row reads.
+struct HybridScreenedRow {
+  int64_t vocab;
+  int64_t current;
+  int64_t mask_id;
+  uint64_t row_id;
+  uint64_t seed;
+  uint64_t step;
+  HybridScreenRow screen;  // the float32 constants of hybrid_screen_row
+  bool no_read_weight;     // c1 = 0: no read token has a weight, only the current cell is scored
+};
+
+// The best candidate of this thread in a row that is not bad and whose constants passed hybrid_screen_row
+// (or c1 = 0), by screen, then decide: block_best of the block's results is the full race's (score,
+// column). Every thread of the block calls it (it synchronizes the block).
+//   0. the current cell's exact score (when it has a weight): the first best, its float32 value rounded
+//      down the first floor;
+//   1. float32 only: thread t at iteration k screens chunk q = 256 k + t (whole Philox pairs: chunk q starts
+//      at column kColumns q - parity), keeps its running floor, and each warp writes the largest upper
+//      bound of the iteration to its slot in shared memory;
+//   2. L = the block's floor; a warp re-walks only the iterations whose slot reaches L and holds a token
+//      that may have a weight (a warp-uniform branch), and the lanes with a candidate compute its exact
+//      score (hybrid_read_log_weight, log64, the FP64 noise) and keep the best with beats().
+template <typename scalar_t, bool kVector, bool kKZero>
+__device__ __forceinline__ Candidate hybrid_race_screened(const scalar_t* __restrict__ row, int64_t stride_col,
+                                                          const HybridScreenedRow& r, const HybridRow& weights) {
+  using namespace block_best_detail;
+  using hybrid_screen_cuda_detail::kScreenSlots;
+  constexpr int kColumns = Chunk<scalar_t>::kColumns;
+  constexpr int kPairs = kColumns / 2;
+  __shared__ float slot_top[kWarpsPerRow][kScreenSlots];
+  __shared__ float warp_floor[kWarpsPerRow];
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const float minus_inf = __int_as_float(0xFF800000);
+  const double minus_inf_double = hybrid_detail::minus_infinity();
+
+  // 0. The current cell, exactly (every thread: the same bits, no broadcast needed).
+  Candidate best = no_candidate();
+  float floor = minus_inf;
+  if (weights.current_log_weight != minus_inf_double) {
+    const double noise = gumbel_noise(uniform53(r.seed, r.step, kGumbelStream,
+                                                r.row_id * static_cast<uint64_t>(r.vocab) +
+                                                    static_cast<uint64_t>(r.current)));
+    best = Candidate{hybrid_score(weights.current_log_weight, noise), r.current};
+    floor = float_at_most_device(best.score);
+  }
+  if (r.no_read_weight) {
+    return best;
+  }
+
+  const RowPairs pairs = row_pairs(r.row_id, r.vocab);
+  const int64_t num_chunks = (pairs.count + kPairs - 1) / kPairs;
+  // The intervals of chunk q's columns (absent and unread columns: [-inf, -inf]), with its float32
+  // log-scores and Philox blocks for the exact pass.
+  struct ScreenedChunk {
+    Chunk<scalar_t> scores;
+    PhiloxBlock blocks[kPairs];
+    float hi[kColumns];
+    float lo[kColumns];
+  };
+  const auto screen_chunk = [&](int64_t q) {
+    ScreenedChunk chunk;
+    const int64_t first = kColumns * q - pairs.parity;
+    chunk.scores = load_read_chunk<scalar_t, kVector>(row, stride_col, r.vocab, first, r.current, r.mask_id);
+#pragma unroll
+    for (int p = 0; p < kPairs; ++p) {
+      chunk.blocks[p] = philox_block_for_pair(r.seed, r.step, kGumbelStream,
+                                              pairs.first_pair + static_cast<uint64_t>(kPairs * q + p));
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int c = 2 * p + half;
+        const float noise = screen_noise_device(chunk.blocks[p].w[2 * half], chunk.blocks[p].w[2 * half + 1]);
+        const ScreenBounds bounds = hybrid_screen_bounds<kKZero>(chunk.scores.x[c], noise, r.screen.shift,
+                                                                 r.screen.log_c1, r.screen.log_k);
+        const bool absent = q >= num_chunks;  // columns outside [0, V) read -inf: [-inf, -inf] already
+        chunk.lo[c] = absent ? minus_inf : bounds.lo;
+        chunk.hi[c] = absent ? minus_inf : bounds.hi;
+      }
+    }
+    return chunk;
+  };
+
+  // 1. The screen (float32 and integer work only).
+  int64_t iterations = 0;
+  for (int64_t base = warp * kWarpSize; base < num_chunks; base += kThreadsPerRow, ++iterations) {
+    const ScreenedChunk chunk = screen_chunk(base + lane);
+    float top = minus_inf;
+#pragma unroll
+    for (int c = 0; c < kColumns; ++c) {
+      floor = screen_floor(floor, chunk.lo[c]);
+      top = fmaxf(top, nan_as_infinity(chunk.hi[c]));
+    }
+    top = warp_max_float(top);
+    if (lane == 0) {
+      const int64_t slot = iterations < kScreenSlots ? iterations : kScreenSlots - 1;
+      slot_top[warp][slot] = iterations < kScreenSlots ? top : fmaxf(slot_top[warp][slot], top);
+    }
+  }
+  floor = warp_max_float(floor);
+  if (lane == 0) {
+    warp_floor[warp] = floor;
+  }
+  __syncthreads();
+  float row_floor = minus_inf;
+#pragma unroll
+  for (int w = 0; w < kWarpsPerRow; ++w) {
+    row_floor = fmaxf(row_floor, warp_floor[w]);
+  }
+
+  // 2. The exact score of the candidates only. An upper bound of -inf proves the score -inf (no weight):
+  // such a token is not offered, as in the full race, so an iteration whose slot is -inf is skipped too.
+  int64_t k = 0;
+  for (int64_t base = warp * kWarpSize; base < num_chunks; base += kThreadsPerRow, ++k) {
+    const float top = slot_top[warp][k < kScreenSlots ? k : kScreenSlots - 1];
+    if (top < row_floor || top == minus_inf) {
+      continue;  // uniform across the warp
+    }
+    const int64_t q = base + lane;
+    const ScreenedChunk chunk = screen_chunk(q);
+    const int64_t first = kColumns * q - pairs.parity;
+#pragma unroll
+    for (int c = 0; c < kColumns; ++c) {
+      if (chunk.hi[c] != minus_inf && screen_candidate(chunk.hi[c], row_floor)) {
+        const double log_weight = hybrid_read_log_weight(
+            hybrid_ratio(static_cast<double>(chunk.scores.x[c]), weights.shift), weights);
+        if (log_weight != minus_inf_double) {
+          const PhiloxBlock& block = chunk.blocks[c / 2];
+          const double noise =
+              gumbel_noise(uniform53_from_words(block.w[2 * (c % 2)], block.w[2 * (c % 2) + 1]));
+          take_if_better(best, Candidate{hybrid_score(log_weight, noise), first + c});
+        }
+      }
+    }
+  }
+  return best;
+}
+
+}  // namespace hdlm
