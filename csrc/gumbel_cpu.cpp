@@ -275,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_argmax_counted_cpu(
   const bool noise = temperature != 0.0;
   const GumbelParams params{seed, static_cast<uint64_t>(step), temperature, noise, noise && temperature != 1.0};
   ScreenSetup setup{false, 1.0f, screen_tile_function(), tile_reaches_function(),
-                    active_cpu_isa() == CpuIsa::kAvx2};
+                    active_cpu_isa() >= CpuIsa::kAvx2};
   if (noise && logits.scalar_type() != at::kDouble) {
     setup.enabled = screen_temperature(temperature, setup.scale);
   }

@@ -145,6 +145,7 @@ struct Scratch {
 // The instruction set's stages, chosen once per call.
 struct HybridSetup {
   bool avx2;
+  bool avx512;  // the exact row sum in 8 float64 lanes
   HybridScreenTileFunction tile;
   HybridTileReachesFunction reaches;
 };
@@ -194,7 +195,11 @@ bool draw_row_screened(const scalar_t* row, int64_t stride_col, int64_t vocab, i
   if (setup.avx2 && vocab < kFixedLanesMaxVocab) {
     FixedSumLanes lane_sums;
     fixed_lanes_clear(lane_sums);
-    fixed_sum_avx2(buffer, vocab, shift, lane_sums);
+    if (setup.avx512) {
+      fixed_sum_avx512(buffer, static_cast<int>(vocab), shift, lane_sums);
+    } else {
+      fixed_sum_avx2(buffer, static_cast<int>(vocab), shift, lane_sums);
+    }
     sum = fixed_lanes_total(lane_sums);
   } else {
     fixed_sum_scalar(buffer, vocab, shift, sum);
@@ -293,7 +298,8 @@ void draw_rows(const at::Tensor& log_score, const int64_t* x, const double* coef
   const int64_t stride_row = log_score.stride(0);
   const int64_t stride_col = log_score.stride(1);
   const bool parallel = num_rows > 1 && num_rows * vocab >= kMinTokensToParallelize;
-  const HybridSetup setup{active_cpu_isa() == CpuIsa::kAvx2, hybrid_screen_tile_function(),
+  const HybridSetup setup{active_cpu_isa() >= CpuIsa::kAvx2, active_cpu_isa() >= CpuIsa::kAvx512,
+                          hybrid_screen_tile_function(),
                           hybrid_tile_reaches_function()};
   // float64 log-scores do not fit the float32 screen: every row takes the full exact race.
   const bool screened = !std::is_same_v<scalar_t, double>;

@@ -44,14 +44,14 @@ using HybridTileReachesFunction = bool (*)(const uint32_t*, const uint32_t*, con
                                            const HybridScreenRow&, float);
 
 inline HybridTileReachesFunction hybrid_tile_reaches_function() {
-  return active_cpu_isa() == CpuIsa::kAvx2 ? &hybrid_tile_reaches_avx2 : &hybrid_tile_reaches_scalar;
+  return active_cpu_isa() >= CpuIsa::kAvx2 ? &hybrid_tile_reaches_avx2 : &hybrid_tile_reaches_scalar;
 }
 
 using HybridScreenTileFunction = float (*)(const uint32_t*, const uint32_t*, const uint32_t*, const uint32_t*,
                                            const HybridScreenRow&, float, ScreenTile&, bool&);
 
 inline HybridScreenTileFunction hybrid_screen_tile_function() {
-  return active_cpu_isa() == CpuIsa::kAvx2 ? &hybrid_screen_tile_avx2 : &hybrid_screen_tile_scalar;
+  return active_cpu_isa() >= CpuIsa::kAvx2 ? &hybrid_screen_tile_avx2 : &hybrid_screen_tile_scalar;
 }
 
 // Partial fixed-point sums in integer-valued float64 lanes: trunc(r' 2^32) <= 2^32 and the low part < 2^31,
@@ -84,6 +84,9 @@ inline FixedSum fixed_lanes_total(const FixedSumLanes& lanes) {
 // Adds the fixed-point ratios exp64(s - shift) of `count` float32 log-scores (-inf adds 0) to `lanes`.
 // AVX2 only where cpu_has_avx2().
 void fixed_sum_avx2(const float* scores, int count, double shift, FixedSumLanes& lanes);
+// The same in 8 float64 lanes (AVX-512F, same operations; the lanes fold into `lanes`). Only where
+// cpu_has_avx512().
+void fixed_sum_avx512(const float* scores, int count, double shift, FixedSumLanes& lanes);
 // The same with the scalar code of hybrid_rule.h, into int64 accumulators.
 void fixed_sum_scalar(const float* scores, int count, double shift, FixedSum& sum);
 

@@ -101,9 +101,88 @@ __attribute__((target("avx2"))) void fixed_sum_avx2(const float* scores, int cou
   _mm256_store_pd(lanes.lo, lo);
 }
 
+namespace {
+
+// exp64 of 8 lanes: exp64_lanes above, operation by operation, with AVX-512 masks in place of the AVX2 blends
+// (a masked move to zero is the AND with the all-ones comparison result). Without FMA contraction
+// (-ffp-contract=off): every product and sum is rounded on its own, as in the scalar exp64.
+__attribute__((target("avx512f"), always_inline)) inline __m512d exp64_lanes8(__m512d x) {
+  using namespace log64_detail;
+  const __mmask8 live = _mm512_cmp_pd_mask(x, _mm512_set1_pd(kExp64Min), _CMP_GE_OQ);
+  x = _mm512_maskz_mov_pd(live, x);
+  const __m512d t = _mm512_mul_pd(x, _mm512_set1_pd(kInvLn2));
+  const __m512d half = _mm512_set1_pd(0.5);
+  const __mmask8 nonnegative = _mm512_cmp_pd_mask(t, _mm512_setzero_pd(), _CMP_GE_OQ);
+  const __m512d rounded = _mm512_mask_blend_pd(nonnegative, _mm512_sub_pd(t, half), _mm512_add_pd(t, half));
+  const __m512d kf = _mm512_roundscale_pd(rounded, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __m512d r = _mm512_sub_pd(_mm512_sub_pd(x, _mm512_mul_pd(kf, _mm512_set1_pd(kLn2Hi))),
+                                  _mm512_mul_pd(kf, _mm512_set1_pd(kLn2Lo)));
+  __m512d p = _mm512_set1_pd(kE13);
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE12));
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE11));
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE10));
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE9));
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE8));
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE7));
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE6));
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE5));
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE4));
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE3));
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE2));
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE1));
+  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE0));
+  const __m256i k32 = _mm512_cvtpd_epi32(kf);  // exact: kf holds integers
+  const __m512i field = _mm512_add_epi64(_mm512_cvtepi32_epi64(k32), _mm512_set1_epi64(1023));
+  const __m512d scale = _mm512_castsi512_pd(_mm512_slli_epi64(field, 52));
+  return _mm512_maskz_mov_pd(live, _mm512_mul_pd(p, scale));
+}
+
+__attribute__((target("avx512f"), always_inline)) inline void fixed_add_lanes8(__m512d ratio, __m512d& hi,
+                                                                               __m512d& lo) {
+  const __m512d scaled = _mm512_mul_pd(ratio, _mm512_set1_pd(0x1p32));
+  const __m512d high = _mm512_roundscale_pd(scaled, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __m512d low = _mm512_roundscale_pd(_mm512_mul_pd(_mm512_sub_pd(scaled, high), _mm512_set1_pd(0x1p31)),
+                                           _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  hi = _mm512_add_pd(hi, high);
+  lo = _mm512_add_pd(lo, low);
+}
+
+}  // namespace
+
+// Two groups of 8 per iteration (exp64's Horner chain is latency-bound). The 8 lanes fold into the 4 of
+// FixedSumLanes at the end: each lane sum is an integer below V/8 * 2^32 < 2^50 (V < 2^21), so the folded
+// sums stay exact.
+__attribute__((target("avx512f"))) void fixed_sum_avx512(const float* scores, int count, double shift,
+                                                        FixedSumLanes& lanes) {
+  __m512d hi = _mm512_setzero_pd();
+  __m512d lo = _mm512_setzero_pd();
+  const __m512d m = _mm512_set1_pd(shift);
+  int i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m512d r0 = exp64_lanes8(_mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(scores + i)), m));
+    const __m512d r1 = exp64_lanes8(_mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(scores + i + 8)), m));
+    fixed_add_lanes8(r0, hi, lo);
+    fixed_add_lanes8(r1, hi, lo);
+  }
+  alignas(64) double hi_lanes[8];
+  alignas(64) double lo_lanes[8];
+  _mm512_store_pd(hi_lanes, hi);
+  _mm512_store_pd(lo_lanes, lo);
+  for (int j = 0; j < 4; ++j) {
+    lanes.hi[j] += hi_lanes[j] + hi_lanes[j + 4];
+    lanes.lo[j] += lo_lanes[j] + lo_lanes[j + 4];
+  }
+  if (i < count) {  // the last 0..15 scores, in 4-lane groups and a padded tail
+    fixed_sum_avx2(scores + i, count - i, shift, lanes);
+  }
+}
+
 }  // namespace hdlm
 #else
 namespace hdlm {
+void fixed_sum_avx512(const float* scores, int count, double shift, FixedSumLanes& lanes) {
+  fixed_sum_avx2(scores, count, shift, lanes);
+}
 // No AVX2 in this build (cpu_has_avx2() is false, so this is never called): the scalar code into the lanes.
 void fixed_sum_avx2(const float* scores, int count, double shift, FixedSumLanes& lanes) {
   FixedSum sum{0, 0};

@@ -95,14 +95,14 @@ using ScreenTileFunction = float (*)(const uint32_t*, const uint32_t*, const uin
 
 // The tile stage of the instruction set active_cpu_isa() names (read once per call, not per tile).
 inline ScreenTileFunction screen_tile_function() {
-  return active_cpu_isa() == CpuIsa::kAvx2 ? &screen_tile_avx2 : &screen_tile_scalar;
+  return active_cpu_isa() >= CpuIsa::kAvx2 ? &screen_tile_avx2 : &screen_tile_scalar;
 }
 
 using TileReachesFunction = bool (*)(const uint32_t*, const uint32_t*, const ScreenTile&, float, float);
 
 // The prefilter of the instruction set active_cpu_isa() names.
 inline TileReachesFunction tile_reaches_function() {
-  return active_cpu_isa() == CpuIsa::kAvx2 ? &tile_reaches_avx2 : &tile_reaches_scalar;
+  return active_cpu_isa() >= CpuIsa::kAvx2 ? &tile_reaches_avx2 : &tile_reaches_scalar;
 }
 
 }  // namespace hdlm
