@@ -35,7 +35,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gumbel_argmax_cpu plus, with count=True, the tokens scored exactly per row (int64 [n]): the screen's "
         "candidates (docs/sampling-screen.md)");
   m.def("set_cpu_isa", &hdlm::set_cpu_isa, pybind11::arg("isa"),
-        "instruction set of the CPU samplers' screening stage: 'auto', 'scalar' or 'avx2'");
+        "instruction set of the CPU samplers' screening stage: 'auto', 'scalar', 'avx2' or 'avx512' (the γ step's exact row sum in 8 float64 lanes)");
   m.def("cpu_isa", &hdlm::cpu_isa_name, "the instruction set the CPU samplers' screening stage runs with now");
   m.def("screen_scores_cpu", &hdlm::screen_scores_cpu, pybind11::arg("word_a"), pybind11::arg("word_b"),
         pybind11::arg("logit"), pybind11::arg("scale"), pybind11::arg("atanh") = false,
