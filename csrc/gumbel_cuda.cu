@@ -103,7 +103,6 @@ __global__ void __launch_bounds__(kThreadsPerRow)
 // __launch_bounds__(256, 2): with the maximum threads alone, ptxas allocates the float32 kernel with exclusion
 // and strided loads 64 registers and spills across the slow-path calls of log64's IEEE division; asking for
 // two blocks per SM (at most 128 registers) it takes 85 and spills nothing (ptxas -v, sm_90).
-constexpr int kScreenSlots = 128;
 
 template <typename scalar_t, bool kExclude, bool kVector>
 __global__ void __launch_bounds__(kThreadsPerRow, 2)
@@ -165,32 +164,7 @@ __global__ void __launch_bounds__(kThreadsPerRow, 2)
   };
 
   // Pass 1 (float32 only).
-  float floor = minus_inf;
-  int64_t iterations = 0;
-  for (int64_t base = warp * kWarpSize; base < num_chunks; base += kThreadsPerRow, ++iterations) {
-    const ScreenedChunk chunk = screen_chunk(base + lane);
-    float top = minus_inf;
-#pragma unroll
-    for (int c = 0; c < kColumns; ++c) {
-      floor = screen_floor(floor, chunk.lo[c]);
-      top = fmaxf(top, nan_as_infinity(chunk.hi[c]));
-    }
-    top = warp_max_float(top);
-    if (lane == 0) {
-      const int64_t slot = iterations < kScreenSlots ? iterations : kScreenSlots - 1;
-      slot_top[warp][slot] = iterations < kScreenSlots ? top : fmaxf(slot_top[warp][slot], top);
-    }
-  }
-  floor = warp_max_float(floor);
-  if (lane == 0) {
-    warp_floor[warp] = floor;
-  }
-  __syncthreads();
-  float row_floor = minus_inf;
-#pragma unroll
-  for (int w = 0; w < kWarpsPerRow; ++w) {
-    row_floor = fmaxf(row_floor, warp_floor[w]);
-  }
+  const float row_floor = screen_row_floor<kColumns>(screen_chunk, num_chunks, minus_inf, slot_top, warp_floor);
 
   // Pass 2: the exact score of the candidates only.
   Candidate best = no_candidate();

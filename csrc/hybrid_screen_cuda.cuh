@@ -20,13 +20,6 @@
 #include "screen_cuda.cuh"
 
 namespace hdlm {
-namespace hybrid_screen_cuda_detail {
-
-// Iterations of a warp over its row with their own slot of the largest upper bound (later iterations share
-// the last slot), as in gumbel_cuda.cu's screened kernel.
-constexpr int kScreenSlots = 128;
-
-}  // namespace hybrid_screen_cuda_detail
 
 // The chunk of kColumns columns starting at `first` (screen_cuda.cuh's load_chunk), with the columns that
 // are not read (the current token and the MASK column) at -inf: their ratio is 0 in the row's max and sum,
@@ -91,7 +84,6 @@ template <typename scalar_t, bool kVector, bool kKZero>
 __device__ __forceinline__ Candidate hybrid_race_screened(const scalar_t* __restrict__ row, int64_t stride_col,
                                                           const HybridScreenedRow& r, const HybridRow& weights) {
   using namespace block_best_detail;
-  using hybrid_screen_cuda_detail::kScreenSlots;
   constexpr int kColumns = Chunk<scalar_t>::kColumns;
   constexpr int kPairs = kColumns / 2;
   __shared__ float slot_top[kWarpsPerRow][kScreenSlots];
@@ -148,31 +140,7 @@ __device__ __forceinline__ Candidate hybrid_race_screened(const scalar_t* __rest
   };
 
   // 1. The screen (float32 and integer work only).
-  int64_t iterations = 0;
-  for (int64_t base = warp * kWarpSize; base < num_chunks; base += kThreadsPerRow, ++iterations) {
-    const ScreenedChunk chunk = screen_chunk(base + lane);
-    float top = minus_inf;
-#pragma unroll
-    for (int c = 0; c < kColumns; ++c) {
-      floor = screen_floor(floor, chunk.lo[c]);
-      top = fmaxf(top, nan_as_infinity(chunk.hi[c]));
-    }
-    top = warp_max_float(top);
-    if (lane == 0) {
-      const int64_t slot = iterations < kScreenSlots ? iterations : kScreenSlots - 1;
-      slot_top[warp][slot] = iterations < kScreenSlots ? top : fmaxf(slot_top[warp][slot], top);
-    }
-  }
-  floor = warp_max_float(floor);
-  if (lane == 0) {
-    warp_floor[warp] = floor;
-  }
-  __syncthreads();
-  float row_floor = minus_inf;
-#pragma unroll
-  for (int w = 0; w < kWarpsPerRow; ++w) {
-    row_floor = fmaxf(row_floor, warp_floor[w]);
-  }
+  const float row_floor = screen_row_floor<kColumns>(screen_chunk, num_chunks, floor, slot_top, warp_floor);
 
   // 2. The exact score of the candidates only. An upper bound of -inf proves the score -inf (no weight):
   // such a token is not offered, as in the full race, so an iteration whose slot is -inf is skipped too.

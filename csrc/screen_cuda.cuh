@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "block_best.cuh"  // kThreadsPerRow, kWarpsPerRow
 #include "gumbel_rule.h"
 #include "philox.h"
 #include "screen.h"
@@ -119,6 +120,52 @@ __device__ __forceinline__ Chunk<scalar_t> load_chunk(const scalar_t* __restrict
     chunk.x[c] = column >= 0 && column < vocab ? static_cast<float>(row[column * stride_col]) : minus_inf;
   }
   return chunk;
+}
+
+// Iterations of a warp over its row with their own slot of the largest upper bound (later iterations share
+// the last slot, which then holds their maximum).
+constexpr int kScreenSlots = 128;
+
+// The screen pass of a screened row (docs/sampling-screen.md, "GPU kernels"), shared by the Gumbel-max and
+// γ kernels: warp w walks chunks w 32 + lane, + kThreadsPerRow, ... (`screen_chunk(q)` returns chunk q's
+// `lo` and `hi`, kColumns each), keeps each thread's running floor from `floor`, writes per iteration the
+// warp's largest upper bound (NaN as +inf) into slot_top[w], and returns the block's floor. Every thread of
+// the block must call it (it synchronizes the block).
+template <int kColumns, class ScreenChunk>
+__device__ __forceinline__ float screen_row_floor(const ScreenChunk& screen_chunk, int64_t num_chunks, float floor,
+                                                  float (*slot_top)[kScreenSlots], float* warp_floor) {
+  using block_best_detail::kThreadsPerRow;
+  using block_best_detail::kWarpSize;
+  using block_best_detail::kWarpsPerRow;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const float minus_inf = __int_as_float(0xFF800000);
+  int64_t iterations = 0;
+  for (int64_t base = warp * kWarpSize; base < num_chunks; base += kThreadsPerRow, ++iterations) {
+    const auto chunk = screen_chunk(base + lane);
+    float top = minus_inf;
+#pragma unroll
+    for (int c = 0; c < kColumns; ++c) {
+      floor = screen_floor(floor, chunk.lo[c]);
+      top = fmaxf(top, nan_as_infinity(chunk.hi[c]));
+    }
+    top = warp_max_float(top);
+    if (lane == 0) {
+      const int64_t slot = iterations < kScreenSlots ? iterations : kScreenSlots - 1;
+      slot_top[warp][slot] = iterations < kScreenSlots ? top : fmaxf(slot_top[warp][slot], top);
+    }
+  }
+  floor = warp_max_float(floor);
+  if (lane == 0) {
+    warp_floor[warp] = floor;
+  }
+  __syncthreads();
+  float row_floor = minus_inf;
+#pragma unroll
+  for (int w = 0; w < kWarpsPerRow; ++w) {
+    row_floor = fmaxf(row_floor, warp_floor[w]);
+  }
+  return row_floor;
 }
 
 }  // namespace hdlm
