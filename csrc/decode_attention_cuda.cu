@@ -56,6 +56,33 @@ constexpr float kLog2e = 1.4426950408889634f;
 // (L1-resident); shared memory (44 KB / 24 KB per block) allows them on sm_80+.
 constexpr int min_blocks_per_sm(int head_dim) { return head_dim == 64 ? 4 : 3; }
 
+// The key tiles a split of a block visits (both kernels): the union of the block's rows' intervals is
+// covered by [0, prefix) and [window_lo, window_hi); their tiles are numbered 0 .. total - 1 ("ordinals"),
+// prefix first, and split s of n takes the balanced contiguous share [begin, end) (empty when the splits
+// outnumber the tiles).
+struct SplitTiles {
+  int prefix_tiles;
+  int window_first_tile;
+  int begin;
+  int end;
+  // The first key of the tile with this ordinal.
+  __device__ __forceinline__ int key0(int ordinal) const {
+    return (ordinal < prefix_tiles ? ordinal : window_first_tile + ordinal - prefix_tiles) * kTileKeys;
+  }
+};
+
+__device__ __forceinline__ SplitTiles split_tiles(int prefix, int window_lo, int window_hi, int split,
+                                                  int num_splits) {
+  SplitTiles tiles;
+  tiles.prefix_tiles = (prefix + kTileKeys - 1) / kTileKeys;
+  tiles.window_first_tile = max(window_lo / kTileKeys, tiles.prefix_tiles);  // tiles below are counted already
+  const int window_tiles = max(0, (window_hi + kTileKeys - 1) / kTileKeys - tiles.window_first_tile);
+  const int total = tiles.prefix_tiles + window_tiles;
+  tiles.begin = static_cast<int>(static_cast<int64_t>(total) * split / num_splits);
+  tiles.end = static_cast<int>(static_cast<int64_t>(total) * (split + 1) / num_splits);
+  return tiles;
+}
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 
 template <typename T>
@@ -233,8 +260,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm(D)) decode_attenti
   }
   __syncthreads();
 
-  // The union of the group's intervals is covered by [0, prefix) and [window_lo, window_hi); the
-  // block visits the tiles of these two ranges in order, numbered 0 .. total_tiles - 1 ("ordinals").
+  // The union of the group's intervals is covered by [0, prefix) and [window_lo, window_hi) (split_tiles).
   int prefix = 0, window_lo = p.keys, window_hi = 0;
 #pragma unroll
   for (int g = 0; g < kRowsPerGroup; ++g) {
@@ -244,16 +270,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm(D)) decode_attenti
       window_hi = max(window_hi, row_window_end[g]);
     }
   }
-  const int prefix_tiles = (prefix + kTileKeys - 1) / kTileKeys;
-  const int window_first_tile = max(window_lo / kTileKeys, prefix_tiles);  // tiles below are counted already
-  const int window_tiles = max(0, (window_hi + kTileKeys - 1) / kTileKeys - window_first_tile);
-  const int total_tiles = prefix_tiles + window_tiles;
-  // Balanced contiguous share of this split (empty when the splits outnumber the tiles).
-  const int ordinal_begin = static_cast<int>(static_cast<int64_t>(total_tiles) * split / p.num_splits);
-  const int ordinal_end = static_cast<int>(static_cast<int64_t>(total_tiles) * (split + 1) / p.num_splits);
-  auto tile_key0 = [&](int ordinal) {
-    return (ordinal < prefix_tiles ? ordinal : window_first_tile + ordinal - prefix_tiles) * kTileKeys;
-  };
+  const SplitTiles tiles = split_tiles(prefix, window_lo, window_hi, split, p.num_splits);
+  const int ordinal_begin = tiles.begin;
+  const int ordinal_end = tiles.end;
 
   // This warp's rows: slot r is group row r * kWarps + warp, so that small S spreads over the warps.
   // Their intervals are re-read from shared memory where needed (broadcasts) rather than held in
@@ -276,17 +295,17 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm(D)) decode_attenti
   uint4 k_chunks[Layout::kChunksPerThread];
   uint4 v_chunks[Layout::kChunksPerThread];
   if (ordinal_begin < ordinal_end) {
-    load_tile<T, D>(k_chunks, k_base, p.k_stride_l, tile_key0(ordinal_begin), p.keys, p.k_vectorized);
-    load_tile<T, D>(v_chunks, v_base, p.v_stride_l, tile_key0(ordinal_begin), p.keys, p.v_vectorized);
+    load_tile<T, D>(k_chunks, k_base, p.k_stride_l, tiles.key0(ordinal_begin), p.keys, p.k_vectorized);
+    load_tile<T, D>(v_chunks, v_base, p.v_stride_l, tiles.key0(ordinal_begin), p.keys, p.v_vectorized);
   }
   for (int ordinal = ordinal_begin; ordinal < ordinal_end; ++ordinal) {
-    const int key0 = tile_key0(ordinal);
+    const int key0 = tiles.key0(ordinal);
     store_tile<T, D>(k_chunks, k_tile);
     store_tile<T, D>(v_chunks, v_tile);
     __syncthreads();
     if (ordinal + 1 < ordinal_end) {
       // Issued now, consumed at the next iteration: the loads fly while this tile is computed.
-      const int next_key0 = tile_key0(ordinal + 1);
+      const int next_key0 = tiles.key0(ordinal + 1);
       load_tile<T, D>(k_chunks, k_base, p.k_stride_l, next_key0, p.keys, p.k_vectorized);
       load_tile<T, D>(v_chunks, v_base, p.v_stride_l, next_key0, p.keys, p.v_vectorized);
     }
@@ -600,15 +619,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   __syncthreads();
 
   // Tile ordinals exactly as in the float32 kernel: [0, prefix) then [window_lo, window_hi) in tiles.
-  const int prefix_tiles = (block_prefix + kTileKeys - 1) / kTileKeys;
-  const int window_first_tile = max(block_window_lo / kTileKeys, prefix_tiles);
-  const int window_tiles = max(0, (block_window_hi + kTileKeys - 1) / kTileKeys - window_first_tile);
-  const int total_tiles = prefix_tiles + window_tiles;
-  const int ordinal_begin = static_cast<int>(static_cast<int64_t>(total_tiles) * split / p.num_splits);
-  const int ordinal_end = static_cast<int>(static_cast<int64_t>(total_tiles) * (split + 1) / p.num_splits);
-  auto tile_key0 = [&](int ordinal) {
-    return (ordinal < prefix_tiles ? ordinal : window_first_tile + ordinal - prefix_tiles) * kTileKeys;
-  };
+  const SplitTiles tiles = split_tiles(block_prefix, block_window_lo, block_window_hi, split, p.num_splits);
+  const int ordinal_begin = tiles.begin;
+  const int ordinal_end = tiles.end;
 
   // Per group: whether it has rows (warp-uniform), its Q as A fragments (sign of scale applied: negating
   // a 16-bit float flips its sign bit, exactly), this thread's two rows' intervals, and the online
@@ -664,7 +677,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   // the range) keeps the wait's count uniform.
   auto issue = [&](int i) {
     if (i < count) {
-      const int key0 = tile_key0(ordinal_begin + i);
+      const int key0 = tiles.key0(ordinal_begin + i);
       load_tile<T, D>(k_ring + (i % kStages) * Layout::kElements, k_base, p.k_stride_l, key0, p.keys,
                       p.k_vectorized);
       load_tile<T, D>(v_ring + (i % kStages) * Layout::kElements, v_base, p.v_stride_l, key0, p.keys,
@@ -682,7 +695,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     issue(i + kStages - 1);
     copy_async_wait<kStages - 1>();
     __syncthreads();
-    const int key0 = tile_key0(ordinal_begin + i);
+    const int key0 = tiles.key0(ordinal_begin + i);
     const uint16_t* k_tile = k_ring + (i % kStages) * Layout::kElements;
     const uint16_t* v_tile = v_ring + (i % kStages) * Layout::kElements;
 #pragma unroll
