@@ -64,7 +64,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "and the screen's candidates (docs/sampling-screen.md)");
   m.def("exp64_cpu", &hdlm::exp64_cpu, pybind11::arg("x"), "exp64 of a float64 CPU tensor, same shape");
   m.def("exp64_constants", &hdlm::exp64_constants,
-        "the constants of exp64 in log64.h: the Horner coefficients E[0..13] = 1/n!, INV_LN2, EXP64_MIN");
+        "the constants of exp64 in log64.h: E[2..5] = 1/n!, 64 / ln 2, ln 2 / 64 (high, low), EXP64_MIN, "
+        "then the table 2^(j/64), j = 0..63, high parts and low parts");
 #ifdef HDLM_WITH_CUDA
   m.def("uniform53_cuda", &hdlm::uniform53_cuda, pybind11::arg("seed"), pybind11::arg("step"),
         pybind11::arg("stream"), pybind11::arg("index"),

@@ -23,37 +23,34 @@ void fixed_sum_scalar(const float* scores, int count, double shift, FixedSum& su
 namespace hdlm {
 namespace {
 
-// exp64 of 4 lanes, operation by operation as log64.h's exp64 (lanes below kExp64Min, or NaN, give 0).
+// exp64 of 4 lanes, operation by operation as log64.h's exp64 (lanes below kExp64Min, or NaN, give 0). The
+// table entries come from a gather; k >> 6 is taken on the int32 lanes (an arithmetic shift, the floor of
+// k / 64 as in the scalar code: AVX2 has no 64-bit arithmetic shift).
 __attribute__((target("avx2"), always_inline)) inline __m256d exp64_lanes(__m256d x) {
   using namespace log64_detail;
   const __m256d live = _mm256_cmp_pd(x, _mm256_set1_pd(kExp64Min), _CMP_GE_OQ);
   x = _mm256_and_pd(x, live);  // dead lanes compute exp64(0), then give 0
-  const __m256d t = _mm256_mul_pd(x, _mm256_set1_pd(kInvLn2));
+  const __m256d t = _mm256_mul_pd(x, _mm256_set1_pd(kInvLn2Times64));
   const __m256d half = _mm256_set1_pd(0.5);
   const __m256d nonnegative = _mm256_cmp_pd(t, _mm256_setzero_pd(), _CMP_GE_OQ);
   const __m256d rounded = _mm256_blendv_pd(_mm256_sub_pd(t, half), _mm256_add_pd(t, half), nonnegative);
-  const __m256d kf = _mm256_round_pd(rounded, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);  // |k| < 2^11: exact
-  const __m256d r = _mm256_sub_pd(_mm256_sub_pd(x, _mm256_mul_pd(kf, _mm256_set1_pd(kLn2Hi))),
-                                  _mm256_mul_pd(kf, _mm256_set1_pd(kLn2Lo)));
-  __m256d p = _mm256_set1_pd(kE13);
-  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE12));
-  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE11));
-  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE10));
-  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE9));
-  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE8));
-  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE7));
-  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE6));
-  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE5));
-  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE4));
+  const __m256d kf = _mm256_round_pd(rounded, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);  // |k| < 2^17: exact
+  const __m256d r = _mm256_sub_pd(_mm256_sub_pd(x, _mm256_mul_pd(kf, _mm256_set1_pd(kLn2Over64Hi))),
+                                  _mm256_mul_pd(kf, _mm256_set1_pd(kLn2Over64Lo)));
+  __m256d p = _mm256_add_pd(_mm256_mul_pd(_mm256_set1_pd(kE5), r), _mm256_set1_pd(kE4));
   p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE3));
   p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE2));
-  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE1));
-  p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kE0));
-  // 2^k from the exponent field k + 1023 (k an exact integer in [-1021, 1024)).
-  const __m128i k32 = _mm256_cvtpd_epi32(kf);
-  const __m256i field = _mm256_add_epi64(_mm256_cvtepi32_epi64(k32), _mm256_set1_epi64x(1023));
+  const __m256d q = _mm256_add_pd(r, _mm256_mul_pd(_mm256_mul_pd(r, r), p));  // e^r - 1
+  const __m128i k32 = _mm256_cvtpd_epi32(kf);  // exact: kf holds integers
+  const __m128i j = _mm_and_si128(k32, _mm_set1_epi32(static_cast<int>(kExpTableMask)));
+  const __m256d table_hi = _mm256_i32gather_pd(kExpTableHi, j, 8);
+  const __m256d table_lo = _mm256_i32gather_pd(kExpTableLo, j, 8);
+  // 2^(k >> 6) from the exponent field (k >> 6) + 1023, in [1, 2046].
+  const __m256i field = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm_srai_epi32(k32, kExpTableBits)),
+                                         _mm256_set1_epi64x(1023));
   const __m256d scale = _mm256_castsi256_pd(_mm256_slli_epi64(field, 52));
-  return _mm256_and_pd(_mm256_mul_pd(p, scale), live);
+  const __m256d power = _mm256_add_pd(table_hi, _mm256_add_pd(table_lo, _mm256_mul_pd(table_hi, q)));
+  return _mm256_and_pd(_mm256_mul_pd(power, scale), live);
 }
 
 // fixed_add of 4 ratios into integer-valued float64 lanes: trunc(r' 2^32) and trunc(frac(r' 2^32) 2^31),
@@ -76,7 +73,7 @@ __attribute__((target("avx2"))) void fixed_sum_avx2(const float* scores, int cou
   __m256d lo = _mm256_load_pd(lanes.lo);
   const __m256d m = _mm256_set1_pd(shift);
   int i = 0;
-  // Two independent groups of 4 per iteration: exp64's Horner chain is 28 dependent operations, so one
+  // Two independent groups of 4 per iteration: exp64 is a chain of some 17 dependent operations, so one
   // group leaves the floating-point units waiting on latency.
   for (; i + 8 <= count; i += 8) {
     const __m256d s0 = _mm256_cvtps_pd(_mm_loadu_ps(scores + i));
@@ -110,31 +107,26 @@ __attribute__((target("avx512f"), always_inline)) inline __m512d exp64_lanes8(__
   using namespace log64_detail;
   const __mmask8 live = _mm512_cmp_pd_mask(x, _mm512_set1_pd(kExp64Min), _CMP_GE_OQ);
   x = _mm512_maskz_mov_pd(live, x);
-  const __m512d t = _mm512_mul_pd(x, _mm512_set1_pd(kInvLn2));
+  const __m512d t = _mm512_mul_pd(x, _mm512_set1_pd(kInvLn2Times64));
   const __m512d half = _mm512_set1_pd(0.5);
   const __mmask8 nonnegative = _mm512_cmp_pd_mask(t, _mm512_setzero_pd(), _CMP_GE_OQ);
   const __m512d rounded = _mm512_mask_blend_pd(nonnegative, _mm512_sub_pd(t, half), _mm512_add_pd(t, half));
   const __m512d kf = _mm512_roundscale_pd(rounded, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-  const __m512d r = _mm512_sub_pd(_mm512_sub_pd(x, _mm512_mul_pd(kf, _mm512_set1_pd(kLn2Hi))),
-                                  _mm512_mul_pd(kf, _mm512_set1_pd(kLn2Lo)));
-  __m512d p = _mm512_set1_pd(kE13);
-  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE12));
-  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE11));
-  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE10));
-  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE9));
-  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE8));
-  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE7));
-  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE6));
-  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE5));
-  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE4));
+  const __m512d r = _mm512_sub_pd(_mm512_sub_pd(x, _mm512_mul_pd(kf, _mm512_set1_pd(kLn2Over64Hi))),
+                                  _mm512_mul_pd(kf, _mm512_set1_pd(kLn2Over64Lo)));
+  __m512d p = _mm512_add_pd(_mm512_mul_pd(_mm512_set1_pd(kE5), r), _mm512_set1_pd(kE4));
   p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE3));
   p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE2));
-  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE1));
-  p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(kE0));
+  const __m512d q = _mm512_add_pd(r, _mm512_mul_pd(_mm512_mul_pd(r, r), p));  // e^r - 1
   const __m256i k32 = _mm512_cvtpd_epi32(kf);  // exact: kf holds integers
-  const __m512i field = _mm512_add_epi64(_mm512_cvtepi32_epi64(k32), _mm512_set1_epi64(1023));
+  const __m256i j = _mm256_and_si256(k32, _mm256_set1_epi32(static_cast<int>(kExpTableMask)));
+  const __m512d table_hi = _mm512_i32gather_pd(j, kExpTableHi, 8);
+  const __m512d table_lo = _mm512_i32gather_pd(j, kExpTableLo, 8);
+  const __m512i field = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm256_srai_epi32(k32, kExpTableBits)),
+                                         _mm512_set1_epi64(1023));
   const __m512d scale = _mm512_castsi512_pd(_mm512_slli_epi64(field, 52));
-  return _mm512_maskz_mov_pd(live, _mm512_mul_pd(p, scale));
+  const __m512d power = _mm512_add_pd(table_hi, _mm512_add_pd(table_lo, _mm512_mul_pd(table_hi, q)));
+  return _mm512_maskz_mov_pd(live, _mm512_mul_pd(power, scale));
 }
 
 __attribute__((target("avx512f"), always_inline)) inline void fixed_add_lanes8(__m512d ratio, __m512d& hi,
@@ -149,7 +141,7 @@ __attribute__((target("avx512f"), always_inline)) inline void fixed_add_lanes8(_
 
 }  // namespace
 
-// Two groups of 8 per iteration (exp64's Horner chain is latency-bound). The 8 lanes fold into the 4 of
+// Two groups of 8 per iteration (exp64's dependent chain is latency-bound). The 8 lanes fold into the 4 of
 // FixedSumLanes at the end: each lane sum is an integer below V/8 * 2^32 < 2^50 (V < 2^21), so the folded
 // sums stay exact.
 __attribute__((target("avx512f"))) void fixed_sum_avx512(const float* scores, int count, double shift,

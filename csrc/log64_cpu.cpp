@@ -44,7 +44,10 @@ std::vector<double> log64_constants() {
 
 std::vector<double> exp64_constants() {
   using namespace log64_detail;
-  return {kE0, kE1, kE2, kE3, kE4, kE5, kE6, kE7, kE8, kE9, kE10, kE11, kE12, kE13, kInvLn2, kExp64Min};
+  std::vector<double> constants = {kE2, kE3, kE4, kE5, kInvLn2Times64, kLn2Over64Hi, kLn2Over64Lo, kExp64Min};
+  constants.insert(constants.end(), std::begin(kExpTableHi), std::end(kExpTableHi));
+  constants.insert(constants.end(), std::begin(kExpTableLo), std::end(kExpTableLo));
+  return constants;
 }
 
 }  // namespace hdlm

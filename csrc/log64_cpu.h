@@ -17,8 +17,8 @@ at::Tensor exp64_cpu(const at::Tensor& x);
 // The constants of log64.h: the 11 Horner coefficients C[0..10], then LN2_HI and LN2_LO.
 std::vector<double> log64_constants();
 
-// The constants of exp64 in log64.h: the 14 Horner coefficients E[0..13] = 1/n!, then INV_LN2 and
-// EXP64_MIN.
+// The constants of exp64 in log64.h: E[2..5] = 1/n!, 64 / ln 2, ln 2 / 64 (high and low parts), EXP64_MIN,
+// then the table 2^(j/64) = high[j] + low[j]: the 64 high parts, the 64 low parts.
 std::vector<double> exp64_constants();
 
 }  // namespace hdlm

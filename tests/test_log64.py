@@ -11,6 +11,14 @@ from sampling_checks import assert_same_bits, backend_targets
 
 from hdlm_kernels import _extension
 from hdlm_kernels.sampling import uniform53_ref
+from hdlm_kernels.sampling.constants import (
+    EXP64_INV_LN2_64,
+    EXP64_LN2_64_HI,
+    EXP64_LN2_64_LO,
+    EXP64_TABLE_BITS,
+    EXP64_TABLE_HI,
+    EXP64_TABLE_LO,
+)
 from hdlm_kernels.sampling.log64 import (
     EXP64_COEFFICIENTS,
     EXP64_MIN,
@@ -138,6 +146,44 @@ def test_exp64_within_one_ulp_and_flushed_below_its_range():
     assert (ours[~live] == 0).all() and exp64(torch.tensor([0.0], dtype=torch.float64)).item() == 1.0
 
 
+def test_exp64_within_one_ulp_of_the_exact_exponential():
+    """Against e^x to 60 digits (not the platform's exp, itself rounded): the table form's error budget is
+    the final rounding (1/2 ulp), the cut series (r^6 / 720 <= 0.3 ulp where the result falls below 1) and
+    smaller roundings. Inputs: the worst reductions (|r| near ln 2 / 128, j = 0 and 63) and random ones."""
+    from decimal import Decimal, localcontext
+
+    g = torch.Generator().manual_seed(7)
+    step = math.log(2) / 64
+    k = torch.randint(-65000, 65000, (3000,), generator=g).to(torch.float64)
+    edge = torch.cat([k * step + step / 2 * (1 - 1e-9), k * step - step / 2 * (1 - 1e-9),
+                      torch.tensor([-step / 2, step / 2, 63.5 * step, -0.5 * step], dtype=torch.float64)])
+    x = torch.cat([edge, (torch.rand(3000, dtype=torch.float64, generator=g) * 2 - 1) * 708])
+    x = x[(x >= EXP64_MIN) & (x <= 708)]
+    ours = exp64(x)
+    worst = Decimal(0)
+    with localcontext() as context:
+        context.prec = 60
+        for value, got in zip(x.tolist(), ours.tolist()):
+            exact = Decimal(value).exp()
+            worst = max(worst, abs(Decimal(got) - exact) / Decimal(math.ulp(float(exact))))
+    assert worst < 1
+
+
+def test_exp64_table_is_two_to_the_j_over_64():
+    """2^(j/64) = high + low to 2^-100 relative, the high part the correctly rounded double, the low part
+    below half an ulp of it; and the exact scalings by 64 of the reduction's constants."""
+    from decimal import Decimal, localcontext
+
+    assert len(EXP64_TABLE_HI) == len(EXP64_TABLE_LO) == 1 << EXP64_TABLE_BITS
+    with localcontext() as context:
+        context.prec = 60
+        for j, (high, low) in enumerate(zip(EXP64_TABLE_HI, EXP64_TABLE_LO)):
+            exact = (Decimal(j) / 64 * Decimal(2).ln()).exp()
+            assert abs(Decimal(high) + Decimal(low) - exact) < exact * Decimal(2) ** -100
+            assert abs(Decimal(low)) <= Decimal(math.ulp(high)) / 2
+    assert EXP64_INV_LN2_64 == INV_LN2 * 64 and EXP64_LN2_64_HI * 64 == LN2_HI and EXP64_LN2_64_LO * 64 == LN2_LO
+
+
 def test_expm1_64_is_accurate_near_zero():
     x = exp_inputs(seed=1)
     x = x[x >= -700]
@@ -191,7 +237,8 @@ def test_float64_only(function, backend):
 def test_cpp_constants_equal_the_python_ones(extension):
     expected = list(LOG64_COEFFICIENTS) + [LN2_HI, LN2_LO]
     assert [v.hex() for v in extension.log64_constants()] == [v.hex() for v in expected]
-    expected = list(EXP64_COEFFICIENTS[:14]) + [INV_LN2, EXP64_MIN]
+    expected = (list(EXP64_COEFFICIENTS[2:6]) + [EXP64_INV_LN2_64, EXP64_LN2_64_HI, EXP64_LN2_64_LO, EXP64_MIN]
+                + list(EXP64_TABLE_HI) + list(EXP64_TABLE_LO))
     assert [v.hex() for v in extension.exp64_constants()] == [v.hex() for v in expected]
 
 

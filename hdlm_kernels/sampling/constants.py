@@ -19,7 +19,8 @@ from ..checks import SEED_LIMIT
 __all__ = [
     "GUMBEL_STREAM", "DECISION_STREAM", "CORRUPTION_STREAM", "SEED_LIMIT", "STREAM_LIMIT", "WORD_LIMIT",
     "ELEMENT_LIMIT", "LOGITS_DTYPES", "CHUNK_BYTES", "LOG64_COEFFICIENTS", "LN2_HI", "LN2_LO",
-    "EXP64_COEFFICIENTS", "INV_LN2", "EXP64_MIN", "HALF_LN2", "FIXED_HI_SCALE", "FIXED_LO_SCALE",
+    "EXP64_COEFFICIENTS", "INV_LN2", "EXP64_MIN", "EXP64_TABLE_BITS", "EXP64_INV_LN2_64", "EXP64_LN2_64_HI",
+    "EXP64_LN2_64_LO", "EXP64_TABLE_HI", "EXP64_TABLE_LO", "HALF_LN2", "FIXED_HI_SCALE", "FIXED_LO_SCALE",
     "FIXED_HI_UNIT", "FIXED_LO_UNIT", "SMALLEST_WEIGHT", "SCREEN_RELATIVE", "SCREEN_ABSOLUTE", "SCREEN_NOISE_ERROR",
 ]
 
@@ -44,11 +45,33 @@ LOG64_COEFFICIENTS = tuple(float(np.float64(1.0) / np.float64(2 * k + 1)) for k 
 # ln 2 split so that e · LN2_HI is exact for |e| < 2^11 (LN2_HI has 32 trailing zero bits).
 LN2_HI = float.fromhex("0x1.62e42fee00000p-1")
 LN2_LO = float.fromhex("0x1.a39ef35793c76p-33")
-# 1 / n!, n = 0..14, each the correctly rounded double of the fraction (exp64 uses E[0..13], expm1_64
+# 1 / n!, n = 0..14, each the correctly rounded double of the fraction (exp64 uses E[2..5], expm1_64
 # E[1..14]).
 EXP64_COEFFICIENTS = tuple(float(Fraction(1, math.factorial(n))) for n in range(15))
 INV_LN2 = float.fromhex("0x1.71547652b82fep+0")  # 1 / ln 2, correctly rounded
-EXP64_MIN = -708.0  # exp64 is 0 below (k >= -1021 above, so p · 2^k stays normal)
+EXP64_MIN = -708.0  # exp64 is 0 below (above it the result's power of two is >= 2^-1022: normal)
+# exp64's table form (docs/log64.md, "exp64"): x = k ln2 / 64 + r, e^x = 2^(k >> 6) · 2^(j / 64) · e^r with
+# j = k & 63. The scalings by 64 are exact (powers of two), so these are the constants above in other units:
+# k · EXP64_LN2_64_HI is exact for |k| < 2^32 (21 significant bits).
+EXP64_TABLE_BITS = 6
+EXP64_INV_LN2_64 = INV_LN2 * 64.0
+EXP64_LN2_64_HI = LN2_HI / 64.0
+EXP64_LN2_64_LO = LN2_LO / 64.0
+
+
+def _power_of_two_root(j: int, bits: int = 256) -> Fraction:
+    """2^(j / 64) rounded down to `bits` fraction bits, exactly: six nested integer square roots of
+    2^(j + 64 bits) (floor(sqrt(floor(sqrt(n)))) = floor(n^(1/4)) for integers)."""
+    n = 1 << (j + 64 * bits)
+    for _ in range(6):
+        n = math.isqrt(n)
+    return Fraction(n, 1 << bits)
+
+
+# 2^(j / 64) = EXP64_TABLE_HI[j] + EXP64_TABLE_LO[j] (j = 0..63): the correctly rounded double, and the
+# correctly rounded double of the rest (together within 2^-106 relative).
+EXP64_TABLE_HI = tuple(float(_power_of_two_root(j)) for j in range(1 << EXP64_TABLE_BITS))
+EXP64_TABLE_LO = tuple(float(_power_of_two_root(j) - Fraction(hi)) for j, hi in enumerate(EXP64_TABLE_HI))
 HALF_LN2 = float.fromhex("0x1.62e42fefa39efp-2")  # ln 2 / 2: expm1_64 switches from series to exp64 at it
 
 # -- the γ step's exact row sum (docs/hybrid-step.md) ------------------------------------------------

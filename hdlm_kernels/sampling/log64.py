@@ -19,13 +19,14 @@ within a few ulp of the true logarithm (checked against ``math.log`` in the test
 finite normal x > 0, which covers the sampler's inputs: uniforms in [2^-53, 1 - 2^-53] and their
 negated logarithms in [1.1e-16, 36.8].
 
-The exponential follows the same rules (``exp64``, needed by the γ-hybrid step's ratios ``e^{s}``):
+The exponential follows the same rules (``exp64``, needed by the γ-hybrid step's ratios ``e^{s}``), with
+a table of 2^(j/64) so that the polynomial is short (docs/log64.md, "exp64"):
 
-    x < -708: 0                                              (results below 2^-1021 are flushed)
-    t = x · INV_LN2;  k = trunc(t + 0.5) if t >= 0 else trunc(t - 0.5)      (round half away from 0)
-    r = (x - k · LN2_HI) - k · LN2_LO                        (|r| <= ~0.347; k · LN2_HI exact)
-    p = E[13];  p = p · r + E[n] for n = 12 .. 0             (E[n] = 1 / n!, Horner)
-    exp x = p · 2^k                                          (2^k from its bit pattern: exact)
+    x < -708: 0                                              (results below 2^-1022 are flushed)
+    t = x · (64 / ln 2);  k = trunc(t + 0.5) if t >= 0 else trunc(t - 0.5)  (round half away from 0)
+    r = (x - k · LN2_HI / 64) - k · LN2_LO / 64              (|r| <= ~ln 2 / 128; k · LN2_HI / 64 exact)
+    p = (E[5] · r + E[4]) · r + E[3];  p = p · r + E[2];  q = r + (r · r) · p     (e^r - 1; E[n] = 1 / n!)
+    j = k & 63;  exp x = (T_HI[j] + (T_LO[j] + T_HI[j] · q)) · 2^(k >> 6)   (T = 2^(j/64) in two doubles)
 
 Defined for x <= 708 (every caller stays below: the step's arguments are differences to a row maximum
 and the negated maximum, clamped). ``expm1_64`` (accurate ``e^x - 1`` near 0, for the per-row
@@ -48,7 +49,21 @@ import torch
 
 from .. import _extension, backends
 from .._triton_device import triton_probe
-from .constants import EXP64_COEFFICIENTS, EXP64_MIN, HALF_LN2, INV_LN2, LN2_HI, LN2_LO, LOG64_COEFFICIENTS
+from .constants import (
+    EXP64_COEFFICIENTS,
+    EXP64_INV_LN2_64,
+    EXP64_LN2_64_HI,
+    EXP64_LN2_64_LO,
+    EXP64_MIN,
+    EXP64_TABLE_BITS,
+    EXP64_TABLE_HI,
+    EXP64_TABLE_LO,
+    HALF_LN2,
+    INV_LN2,
+    LN2_HI,
+    LN2_LO,
+    LOG64_COEFFICIENTS,
+)
 
 __all__ = ["log64", "log64_numpy", "gumbel_noise", "gumbel_noise_numpy", "exp64", "exp64_numpy", "expm1_64",
            "LOG64_COEFFICIENTS", "EXP64_COEFFICIENTS", "EXP64_MIN", "INV_LN2", "LN2_HI", "LN2_LO"]
@@ -103,18 +118,34 @@ def gumbel_noise_numpy(u: np.ndarray) -> np.ndarray:
     return -log64_numpy(-log64_numpy(u))
 
 
+def _exp64_table(values: tuple, device: torch.device) -> torch.Tensor:
+    key = (values is EXP64_TABLE_HI, device)
+    table = _EXP64_TABLES.get(key)
+    if table is None:
+        table = _EXP64_TABLES[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return table
+
+
+_EXP64_TABLES: dict = {}
+_TABLE_MASK = (1 << EXP64_TABLE_BITS) - 1
+
+
 def _exp64_torch(x: torch.Tensor) -> torch.Tensor:
     live = x >= EXP64_MIN
     x = torch.where(live, x, 0.0)  # keeps k in range; the result is replaced by 0 below
-    t = x * INV_LN2
+    t = x * EXP64_INV_LN2_64
     k = torch.where(t >= 0, t + 0.5, t - 0.5).to(torch.int64)  # truncation toward 0
     kf = k.to(torch.float64)
-    r = (x - kf * LN2_HI) - kf * LN2_LO
-    p = torch.full_like(r, EXP64_COEFFICIENTS[13])
-    for c in EXP64_COEFFICIENTS[12::-1]:
-        p = p * r + c
-    scale = ((k + 1023) << 52).view(torch.float64)
-    return torch.where(live, p * scale, 0.0)
+    r = (x - kf * EXP64_LN2_64_HI) - kf * EXP64_LN2_64_LO
+    p = EXP64_COEFFICIENTS[5] * r + EXP64_COEFFICIENTS[4]
+    p = p * r + EXP64_COEFFICIENTS[3]
+    p = p * r + EXP64_COEFFICIENTS[2]
+    q = r + (r * r) * p  # e^r - 1
+    j = k & _TABLE_MASK
+    hi = _exp64_table(EXP64_TABLE_HI, x.device)[j]
+    lo = _exp64_table(EXP64_TABLE_LO, x.device)[j]
+    scale = (((k >> EXP64_TABLE_BITS) + 1023) << 52).view(torch.float64)
+    return torch.where(live, (hi + (lo + hi * q)) * scale, 0.0)
 
 
 def exp64_numpy(x: np.ndarray) -> np.ndarray:
@@ -122,15 +153,19 @@ def exp64_numpy(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     live = x >= EXP64_MIN
     x = np.where(live, x, 0.0)
-    t = x * INV_LN2
+    t = x * EXP64_INV_LN2_64
     k = np.where(t >= 0, t + 0.5, t - 0.5).astype(np.int64)
     kf = k.astype(np.float64)
-    r = (x - kf * LN2_HI) - kf * LN2_LO
-    p = np.full_like(r, EXP64_COEFFICIENTS[13])
-    for c in EXP64_COEFFICIENTS[12::-1]:
-        p = p * r + c
-    scale = ((k + 1023) << 52).view(np.float64)
-    return np.where(live, p * scale, 0.0)
+    r = (x - kf * EXP64_LN2_64_HI) - kf * EXP64_LN2_64_LO
+    p = EXP64_COEFFICIENTS[5] * r + EXP64_COEFFICIENTS[4]
+    p = p * r + EXP64_COEFFICIENTS[3]
+    p = p * r + EXP64_COEFFICIENTS[2]
+    q = r + (r * r) * p
+    j = k & _TABLE_MASK
+    hi = np.asarray(EXP64_TABLE_HI, dtype=np.float64)[j]
+    lo = np.asarray(EXP64_TABLE_LO, dtype=np.float64)[j]
+    scale = (((k >> EXP64_TABLE_BITS) + 1023) << 52).view(np.float64)
+    return np.where(live, (hi + (lo + hi * q)) * scale, 0.0)
 
 
 def expm1_64(x: torch.Tensor) -> torch.Tensor:

@@ -50,14 +50,11 @@ def _row_sums(row_ptr, stride_col, vocab, mask_id, x, coefficients, CONSTS, BLOC
     # Passes 1 and 2 of row (log-scores at row_ptr, current token x, its 6 coefficients): returns
     # (good, bad, m, c1, c2·S, the current cell's weight). "Read" columns are the real tokens other than x.
     BLOCK_C: tl.constexpr = 2 * BLOCK_P  # columns per iteration
-    (e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13,
-     inv_ln2, exp_min) = load_exp64_constants(CONSTS)
-    ln2_hi = tl.load(CONSTS + 11)
-    ln2_lo = tl.load(CONSTS + 12)
-    hi_scale = tl.load(CONSTS + 29)
-    lo_scale = tl.load(CONSTS + 30)
-    hi_unit = tl.load(CONSTS + 31)
-    lo_unit = tl.load(CONSTS + 32)
+    e2, e3, e4, e5, inv_ln2_64, ln2_64_hi, ln2_64_lo, exp_min = load_exp64_constants(CONSTS)
+    hi_scale = tl.load(CONSTS + 21)
+    lo_scale = tl.load(CONSTS + 22)
+    hi_unit = tl.load(CONSTS + 23)
+    lo_unit = tl.load(CONSTS + 24)
     c1 = tl.load(coefficients + 0)
     c2 = tl.load(coefficients + 1)
     c3 = tl.load(coefficients + 2)
@@ -91,8 +88,8 @@ def _row_sums(row_ptr, stride_col, vocab, mask_id, x, coefficients, CONSTS, BLOC
         col = start + columns
         read = (col < vocab) & (col != mask_id) & (col != x) & good
         s = widen(tl.load(row_ptr + col.to(tl.int64) * stride_col, mask=read, other=float("-inf")))
-        ratio = exp64(s - m, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2, ln2_hi,
-                       ln2_lo, exp_min)  # in [0, 1]; 0 off the read columns (exp64(-inf))
+        # in [0, 1]; 0 off the read columns (exp64(-inf))
+        ratio = exp64(s - m, e2, e3, e4, e5, inv_ln2_64, ln2_64_hi, ln2_64_lo, exp_min, CONSTS)
         scaled = ratio * hi_scale
         high = scaled.to(tl.int64)  # truncation = floor for r' >= 0; exact
         low = ((scaled - high.to(tl.float64)) * lo_scale).to(tl.int64)
@@ -100,8 +97,7 @@ def _row_sums(row_ptr, stride_col, vocab, mask_id, x, coefficients, CONSTS, BLOC
         low_sum += low
     others = (tl.sum(high_sum, axis=0).to(tl.float64) * hi_unit
               + tl.sum(low_sum, axis=0).to(tl.float64) * lo_unit)
-    u = exp64(-m, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2, ln2_hi, ln2_lo,
-               exp_min)
+    u = exp64(-m, e2, e3, e4, e5, inv_ln2_64, ln2_64_hi, ln2_64_lo, exp_min, CONSTS)
     total = others + c3 * u
     c2_total = c2 * total
     current = c4 * (c5 * u - c6 * total)  # the weight of y = x
@@ -113,11 +109,9 @@ def _read_score(s, word_a, word_b, m, c1, c2_total, CONSTS):
     # The exact score of read tokens with widened log-scores s (float64; -inf where not read) and the
     # Philox words of their uniforms: log64(w) + g, w = (exp64(s - m) - c2·S)·c1, -inf where w < 2^-1022.
     l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
-    (e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13,
-     inv_ln2, exp_min) = load_exp64_constants(CONSTS)
-    smallest_weight = tl.load(CONSTS + 33)
-    ratio = exp64(s - m, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2,
-                   ln2_hi, ln2_lo, exp_min)
+    e2, e3, e4, e5, inv_ln2_64, ln2_64_hi, ln2_64_lo, exp_min = load_exp64_constants(CONSTS)
+    smallest_weight = tl.load(CONSTS + 25)
+    ratio = exp64(s - m, e2, e3, e4, e5, inv_ln2_64, ln2_64_hi, ln2_64_lo, exp_min, CONSTS)
     weight = (ratio - c2_total) * c1
     return _score_of_weight(weight, word_a, word_b, smallest_weight, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9,
                             l10, ln2_hi, ln2_lo)
@@ -143,9 +137,8 @@ def _exact_race(row_ptr, stride_col, vocab, mask_id, x, good, m, c1, c2_total, c
     # kernel's. Returns the lanes' best (score, column) per lane.
     SENTINEL: tl.constexpr = 2147483647
     l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
-    (e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13,
-     inv_ln2, exp_min) = load_exp64_constants(CONSTS)
-    smallest_weight = tl.load(CONSTS + 33)
+    e2, e3, e4, e5, inv_ln2_64, ln2_64_hi, ln2_64_lo, exp_min = load_exp64_constants(CONSTS)
+    smallest_weight = tl.load(CONSTS + 25)
     lanes = tl.arange(0, BLOCK_P)
     best_val = tl.full([BLOCK_P], float("-inf"), tl.float64)
     best_idx = tl.full([BLOCK_P], SENTINEL, tl.int32)
@@ -165,8 +158,7 @@ def _exact_race(row_ptr, stride_col, vocab, mask_id, x, good, m, c1, c2_total, c
                 word_b = w3
             read = valid & (col != mask_id) & (col != x) & good
             s = widen(tl.load(row_ptr + col.to(tl.int64) * stride_col, mask=read, other=float("-inf")))
-            ratio = exp64(s - m, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2,
-                           ln2_hi, ln2_lo, exp_min)
+            ratio = exp64(s - m, e2, e3, e4, e5, inv_ln2_64, ln2_64_hi, ln2_64_lo, exp_min, CONSTS)
             weight = (ratio - c2_total) * c1
             weight = tl.where(col == mask_id, 0.0, weight)
             weight = tl.where(col == x, current, weight)  # after MASK: x = MASK keeps its own weight
@@ -237,7 +229,7 @@ def _screened_race(row_ptr, stride_col, vocab, mask_id, x, row_id, m, c1, c2_tot
     #      and their candidates (hi >= L) get the exact score and today's winner rule.
     SENTINEL: tl.constexpr = 2147483647
     l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
-    smallest_weight = tl.load(CONSTS + 33)
+    smallest_weight = tl.load(CONSTS + 25)
     # The current cell (element row_id * V + x: words (w0, w1) of its Philox block when even, (w2, w3) when odd).
     element = row_id * vocab + x
     c_w0, c_w1, c_w2, c_w3 = stream_block(element >> 1, k0, k1, 0, step_word)

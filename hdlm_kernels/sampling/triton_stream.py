@@ -44,12 +44,17 @@ from .._triton_device import built_for_interpreter
 from .._triton_device import check_triton_device as check_device_for
 from .constants import (
     EXP64_COEFFICIENTS,
+    EXP64_INV_LN2_64,
+    EXP64_LN2_64_HI,
+    EXP64_LN2_64_LO,
     EXP64_MIN,
+    EXP64_TABLE_BITS,
+    EXP64_TABLE_HI,
+    EXP64_TABLE_LO,
     FIXED_HI_SCALE,
     FIXED_HI_UNIT,
     FIXED_LO_SCALE,
     FIXED_LO_UNIT,
-    INV_LN2,
     LN2_HI,
     LN2_LO,
     LOG64_COEFFICIENTS,
@@ -143,39 +148,39 @@ def gumbel_noise(u, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, ln2_hi, ln2_lo)
 
 @triton.jit
 def load_exp64_constants(CONSTS):
-    """E[0..13], INV_LN2 and EXP64_MIN (the rest of exp64's constants, LN2_HI and LN2_LO, are log64's)."""
+    """E[2..5], 64 / ln 2, ln 2 / 64 (high, low) and EXP64_MIN (slots 13..20); the table 2^(j/64) stays in
+    the buffer (EXP64_TABLE_SLOT: the high parts, then the low parts) and exp64 gathers from it."""
     return (tl.load(CONSTS + 13), tl.load(CONSTS + 14), tl.load(CONSTS + 15), tl.load(CONSTS + 16),
-            tl.load(CONSTS + 17), tl.load(CONSTS + 18), tl.load(CONSTS + 19), tl.load(CONSTS + 20),
-            tl.load(CONSTS + 21), tl.load(CONSTS + 22), tl.load(CONSTS + 23), tl.load(CONSTS + 24),
-            tl.load(CONSTS + 25), tl.load(CONSTS + 26), tl.load(CONSTS + 27), tl.load(CONSTS + 28))
+            tl.load(CONSTS + 17), tl.load(CONSTS + 18), tl.load(CONSTS + 19), tl.load(CONSTS + 20))
+
+
+EXP64_TABLE_SLOT = tl.constexpr(26)  # float64_constants: 2^(j/64) high parts at 26..89, low parts at 90..153
+EXP64_TABLE_SIZE = tl.constexpr(1 << EXP64_TABLE_BITS)
+EXP64_TABLE_SHIFT = tl.constexpr(EXP64_TABLE_BITS)  # k >> 6: the power of two of 2^(k/64)
 
 
 @triton.jit
-def exp64(x, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2, ln2_hi, ln2_lo, exp_min):
+def exp64(x, e2, e3, e4, e5, inv_ln2_64, ln2_64_hi, ln2_64_lo, exp_min, CONSTS):
     """exp64 of float64 x (x <= 708, -inf allowed), operation by operation as in log64.py.
 
-    e0..e13, inv_ln2, ln2_hi, ln2_lo, exp_min: float64 scalars (loaded from the constants tensor)."""
+    e2..exp_min: float64 scalars (load_exp64_constants); CONSTS: the constants buffer, whose table
+    2^(j/64) is gathered (one read of the high and one of the low part per element, cached)."""
     live = x >= exp_min
     x = tl.where(live, x, 0.0)  # keeps k in range (and -inf, NaN out of the int conversion); result 0
-    t = x * inv_ln2
+    t = x * inv_ln2_64
     k = tl.where(t >= 0, t + 0.5, t - 0.5).to(tl.int64)  # float -> int truncates: round half away from 0
     kf = k.to(tl.float64)
-    r = (x - kf * ln2_hi) - kf * ln2_lo
-    p = e13 * r + e12
-    p = p * r + e11
-    p = p * r + e10
-    p = p * r + e9
-    p = p * r + e8
-    p = p * r + e7
-    p = p * r + e6
-    p = p * r + e5
-    p = p * r + e4
+    r = (x - kf * ln2_64_hi) - kf * ln2_64_lo
+    p = e5 * r + e4
     p = p * r + e3
     p = p * r + e2
-    p = p * r + e1
-    p = p * r + e0
-    scale = ((k + 1023) << 52).to(tl.float64, bitcast=True)  # 2^k, exactly (k >= -1021 where live)
-    return tl.where(live, p * scale, 0.0)
+    q = r + (r * r) * p  # e^r - 1
+    j = k & (EXP64_TABLE_SIZE - 1)
+    table_hi = tl.load(CONSTS + EXP64_TABLE_SLOT + j)
+    table_lo = tl.load(CONSTS + EXP64_TABLE_SLOT + EXP64_TABLE_SIZE + j)
+    # 2^(k >> 6), exactly (k >> 6 >= -1022 where live; >> on int64 is arithmetic: the floor of k / 64)
+    scale = (((k >> EXP64_TABLE_SHIFT) + 1023) << 52).to(tl.float64, bitcast=True)
+    return tl.where(live, (table_hi + (table_lo + table_hi * q)) * scale, 0.0)
 
 
 @triton.jit
@@ -198,11 +203,8 @@ def _exp64_kernel(X, OUT, CONSTS, numel, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     x = tl.load(X + offs, mask=ok, other=0.0)
-    l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
-    (e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13,
-     inv_ln2, exp_min) = load_exp64_constants(CONSTS)
-    y = exp64(x, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, inv_ln2, ln2_hi, ln2_lo,
-               exp_min)
+    e2, e3, e4, e5, inv_ln2_64, ln2_64_hi, ln2_64_lo, exp_min = load_exp64_constants(CONSTS)
+    y = exp64(x, e2, e3, e4, e5, inv_ln2_64, ln2_64_hi, ln2_64_lo, exp_min, CONSTS)
     tl.store(OUT + offs, y, mask=ok)
 
 
@@ -270,14 +272,17 @@ _CONSTANTS: dict[torch.device, torch.Tensor] = {}
 
 
 def float64_constants(device: torch.device) -> torch.Tensor:
-    """float64 [34] on ``device`` (cached): the log64 coefficients C[0..10], LN2_HI, LN2_LO (0..12, read
-    by load_log64_constants), the exp64 coefficients E[0..13], INV_LN2, EXP64_MIN (13..28,
-    load_exp64_constants) and the γ step's fixed-point scales and smallest weight (29..33, the γ step kernel)."""
+    """float64 [154] on ``device`` (cached): the log64 coefficients C[0..10], LN2_HI, LN2_LO (0..12, read
+    by load_log64_constants), exp64's E[2..5], 64 / ln 2, ln 2 / 64 (high, low), EXP64_MIN (13..20,
+    load_exp64_constants), the γ step's fixed-point scales and smallest weight (21..25, the γ step kernel)
+    and exp64's table 2^(j/64): high parts (26..89) and low parts (90..153), gathered by exp64."""
     constants = _CONSTANTS.get(device)
     if constants is None:
-        values = (list(LOG64_COEFFICIENTS) + [LN2_HI, LN2_LO] + list(EXP64_COEFFICIENTS[:14])
-                  + [INV_LN2, EXP64_MIN, FIXED_HI_SCALE, FIXED_LO_SCALE, FIXED_HI_UNIT, FIXED_LO_UNIT,
-                     SMALLEST_WEIGHT])
+        values = (list(LOG64_COEFFICIENTS) + [LN2_HI, LN2_LO] + list(EXP64_COEFFICIENTS[2:6])
+                  + [EXP64_INV_LN2_64, EXP64_LN2_64_HI, EXP64_LN2_64_LO, EXP64_MIN]
+                  + [FIXED_HI_SCALE, FIXED_LO_SCALE, FIXED_HI_UNIT, FIXED_LO_UNIT, SMALLEST_WEIGHT]
+                  + list(EXP64_TABLE_HI) + list(EXP64_TABLE_LO))
+        assert len(values) == EXP64_TABLE_SLOT.value + 2 * EXP64_TABLE_SIZE.value
         constants = torch.tensor(values, dtype=torch.float64, device=device)
         _CONSTANTS[device] = constants
     return constants
