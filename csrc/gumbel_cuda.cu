@@ -103,12 +103,17 @@ __global__ void __launch_bounds__(kThreadsPerRow)
 // kExclude: `excluded` marks excluded ids (else it is null); kVector: every row is contiguous and 16-byte
 // aligned (one 16-byte load per chunk); kCount: `counts` receives the number of candidates of each row (else
 // it is null and nothing is counted).
-// __launch_bounds__(256, 2): with the maximum threads alone, ptxas allocates the float32 kernel with exclusion
-// and strided loads 64 registers and spills across the slow-path calls of log64's IEEE division; asking for
-// two blocks per SM (at most 128 registers) it spills nothing (ptxas -v, sm_90).
+// __launch_bounds__(256, kScreenedBlocksPerSm): with the maximum threads alone, ptxas allocated the float32
+// kernel with exclusion and strided loads 64 registers and spilled across the slow-path calls of log64's IEEE
+// division. Asking for three blocks per SM (at most 80 registers) the float32 kernels take 76-80 and spill
+// nothing; the bf16 / fp16 ones (eight columns per chunk) ask for two (at most 128: they take 117-123; with
+// three they would spill) (ptxas -v, sm_90).
+
+template <typename scalar_t>
+constexpr int kScreenedBlocksPerSm = std::is_same_v<scalar_t, float> ? 3 : 2;
 
 template <typename scalar_t, bool kExclude, bool kVector, bool kCount>
-__global__ void __launch_bounds__(kThreadsPerRow, 2)
+__global__ void __launch_bounds__(kThreadsPerRow, kScreenedBlocksPerSm<scalar_t>)
     gumbel_argmax_screened_kernel(const scalar_t* __restrict__ logits, int64_t stride_row, int64_t stride_col,
                                   int64_t vocab, const int64_t* __restrict__ take, const int64_t* __restrict__ row_ids,
                                   const uint8_t* __restrict__ excluded, GumbelParams params, float scale,
