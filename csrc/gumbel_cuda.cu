@@ -105,9 +105,9 @@ __global__ void __launch_bounds__(kThreadsPerRow)
 // it is null and nothing is counted).
 // __launch_bounds__(256, kScreenedBlocksPerSm): with the maximum threads alone, ptxas allocated the float32
 // kernel with exclusion and strided loads 64 registers and spilled across the slow-path calls of log64's IEEE
-// division. Asking for three blocks per SM (at most 80 registers) the float32 kernels take 76-80 and spill
-// nothing; the bf16 / fp16 ones (eight columns per chunk) ask for two (at most 128: they take 117-123; asked
-// for three, the counted contiguous bf16 kernel spills 8 bytes) (ptxas -v, sm_90).
+// division. Asking for three blocks per SM (at most 80 registers) the float32 kernels take 75-80 and spill
+// nothing; the bf16 / fp16 ones (eight columns per chunk) ask for two (at most 128: they take 104-125; asked
+// for three, four of their sixteen kernels spill 8-12 bytes) (ptxas -v, sm_90).
 
 template <typename scalar_t>
 constexpr int kScreenedBlocksPerSm = std::is_same_v<scalar_t, float> ? 3 : 2;
