@@ -75,11 +75,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("exclude"),
         "FP64 Gumbel-max of CUDA logits [K, V] (rows `take` or all, identities `row_ids`) -> (tokens int64 [n], "
         "winning scores float64 [n])");
+  m.def("gumbel_argmax_counted_cuda", &hdlm::gumbel_argmax_counted_cuda, pybind11::arg("logits"),
+        pybind11::arg("take"), pybind11::arg("row_ids"), pybind11::arg("seed"), pybind11::arg("step"),
+        pybind11::arg("temperature"), pybind11::arg("exclude"), pybind11::arg("count"),
+        "gumbel_argmax_cuda plus, with count=True, the tokens scored exactly per row (int64 [n]): the screen's "
+        "candidates, or V on the exact walk (docs/sampling-screen.md)");
   m.def("hybrid_step_cuda", &hdlm::hybrid_step_cuda, pybind11::arg("log_score"), pybind11::arg("x"),
         pybind11::arg("coefficients"), pybind11::arg("row_ids"), pybind11::arg("mask_id"), pybind11::arg("seed"),
         pybind11::arg("step"),
         "fused γ-hybrid step of CUDA log-scores [R, V] (current tokens x, constants c1..c6 [R, 6], identities "
         "`row_ids`) -> (tokens int64 [R], winning scores float64 [R]: NaN for a bad row, -inf without weight)");
+  m.def("hybrid_step_counted_cuda", &hdlm::hybrid_step_counted_cuda, pybind11::arg("log_score"), pybind11::arg("x"),
+        pybind11::arg("coefficients"), pybind11::arg("row_ids"), pybind11::arg("mask_id"), pybind11::arg("seed"),
+        pybind11::arg("step"), pybind11::arg("count"),
+        "hybrid_step_cuda plus, with count=True, the tokens scored exactly per row (int64 [R]): the current cell "
+        "and the screen's candidates, or V on the full race (docs/sampling-screen.md)");
   m.def("decode_attention_cuda", &hdlm::decode_attention_cuda, pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("v"), pybind11::arg("prefix_end"), pybind11::arg("window_start"),
         pybind11::arg("window_end"), pybind11::arg("scale"), pybind11::arg("num_splits"),

@@ -38,6 +38,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_argmax_counted_cpu(
 std::tuple<at::Tensor, at::Tensor> gumbel_argmax_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& take,
                                                       const at::Tensor& row_ids, uint64_t seed, int64_t step,
                                                       double temperature, const std::optional<at::Tensor>& exclude);
+// gumbel_argmax_cuda plus, with count = true, the number of tokens of each row whose exact FP64 score was
+// computed (the screened kernel's candidates, or V on the exact walk), as gumbel_argmax_counted_cpu; an empty
+// tensor otherwise. Without count it launches the kernels gumbel_argmax_cuda does (counting is a template flag).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_argmax_counted_cuda(
+    const at::Tensor& logits, const std::optional<at::Tensor>& take, const at::Tensor& row_ids, uint64_t seed,
+    int64_t step, double temperature, const std::optional<at::Tensor>& exclude, bool count);
 #endif
 
 // Metadata checks shared by the backends: dtypes, ranks, sizes and devices, named in the errors.

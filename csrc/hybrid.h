@@ -40,6 +40,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hybrid_step_counted_cpu(const at:
 std::tuple<at::Tensor, at::Tensor> hybrid_step_cuda(const at::Tensor& log_score, const at::Tensor& x,
                                                     const at::Tensor& coefficients, const at::Tensor& row_ids,
                                                     int64_t mask_id, uint64_t seed, int64_t step);
+// hybrid_step_cuda plus, with count = true, the number of tokens per row whose exact score was computed, as
+// hybrid_step_counted_cpu (the current cell and the screen's candidates, or V on the full race); an empty
+// tensor otherwise. Without count it launches the kernels hybrid_step_cuda does (counting is a template flag).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hybrid_step_counted_cuda(const at::Tensor& log_score,
+                                                                     const at::Tensor& x,
+                                                                     const at::Tensor& coefficients,
+                                                                     const at::Tensor& row_ids, int64_t mask_id,
+                                                                     uint64_t seed, int64_t step, bool count);
 #endif
 
 // Metadata checks shared by the backends: dtypes, ranks, sizes, devices and the scalars, named in the

@@ -27,6 +27,7 @@
 #include "philox.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -129,19 +130,26 @@ constexpr int kMinBlocksPerSm = std::is_same_v<scalar_t, double> ? 1 : 2;
 // bf16 / fp16 / fp32 ones read the row in chunks of 16 bytes (screen_cuda.cuh; one 16-byte load each with
 // kVector: a contiguous, 16-byte-aligned tensor), take the maximum in float32 (exact: the widening to
 // float64 is monotone), and race screened (hybrid_screen_cuda.cuh) unless the row is bad or its constants
-// are outside the screen's range (hybrid_screen_row), which take the full race.
-template <typename scalar_t, bool kVector>
+// are outside the screen's range (hybrid_screen_row), which take the full race. kCount (screened dtypes only):
+// `counts` receives the number of tokens of each row scored exactly (the current cell plus the candidates, or V
+// on the full race), as hybrid_step_counted_cpu; without it `counts` is null and nothing is counted.
+template <typename scalar_t, bool kVector, bool kCount>
 __global__ void __launch_bounds__(kThreadsPerRow, kMinBlocksPerSm<scalar_t>)
     hybrid_step_kernel(const scalar_t* __restrict__ log_score, int64_t stride_row, int64_t stride_col, int64_t vocab,
                        const int64_t* __restrict__ x, const double* __restrict__ coefficients,
                        const int64_t* __restrict__ row_ids, int64_t mask_id, uint64_t seed, uint64_t step,
-                       int64_t* __restrict__ tokens, double* __restrict__ best_scores) {
+                       int64_t* __restrict__ tokens, double* __restrict__ best_scores, int64_t* __restrict__ counts) {
   constexpr bool kScreened = !std::is_same_v<scalar_t, double>;
+  static_assert(kScreened || !kCount, "hybrid_step_kernel: float64 rows take the full race (V exact scores)");
   __shared__ double max_scratch[kWarpsPerRow];
   __shared__ float max_scratch_float[kWarpsPerRow];
   __shared__ long long hi_scratch[kWarpsPerRow];
   __shared__ long long lo_scratch[kWarpsPerRow];
+  __shared__ int row_candidates;
   const int64_t i = blockIdx.x;
+  if (kCount && threadIdx.x == 0) {
+    row_candidates = 0;  // visible to every thread after pass 1's barriers
+  }
   const scalar_t* row = log_score + i * stride_row;
   const int64_t current = x[i];
   const uint64_t row_id = static_cast<uint64_t>(row_ids[i]);
@@ -221,52 +229,73 @@ __global__ void __launch_bounds__(kThreadsPerRow, kMinBlocksPerSm<scalar_t>)
   // Pass 3: the race. Every thread holds the same bad, weights and screen constants, so the branch is
   // uniform across the block (the screened race synchronizes it).
   Candidate best;
+  bool screen = false;
+  int candidates = 0;  // this thread's candidates (kCount)
   if constexpr (kScreened) {
     HybridScreenedRow screened{vocab, current, mask_id, row_id, seed, step, HybridScreenRow{}, false};
     // c1 = 0 leaves no read token any weight (0 times a finite difference).
     screened.no_read_weight = c.c1 == 0.0 && isfinite(weights.c2_total);
-    const bool screen = !bad && (screened.no_read_weight ||
-                                 hybrid_screen_row(shift, weights.c1, weights.c2_total, screened.screen));
+    screen = !bad && (screened.no_read_weight ||
+                      hybrid_screen_row(shift, weights.c1, weights.c2_total, screened.screen));
     if (screen && !screened.no_read_weight && screened.screen.k_zero) {
-      best = hybrid_race_screened<scalar_t, kVector, true>(row, stride_col, screened, weights);
+      best = hybrid_race_screened<scalar_t, kVector, true, kCount>(row, stride_col, screened, weights, candidates);
     } else if (screen) {
-      best = hybrid_race_screened<scalar_t, kVector, false>(row, stride_col, screened, weights);
+      best = hybrid_race_screened<scalar_t, kVector, false, kCount>(row, stride_col, screened, weights, candidates);
     } else {
       best = hybrid_race_exact(vocab, current, mask_id, row_id, seed, step, weights, bad, load);
     }
   } else {
     best = hybrid_race_exact(vocab, current, mask_id, row_id, seed, step, weights, bad, load);
   }
+  if constexpr (kCount) {
+    const int warp_candidates = __reduce_add_sync(kFullWarp, candidates);
+    if (threadIdx.x % kWarpSize == 0) {
+      atomicAdd(&row_candidates, warp_candidates);
+    }
+  }
 
-  best = block_best(best);
+  best = block_best(best);  // synchronizes the block (row_candidates is complete after it)
   if (threadIdx.x == 0) {
     const Candidate winner = hybrid_winner(best, bad);
     tokens[i] = winner.column;
     best_scores[i] = winner.score;
+    if constexpr (kCount) {
+      // The current cell is scored exactly on every screened row (counted whether or not it has a weight).
+      counts[i] = screen ? 1 + static_cast<int64_t>(row_candidates) : vocab;
+    }
   }
 }
 
+// Launches the step of every row; with `counts` (else null) the kernel also writes the exact scores of each
+// row (float64 rows: the caller fills V, their full race).
 template <typename scalar_t>
 void launch(const at::Tensor& log_score, const int64_t* x, const double* coefficients, const int64_t* row_ids,
-            int64_t mask_id, uint64_t seed, uint64_t step, int64_t* tokens, double* best, cudaStream_t stream) {
+            int64_t mask_id, uint64_t seed, uint64_t step, int64_t* tokens, double* best, int64_t* counts,
+            cudaStream_t stream) {
   // One 16-byte load per chunk needs a unit column stride and 16-byte-aligned rows.
   const bool vector = !std::is_same_v<scalar_t, double> && log_score.stride(1) == 1 &&
                       reinterpret_cast<uintptr_t>(log_score.const_data_ptr()) % 16 == 0 &&
                       (log_score.size(0) == 1 || (log_score.stride(0) * log_score.element_size()) % 16 == 0);
-  // float64 rows are never read by 16-byte chunks: one instantiation.
-  const auto kernel = vector ? hybrid_step_kernel<scalar_t, !std::is_same_v<scalar_t, double>>
-                             : hybrid_step_kernel<scalar_t, false>;
+  constexpr bool kScreened = !std::is_same_v<scalar_t, double>;
+  // float64 rows are never read by 16-byte chunks nor counted: one instantiation.
+  const auto kernel = counts != nullptr && kScreened
+                          ? (vector ? hybrid_step_kernel<scalar_t, kScreened, kScreened>
+                                    : hybrid_step_kernel<scalar_t, false, kScreened>)
+                          : (vector ? hybrid_step_kernel<scalar_t, kScreened, false>
+                                    : hybrid_step_kernel<scalar_t, false, false>);
   kernel<<<static_cast<unsigned int>(log_score.size(0)), kThreadsPerRow, 0, stream>>>(
       log_score.const_data_ptr<scalar_t>(), log_score.stride(0), log_score.stride(1), log_score.size(1), x,
-      coefficients, row_ids, mask_id, seed, step, tokens, best);
+      coefficients, row_ids, mask_id, seed, step, tokens, best, kScreened ? counts : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> hybrid_step_cuda(const at::Tensor& log_score, const at::Tensor& x,
-                                                    const at::Tensor& coefficients, const at::Tensor& row_ids,
-                                                    int64_t mask_id, uint64_t seed, int64_t step) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hybrid_step_counted_cuda(const at::Tensor& log_score,
+                                                                     const at::Tensor& x,
+                                                                     const at::Tensor& coefficients,
+                                                                     const at::Tensor& row_ids, int64_t mask_id,
+                                                                     uint64_t seed, int64_t step, bool count) {
   check_hybrid_args(log_score, x, coefficients, row_ids, mask_id, step, c10::DeviceType::CUDA);
   const int64_t num_rows = log_score.size(0);
   TORCH_CHECK(num_rows < (int64_t{1} << 31), "hybrid_step: at most 2^31 - 1 rows per call (one CUDA block each), ",
@@ -274,8 +303,13 @@ std::tuple<at::Tensor, at::Tensor> hybrid_step_cuda(const at::Tensor& log_score,
   const c10::cuda::CUDAGuard device_guard(log_score.device());
   at::Tensor tokens = at::empty({num_rows}, log_score.options().dtype(at::kLong));
   at::Tensor best = at::empty({num_rows}, log_score.options().dtype(at::kDouble));
+  // float64 rows take the full race (V exact scores each); the other kernels write their rows' counts.
+  const bool full_race = log_score.scalar_type() == at::kDouble;
+  at::Tensor counts = !count ? at::empty({0}, log_score.options().dtype(at::kLong))
+                      : full_race ? at::full({num_rows}, log_score.size(1), log_score.options().dtype(at::kLong))
+                                  : at::empty({num_rows}, log_score.options().dtype(at::kLong));
   if (num_rows == 0) {
-    return {tokens, best};
+    return {tokens, best, counts};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(log_score.device().index());
   // Small per-row inputs made contiguous (copies on the current stream when they are not); the
@@ -289,26 +323,35 @@ std::tuple<at::Tensor, at::Tensor> hybrid_step_cuda(const at::Tensor& log_score,
   const uint64_t step_bits = static_cast<uint64_t>(step);
   int64_t* token_data = tokens.mutable_data_ptr<int64_t>();
   double* best_data = best.mutable_data_ptr<double>();
+  int64_t* count_data = count && !full_race ? counts.mutable_data_ptr<int64_t>() : nullptr;
   switch (log_score.scalar_type()) {
     case at::kFloat:
       launch<float>(log_score, x_data, coefficient_data, row_id_data, mask_id, seed, step_bits, token_data, best_data,
-                    stream);
+                    count_data, stream);
       break;
     case at::kDouble:
       launch<double>(log_score, x_data, coefficient_data, row_id_data, mask_id, seed, step_bits, token_data, best_data,
-                     stream);
+                     nullptr, stream);
       break;
     case at::kHalf:
       launch<c10::Half>(log_score, x_data, coefficient_data, row_id_data, mask_id, seed, step_bits, token_data,
-                        best_data, stream);
+                        best_data, count_data, stream);
       break;
     case at::kBFloat16:
       launch<c10::BFloat16>(log_score, x_data, coefficient_data, row_id_data, mask_id, seed, step_bits, token_data,
-                            best_data, stream);
+                            best_data, count_data, stream);
       break;
     default:
       TORCH_CHECK(false, "hybrid_step: unsupported log_score dtype ", log_score.scalar_type());  // checked above
   }
+  return {tokens, best, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor> hybrid_step_cuda(const at::Tensor& log_score, const at::Tensor& x,
+                                                    const at::Tensor& coefficients, const at::Tensor& row_ids,
+                                                    int64_t mask_id, uint64_t seed, int64_t step) {
+  auto [tokens, best, counts] = hybrid_step_counted_cuda(log_score, x, coefficients, row_ids, mask_id, seed, step,
+                                                         false);
   return {tokens, best};
 }
 

@@ -74,20 +74,26 @@ struct HybridScreenedRow {
 // column). Every thread of the block calls it (it synchronizes the block).
 //   0. the current cell's exact score (when it has a weight): the first best, its float32 value rounded
 //      down the first floor;
-//   1. float32 only: thread t at iteration k screens chunk q = 256 k + t (whole Philox pairs: chunk q starts
-//      at column kColumns q - parity), keeps its running floor, and each warp writes the largest upper
-//      bound of the iteration to its slot in shared memory;
+//   1. float32 and integer work only (screen_row_floor): thread t at iteration k takes chunk q = 256 k + t
+//      (whole Philox pairs: chunk q starts at column kColumns q - parity), its Philox blocks and each read
+//      column's prefilter bound (the K = 0 form of the interval with the first word's noise bound, an upper
+//      bound of the score whatever K is: docs/sampling-screen.md, "The γ step"); where a lane of the warp
+//      reaches the running floor, the cheap intervals, the floor raised, and the warp's largest upper bound
+//      into the iteration's slot in shared memory;
 //   2. L = the block's floor; a warp re-walks only the iterations whose slot reaches L and holds a token
 //      that may have a weight (a warp-uniform branch), and the lanes with a candidate compute its exact
 //      score (hybrid_read_log_weight, log64, the FP64 noise) and keep the best with beats().
-template <typename scalar_t, bool kVector, bool kKZero>
+// kCount: `candidates` receives this thread's number of candidates, the read columns whose upper bound
+// reaches L (their exact score computed, or -inf proved by hi = -inf in a row whose floor is -inf), as the
+// C++ and Triton backends count them; without kCount it is left alone.
+template <typename scalar_t, bool kVector, bool kKZero, bool kCount>
 __device__ __forceinline__ Candidate hybrid_race_screened(const scalar_t* __restrict__ row, int64_t stride_col,
-                                                          const HybridScreenedRow& r, const HybridRow& weights) {
+                                                          const HybridScreenedRow& r, const HybridRow& weights,
+                                                          int& candidates) {
   using namespace block_best_detail;
   constexpr int kColumns = Chunk<scalar_t>::kColumns;
   constexpr int kPairs = kColumns / 2;
-  __shared__ float slot_top[kWarpsPerRow][kScreenSlots];
-  __shared__ float warp_floor[kWarpsPerRow];
+  __shared__ ScreenShared screen_shared;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const float minus_inf = __int_as_float(0xFF800000);
@@ -109,16 +115,20 @@ __device__ __forceinline__ Candidate hybrid_race_screened(const scalar_t* __rest
 
   const RowPairs pairs = row_pairs(r.row_id, r.vocab);
   const int64_t num_chunks = (pairs.count + kPairs - 1) / kPairs;
-  // The intervals of chunk q's columns (absent and unread columns: [-inf, -inf]), with its float32
-  // log-scores and Philox blocks for the exact pass.
-  struct ScreenedChunk {
+  // Chunk q's float32 log-scores (absent and unread columns at -inf, whose interval is [-inf, -inf]), its
+  // Philox blocks, and each column's prefilter bound.
+  struct Words {
     Chunk<scalar_t> scores;
     PhiloxBlock blocks[kPairs];
-    float hi[kColumns];
-    float lo[kColumns];
+    float reach[kColumns];
   };
-  const auto screen_chunk = [&](int64_t q) {
-    ScreenedChunk chunk;
+  // The cheap interval of each column (hi at most the prefilter's bound).
+  struct Bounds {
+    float lo[kColumns];
+    float hi[kColumns];
+  };
+  const auto words = [&](int64_t q) {
+    Words chunk;
     const int64_t first = kColumns * q - pairs.parity;
     chunk.scores = load_read_chunk<scalar_t, kVector>(row, stride_col, r.vocab, first, r.current, r.mask_id);
 #pragma unroll
@@ -128,34 +138,68 @@ __device__ __forceinline__ Candidate hybrid_race_screened(const scalar_t* __rest
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int c = 2 * p + half;
-        const float noise = screen_noise_device(chunk.blocks[p].w[2 * half], chunk.blocks[p].w[2 * half + 1]);
-        const ScreenBounds bounds = hybrid_screen_bounds<kKZero>(chunk.scores.x[c], noise, r.screen.shift,
-                                                                 r.screen.log_c1, r.screen.log_k);
-        const bool absent = q >= num_chunks;  // columns outside [0, V) read -inf: [-inf, -inf] already
-        chunk.lo[c] = absent ? minus_inf : bounds.lo;
-        chunk.hi[c] = absent ? minus_inf : bounds.hi;
+        chunk.reach[c] = hybrid_screen_bounds<true>(chunk.scores.x[c], screen_noise_bound(chunk.blocks[p].w[2 * half]),
+                                                    r.screen.shift, r.screen.log_c1, 0.0f)
+                             .hi;
       }
     }
     return chunk;
   };
+  const auto bounds = [&](const Words& chunk) {
+    Bounds interval;
+#pragma unroll
+    for (int p = 0; p < kPairs; ++p) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int c = 2 * p + half;
+        const float noise = screen_noise_device(chunk.blocks[p].w[2 * half], chunk.blocks[p].w[2 * half + 1]);
+        const ScreenBounds cheap = hybrid_screen_bounds<kKZero>(chunk.scores.x[c], noise, r.screen.shift,
+                                                                r.screen.log_c1, r.screen.log_k);
+        interval.lo[c] = cheap.lo;
+        interval.hi[c] = tighter_upper(cheap.hi, chunk.reach[c]);
+      }
+    }
+    return interval;
+  };
 
   // 1. The screen (float32 and integer work only).
-  const float row_floor = screen_row_floor<kColumns>(screen_chunk, num_chunks, floor, slot_top, warp_floor);
+  const float row_floor = screen_row_floor<kColumns>(words, bounds, num_chunks, floor, screen_shared);
 
   // 2. The exact score of the candidates only. An upper bound of -inf proves the score -inf (no weight):
-  // such a token is not offered, as in the full race, so an iteration whose slot is -inf is skipped too.
+  // such a token is not offered, as in the full race, so an iteration whose slot is -inf is skipped too
+  // (it reaches L only when L is -inf; the counted kernel then counts its read columns, all candidates).
   int64_t k = 0;
   for (int64_t base = warp * kWarpSize; base < num_chunks; base += kThreadsPerRow, ++k) {
-    const float top = slot_top[warp][k < kScreenSlots ? k : kScreenSlots - 1];
-    if (top < row_floor || top == minus_inf) {
+    const float top = screen_shared.slot_top[warp][k < kScreenSlots ? k : kScreenSlots - 1];
+    if (top < row_floor) {
       continue;  // uniform across the warp
     }
     const int64_t q = base + lane;
-    const ScreenedChunk chunk = screen_chunk(q);
     const int64_t first = kColumns * q - pairs.parity;
+    const auto read = [&](int c) {
+      const int64_t column = first + c;
+      return column >= 0 && column < r.vocab && column != r.current && column != r.mask_id;
+    };
+    if (top == minus_inf) {
+      if constexpr (kCount) {
+#pragma unroll
+        for (int c = 0; c < kColumns; ++c) {
+          candidates += static_cast<int>(read(c));
+        }
+      }
+      continue;  // uniform across the warp
+    }
+    const Words chunk = words(q);
+    const Bounds interval = bounds(chunk);
 #pragma unroll
     for (int c = 0; c < kColumns; ++c) {
-      if (chunk.hi[c] != minus_inf && screen_candidate(chunk.hi[c], row_floor)) {
+      if (!screen_candidate(interval.hi[c], row_floor)) {
+        continue;
+      }
+      if constexpr (kCount) {
+        candidates += static_cast<int>(read(c));
+      }
+      if (interval.hi[c] != minus_inf) {
         const double log_weight = hybrid_read_log_weight(
             hybrid_ratio(static_cast<double>(chunk.scores.x[c]), weights.shift), weights);
         if (log_weight != minus_inf_double) {

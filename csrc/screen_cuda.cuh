@@ -1,8 +1,9 @@
 // The device side of "screen, then decide" (docs/sampling-screen.md, "GPU kernels") that the CUDA sampling
-// kernels share: the float32 interval of every column of a chunk of a row (screen.h's rule), loaded with
-// one 16-byte load where the row allows it, and the warp / block reductions of the screen's float32
-// bounds. Float32 and integer work only: no FP64 instruction may appear in a screening loop
-// (scripts/screen_sass_counts.py counts them in the sm_90 machine code).
+// kernels share: the chunks of a row, loaded with one 16-byte load where the row allows it, the float32
+// reductions of the screen's bounds, and the screen pass itself (screen_row_floor), with the prefilter that
+// skips the cheap noise of an iteration whose columns cannot reach the running floor. Float32 and integer
+// work only: no FP64 instruction may appear in a screening loop (scripts/screen_sass_counts.py counts them in
+// the sm_90 machine code).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -126,44 +127,102 @@ __device__ __forceinline__ Chunk<scalar_t> load_chunk(const scalar_t* __restrict
 // the last slot, which then holds their maximum).
 constexpr int kScreenSlots = 128;
 
-// The screen pass of a screened row (docs/sampling-screen.md, "GPU kernels"), shared by the Gumbel-max and
-// γ kernels: warp w walks chunks w 32 + lane, + kThreadsPerRow, ... (`screen_chunk(q)` returns chunk q's
-// `lo` and `hi`, kColumns each), keeps each thread's running floor from `floor`, writes per iteration the
-// warp's largest upper bound (NaN as +inf) into slot_top[w], and returns the block's floor. Every thread of
-// the block must call it (it synchronizes the block).
-template <int kColumns, class ScreenChunk>
-__device__ __forceinline__ float screen_row_floor(const ScreenChunk& screen_chunk, int64_t num_chunks, float floor,
-                                                  float (*slot_top)[kScreenSlots], float* warp_floor) {
+// The shared memory of a screen pass: per warp and iteration the largest upper bound of its columns (-inf
+// for an iteration the prefilter skipped), the warps' final floors, and the block's running floor as an
+// ordered int (ordered_int), raised with atomicMax by a warp whose floor grows and read by every warp at
+// every iteration.
+struct ScreenShared {
+  float slot_top[block_best_detail::kWarpsPerRow][kScreenSlots];
+  float warp_floor[block_best_detail::kWarpsPerRow];
+  int block_floor;
+};
+
+// The smaller of two upper bounds of the same exact score: `hi` of the cheap interval and `reach`, the
+// prefilter's bound (a NaN hi, an unknown end, stays NaN and so a candidate). Both kernels take this as a
+// column's upper end, so that a column the prefilter skipped (reach below a floor) could never have been a
+// candidate of the unfiltered screen either (docs/sampling-screen.md, "GPU kernels").
+__device__ __forceinline__ float tighter_upper(float hi, float reach) { return reach < hi ? reach : hi; }
+
+// The screen pass of a screened row (docs/sampling-screen.md, "GPU kernels"), shared by the Gumbel-max and γ
+// kernels. Warp w walks chunks w 32 + lane, + kThreadsPerRow, ...; per chunk q,
+//   words(q)     loads the chunk and computes its Philox blocks and, per column c, `reach[c]`: the prefilter's
+//                upper bound of the exact score from the first Philox word alone (screen_noise_bound in place
+//                of the cheap noise; -inf for absent columns, NaN reaches), integer and float32 work only;
+//   bounds(w)    computes from those words the cheap interval of every column: `lo[c]` and `hi[c]` (the
+//                latter at most reach[c], tighter_upper).
+// The cheap bounds (two float32 logarithms per column) are computed only when a lane of the warp has a column
+// whose reach is not below the warp's running floor (a warp-uniform branch, __any_sync); otherwise no column
+// of the iteration can win, tie or raise the floor, and its slot stays -inf. The running floor is the warp's
+// (the largest lo it has seen, one REDUX per screened iteration) raised at every iteration to the block's
+// shared floor, which a warp raises with atomicMax when its own grows: every value read is the lo of some
+// column or the initial floor, so a stale read is only a weaker test. Returns the block's floor, the largest
+// lo of the row (and `floor`, the initial floor every thread passes), which the prefilter does not change.
+// Every thread of the block must call it (it synchronizes the block).
+template <int kColumns, class Words, class Bounds>
+__device__ __forceinline__ float screen_row_floor(const Words& words, const Bounds& bounds, int64_t num_chunks,
+                                                  float floor, ScreenShared& shared) {
   using block_best_detail::kThreadsPerRow;
   using block_best_detail::kWarpSize;
   using block_best_detail::kWarpsPerRow;
+  using screen_cuda_detail::float_of_ordered;
+  using screen_cuda_detail::kFullWarp;
+  using screen_cuda_detail::ordered_int;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const float minus_inf = __int_as_float(0xFF800000);
+  constexpr int kSlotsPerThread = kWarpsPerRow * kScreenSlots / kThreadsPerRow;
+  static_assert(kSlotsPerThread * kThreadsPerRow == kWarpsPerRow * kScreenSlots, "whole slots per thread");
+  float* slots = &shared.slot_top[0][0];
+#pragma unroll
+  for (int k = 0; k < kSlotsPerThread; ++k) {
+    slots[k * kThreadsPerRow + static_cast<int>(threadIdx.x)] = minus_inf;  // -inf: no column screened yet
+  }
+  if (threadIdx.x == 0) {
+    shared.block_floor = ordered_int(floor);
+  }
+  __syncthreads();
+  volatile int* block_floor = &shared.block_floor;
   int64_t iterations = 0;
   for (int64_t base = warp * kWarpSize; base < num_chunks; base += kThreadsPerRow, ++iterations) {
-    const auto chunk = screen_chunk(base + lane);
+    const auto chunk_words = words(base + lane);
+    // The floor known here: the warp's, raised to the block's (both the lo of some column, or the initial floor).
+    floor = fmaxf(floor, float_of_ordered(*block_floor));
+    int reach = 0;
+#pragma unroll
+    for (int c = 0; c < kColumns; ++c) {
+      reach |= static_cast<int>(screen_candidate(chunk_words.reach[c], floor));
+    }
+    if (!__any_sync(kFullWarp, reach)) {
+      continue;  // every exact score of the iteration is below the floor (uniform across the warp)
+    }
+    const auto chunk_bounds = bounds(chunk_words);
+    float lane_floor = floor;
     float top = minus_inf;
 #pragma unroll
     for (int c = 0; c < kColumns; ++c) {
-      floor = screen_floor(floor, chunk.lo[c]);
-      top = fmaxf(top, nan_as_infinity(chunk.hi[c]));
+      lane_floor = screen_floor(lane_floor, chunk_bounds.lo[c]);
+      top = fmaxf(top, nan_as_infinity(chunk_bounds.hi[c]));
     }
     top = warp_max_float(top);
+    const float raised = warp_max_float(lane_floor);
     if (lane == 0) {
       const int64_t slot = iterations < kScreenSlots ? iterations : kScreenSlots - 1;
-      slot_top[warp][slot] = iterations < kScreenSlots ? top : fmaxf(slot_top[warp][slot], top);
+      shared.slot_top[warp][slot] = iterations < kScreenSlots ? top : fmaxf(shared.slot_top[warp][slot], top);
+      if (raised > floor) {
+        atomicMax(&shared.block_floor, ordered_int(raised));
+      }
     }
+    floor = raised;
   }
   floor = warp_max_float(floor);
   if (lane == 0) {
-    warp_floor[warp] = floor;
+    shared.warp_floor[warp] = floor;
   }
   __syncthreads();
   float row_floor = minus_inf;
 #pragma unroll
   for (int w = 0; w < kWarpsPerRow; ++w) {
-    row_floor = fmaxf(row_floor, warp_floor[w]);
+    row_floor = fmaxf(row_floor, shared.warp_floor[w]);
   }
   return row_floor;
 }

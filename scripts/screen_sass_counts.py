@@ -234,7 +234,8 @@ def _cuda_kernel(symbol: str) -> Kernel | None:
     if "gumbel_argmax_screened_kernel" in short:
         columns = {"bfloat16": 8, "float16": 8, "float32": 4}[dtype]
         flags = re.findall(r"\b(true|false)\b", short)
-        config = f"{dtype}, exclude={flags[0]}, vector={flags[1]}" if len(flags) == 2 else dtype
+        # Template flags: exclusion, 16-byte loads, candidate counts.
+        config = f"{dtype}, exclude={flags[0]}, vector={flags[1]}, count={flags[2]}" if len(flags) == 3 else dtype
         return Kernel("cuda gumbel_argmax screened", config, (("screen", columns), ("decide", columns)), True)
     if "gumbel_argmax_kernel" in short:
         # The first loop is the noise walk (one Philox pair per iteration); the greedy walk after it is
@@ -242,7 +243,8 @@ def _cuda_kernel(symbol: str) -> Kernel | None:
         return Kernel("cuda gumbel_argmax exact", dtype, (("exact walk", 2),), False)
     if "hybrid_step_kernel" in short:
         flags = re.findall(r"\b(true|false)\b", short)
-        config = f"{dtype}, vector={flags[0]}" if flags else dtype
+        # Template flags: 16-byte loads, candidate counts.
+        config = f"{dtype}, vector={flags[0]}, count={flags[1]}" if len(flags) == 2 else dtype
         if dtype == "float64":
             # float64 rows take the full race only, and nvcc unrolls its column loops (with remainder loops),
             # so neither the order of its loops nor their elements per iteration follow the source: listed

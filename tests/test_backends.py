@@ -123,6 +123,9 @@ def _calls():
         "acs_apply": ("acs", lambda b: hk.sampling.acs_apply(torch.tensor([4, 4]), logits, torch.arange(2), 4, 1,
                                                              1, backend=b)),
         "hybrid_step": ("hybrid_step", lambda b: hk.sampling.hybrid_step(x, s, 1.0, 0.5, 0.1, 4, 0, 0, backend=b)),
+        "gumbel_candidates": ("gumbel_candidates", lambda b: hk.sampling.gumbel_candidates(logits, 1, 1, backend=b)),
+        "hybrid_candidates": ("hybrid_candidates", lambda b: hk.sampling.hybrid_candidates(x, s, 1.0, 0.5, 0.1, 4, 0,
+                                                                                           0, backend=b)),
         "hybrid_step_deferred": ("hybrid_step", lambda b: hk.sampling.hybrid_step_deferred(
             x, s, torch.ones(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), 0.1, 4, 0, 0,
             torch.arange(2), backend=b)),
