@@ -253,8 +253,8 @@ signature = {"LOGITS": "*bf16", "TAKE": "*i64", "ROW_IDS": "*i64", "EXCLUDE": "*
              "TOKENS": "*i64", "BEST": "*fp64", "COUNTS": "*i64", "stride_row": "i32", "stride_col": "i32",
              "vocab": "i32", "key0": "i64", "key1": "i64", "step_lo": "i64", "temperature_bits": "i64",
              "scale_bits": "i32", "HAS_TAKE": "constexpr", "HAS_EXCLUDE": "constexpr", "DIVIDE": "constexpr",
-             "BLOCK_P": "constexpr", "MAX_TILES": "constexpr"}
-constexprs = {"HAS_TAKE": True, "HAS_EXCLUDE": True, "DIVIDE": True, "BLOCK_P": 512, "MAX_TILES": 64}
+             "BLOCK_P": "constexpr", "MAX_TILES": "constexpr", "PREFILTER": "constexpr"}
+constexprs = {"HAS_TAKE": True, "HAS_EXCLUDE": True, "DIVIDE": True, "BLOCK_P": 512, "MAX_TILES": 64, "PREFILTER": True}
 source = ASTSource(fn=triton_gumbel._gumbel_argmax_screened_kernel, signature=signature, constexprs=constexprs)
 kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=triton_stream.launch_options(8))
 ptx = kernel.asm["ptx"]

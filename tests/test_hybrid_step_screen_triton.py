@@ -133,8 +133,9 @@ def test_screened_kernel_decides_without_fma(tmp_path):
     signatures = [{"LOG_SCORE": "*" + dtype, "X": "*i64", "COEFFICIENTS": "*fp64", "ROW_IDS": "*i64",
                    "CONSTS": "*fp64", "TOKENS": "*i64", "BEST": "*fp64", "COUNTS": "*i64", "stride_row": "i32",
                    "stride_col": "i32", "vocab": "i32", "mask_id": "i32", "key0": "i64", "key1": "i64",
-                   "step_lo": "i64", "BLOCK_P": "constexpr", "MAX_TILES": "constexpr"} for dtype in ("bf16",)]
-    constexprs = {"BLOCK_P": pairs, "MAX_TILES": module.max_tiles(VOCAB, pairs)}
+                   "step_lo": "i64", "BLOCK_P": "constexpr", "MAX_TILES": "constexpr", "PREFILTER": "constexpr"}
+                  for dtype in ("bf16",)]
+    constexprs = {"BLOCK_P": pairs, "MAX_TILES": module.max_tiles(VOCAB, pairs), "PREFILTER": True}
     found = compiled_ptx_ops(ptx_ops_script("triton_hybrid", "_hybrid_step_screened_kernel", signatures,
                                             constexprs, warps), tmp_path)
     assert_exact_float64_path(found, extra_literals={"0d39B0000000000000", "0d4630000000000000",  # 2^-100, 2^100

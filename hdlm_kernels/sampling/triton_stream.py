@@ -92,6 +92,20 @@ def stream_block(n, k0, k1, stream, step_lo):
 
 
 @triton.jit
+def row_stream(row_id, vocab, key0, key1, step_lo):
+    """The stream of a sampled row as the sampling kernels walk it (docs/sampling-stream.md): element
+    e = row_id·V + v of stream 0 uses Philox block n = e >> 1, words (w0, w1) when e is even and (w2, w3)
+    when odd, so lane j of a walk owns block pair_base + j, whose even element is column 2j - parity and
+    odd element the next column. Returns (element_base = row_id·V, parity = element_base & 1 (int32),
+    pair_base, num_pairs (the blocks that cover columns 0..V-1), and the uint32 key and step words)."""
+    element_base = row_id * vocab
+    parity = (element_base & 1).to(tl.int32)
+    num_pairs = (vocab + parity + 1) // 2
+    return (element_base, parity, element_base >> 1, num_pairs, key0.to(tl.uint32), key1.to(tl.uint32),
+            step_lo.to(tl.uint32))
+
+
+@triton.jit
 def uniform53_of_words(word_a, word_b):
     """u = (k + 0.5) * 2^-52 = (2k + 1) * 2^-53 with k = (w_a >> 6) * 2^26 + (w_b >> 6): exact."""
     k = ((word_a >> 6).to(tl.int64) << 26) | (word_b >> 6).to(tl.int64)
