@@ -10,7 +10,8 @@ special cases). Loops are named in address order with the roles each kernel decl
 and each role says how many elements one thread handles per iteration: instructions per element = body
 instructions / elements per iteration. These are static counts: a loop body includes both sides of every
 branch in it (the decide loop of a screened kernel holds the exact FP64 score, which runs only for the
-iterations that hold a candidate).
+iterations that hold a candidate); the shortest path through a body (see ``shortest_path``) is the
+iteration that takes no optional branch, which for a prefiltered screen loop is the common one.
 
 Target: 0 FP64 instructions in the screen loop of every screened kernel (the exit status is 1 otherwise).
 
@@ -96,7 +97,46 @@ def loops(sass: str) -> list[dict]:
                 merged[-1] = loop if start == int(merged[-1]["start"], 16) else merged[-1]
             continue
         merged.append(loop)
+    for loop in merged:
+        loop["shortest"] = shortest_path(code, int(loop["start"], 16), int(loop["end"], 16))
     return merged
+
+
+def _branch(text: str) -> tuple[int | None, bool]:
+    """(target, conditional) of a branch instruction, (None, False) for any other instruction. A `BRA.DIV`
+    (the divergent-warp fallback of a warp operation) is conditional."""
+    match = re.search(r"\bBRA(?:\.\w+)*\b(?:\s+\S+,)?\s+0x([0-9a-f]+)", text)
+    if not match:
+        return None, False
+    conditional = bool(re.match(r"@!?U?P\w+\s", text)) and not re.match(r"@PT\s", text)
+    return int(match.group(1), 16), conditional or "BRA.DIV" in text
+
+
+def shortest_path(code: list[tuple[int, str]], start: int, end: int) -> int:
+    """The fewest instructions that one iteration of the loop [start, end] executes: a path from its first
+    instruction to a back edge (a branch to `start`), every conditional branch free to go either way,
+    forward edges only (an inner loop counts once). For a screened loop whose cheap noise sits behind a
+    warp-uniform branch this is the iteration that skips it. Instructions under a predicate count as
+    executed."""
+    body = [(address, text) for address, text in code if start <= address <= end]
+    index = {address: i for i, (address, _) in enumerate(body)}
+    unreached = len(code) + 1
+    cost = [unreached] * len(body)
+    cost[0] = 1
+    best = unreached
+    for i, (address, text) in enumerate(body):
+        if cost[i] == unreached:
+            continue
+        target, conditional = _branch(text)
+        if target == start:
+            best = min(best, cost[i])
+        elif target is not None and target > address and target in index:
+            j = index[target]
+            cost[j] = min(cost[j], cost[i] + 1)
+        ends_path = (target is not None and not conditional) or re.search(r"\b(EXIT|RET)\b", text)
+        if not ends_path and i + 1 < len(body):
+            cost[i + 1] = min(cost[i + 1], cost[i] + 1)
+    return best if best != unreached else len(body)
 
 
 def describe(kernel: Kernel, sass: str) -> dict:
@@ -106,7 +146,8 @@ def describe(kernel: Kernel, sass: str) -> dict:
         if index < len(kernel.roles):
             role, elements = kernel.roles[index]
             loop = dict(loop, role=role, elements_per_iteration=elements,
-                        instructions_per_element=round(loop["instructions"] / elements, 1))
+                        instructions_per_element=round(loop["instructions"] / elements, 1),
+                        shortest_per_element=round(loop["shortest"] / elements, 1))
         else:
             loop = dict(loop, role="other" if kernel.roles else f"loop {index + 1}")
         record["loops"].append(loop)
@@ -251,17 +292,27 @@ def markdown(records: list[dict], header: dict) -> str:
              "Static counts from the machine code: body instructions of each loop over the elements one thread",
              "handles per iteration; a loop body counts both sides of its branches (the decide loops hold the",
              "exact FP64 score, run only for iterations with a candidate). Loops named \"loop k\" belong to a kernel",
-             "whose loops the compiler unrolled (their elements per iteration are not known from the source).", "",
-             "| kernel | config | loop | instructions | elements / iteration | instructions / element | FP64 |",
-             "|---|---|---|---|---|---|---|"]
+             "whose loops the compiler unrolled (their elements per iteration are not known from the source).",
+             "\"Shortest path\" is the fewest instructions one iteration can execute (from the loop's head to a back",
+             "edge, each branch free to go either way, an inner loop once), shown for the screened passes: for a",
+             "screen loop with a prefilter, the iteration whose tokens all stay below the running floor (the",
+             "common case once the floor is high); for a decide loop, an iteration without a candidate.", "",
+             "| kernel | config | loop | instructions | shortest path | elements / iteration | "
+             "instructions / element | shortest path / element | FP64 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for record in records:
         for loop in record["loops"]:
             if loop["role"] == "other":
                 continue
             elements = loop.get("elements_per_iteration", "?")
             per_element = loop.get("instructions_per_element", "?")
+            # Shown for the screened passes only, whose optional branches are the screen's design (skip the
+            # cheap noise, skip the exact score); elsewhere the shortest path is a special row (all -inf, say).
+            screened_pass = loop["role"].startswith(("screen", "decide"))
+            shortest = loop["shortest"] if screened_pass else "-"
+            shortest_per_element = loop.get("shortest_per_element", "?") if screened_pass else "-"
             lines.append(f"| {record['kernel']} | {record['config']} | {loop['role']} | {loop['instructions']} | "
-                         f"{elements} | {per_element} | {loop['fp64']} |")
+                         f"{shortest} | {elements} | {per_element} | {shortest_per_element} | {loop['fp64']} |")
     return "\n".join(lines) + "\n"
 
 
