@@ -345,7 +345,7 @@ def test_gpu_near_ties_exactly_at_the_bound(backend, dtype):
 
 # ---------------------------------------------------------------- the prefilter of the Triton screen
 
-PREFILTER_VOCAB = 3001  # 12 tiles of 128 Philox pairs (small_triton_tiles)
+PREFILTER_VOCAB = 1501  # 6 tiles of 128 Philox pairs (small_triton_tiles)
 HUGE = 2.0 ** 70  # the noise vanishes in fl64(l + g): equal huge logits tie exactly
 
 
@@ -374,7 +374,7 @@ def prefilter_rows(dtype: torch.dtype, vocab: int = PREFILTER_VOCAB) -> torch.Te
     x[5] = -INF
     x[5, [2, vocab - 1]] = torch.tensor([0.0, 1.0], dtype=torch.float64)
     x[6, 1] = 60.0
-    x[6, 2000:2010] = 59.9
+    x[6, vocab // 2: vocab // 2 + 10] = 59.9
     return x.to(dtype)
 
 
@@ -426,13 +426,13 @@ def test_triton_prefilter_rows(small_triton_tiles):
     # Both tied tokens are candidates; in row 4 also the huge finite logit, whose lo is the floor (+inf's is NaN).
     assert counts.tolist()[2] == 2 and counts.tolist()[4] == 3, counts
     # The rows do skip tiles: all after the first in row 0, most of them in row 7.
-    assert skipped_tiles(logits[0], 2, SEED, STEP, 1.0) == 11
-    assert skipped_tiles(logits[7], 37, SEED, STEP, 1.0) >= 6
+    assert skipped_tiles(logits[0], 2, SEED, STEP, 1.0) == 5
+    assert skipped_tiles(logits[7], 37, SEED, STEP, 1.0) >= 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,temperature", [(torch.float32, t) for t in (0.5, 1e-3, 1e-25, 40.0, 1e20)]
-                         + [(torch.bfloat16, 1.0), (torch.bfloat16, 0.3), (torch.float16, 1.0)])
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, t) for t in (1e-3, 1e-25, 1e20)]
+                         + [(torch.bfloat16, 0.3), (torch.float16, 1.0)])
 def test_triton_prefilter_rows_across_temperatures_and_dtypes(dtype, temperature, small_triton_tiles):
     logits = prefilter_rows(dtype)
     assert_prefilter_changes_nothing(logits, None, torch.arange(8) * 5 + 2, temperature, None)
@@ -447,13 +447,12 @@ def test_triton_prefilter_with_exclude_take_and_strides(small_triton_tiles):
     exclude = torch.tensor([0, 3, 700, 701, 1400, PREFILTER_VOCAB - 2])
     take = torch.tensor([0, 1, 3, 6, 7, 0])
     row_ids = torch.tensor([7, 2**40, 3, 4, 123456789, 8])
-    for temperature in (1.0, 0.5):
-        assert_prefilter_changes_nothing(logits, take, row_ids, temperature, exclude)
+    assert_prefilter_changes_nothing(logits, take, row_ids, 1.0, exclude)
     transposed = prefilter_rows(torch.bfloat16).t().contiguous().t()  # column stride 8
-    assert_prefilter_changes_nothing(transposed, None, torch.arange(8), 1.0, None)
+    assert_prefilter_changes_nothing(transposed, None, torch.arange(8), 0.5, None)
 
 
-def prefilter_near_tie_rows(vocab: int, offsets=range(-3, 4)):
+def prefilter_near_tie_rows(vocab: int, offsets=range(-2, 3)):
     """A leader (logit 0) in the first tile and a challenger in the last tile whose exact score is within a
     few float32 steps of the leader's: its logit is fl32(g_leader - g_challenger) moved by `offsets` steps, so
     that the challenger wins some rows and loses others by a hair. Its prefilter bound is then as close to the
