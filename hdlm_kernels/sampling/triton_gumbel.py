@@ -30,6 +30,7 @@ from .triton_stream import (
 from .triton_screen import (
     largest_bound,
     raised_floor,
+    reaches_floor,
     screen_bounds,
     screen_noise,
     screen_noise_bound,
@@ -199,7 +200,10 @@ def _gumbel_argmax_screened_kernel(
     row_ptr = LOGITS + row * stride_row
     element_base, parity, pair_base, num_pairs, k0, k1, step_word = row_stream(row_id, vocab, key0, key1, step_lo)
     num_tiles = (num_pairs + BLOCK_P - 1) // BLOCK_P
-    scale = scale_bits.to(tl.int32).to(tl.float32, bitcast=True)
+    if DIVIDE:
+        scale = scale_bits.to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        scale = 1.0  # T = 1: a constant, so that the screen's logit * scale folds away
     lanes = tl.arange(0, BLOCK_P)
     tiles = tl.arange(0, MAX_TILES)
 
@@ -210,13 +214,12 @@ def _gumbel_argmax_screened_kernel(
         (col_even, col_odd, valid_even, valid_odd, x_even, x_odd,
          l_even, l_odd) = _tile_logits(row_ptr, EXCLUDE, stride_col, vocab, j, parity, HAS_EXCLUDE)
         w0, w1, w2, w3 = stream_block(pair_base + j, k0, k1, 0, step_word)
+        top = tl.full([], float("-inf"), tl.float32)  # a skipped tile's: below the final floor (see above)
         if PREFILTER:
             lo_bound_even, bound_even = screen_bounds(l_even, screen_noise_bound(w0), scale)
             lo_bound_odd, bound_odd = screen_bounds(l_odd, screen_noise_bound(w2), scale)
-            top = largest_bound(bound_even, bound_odd)
-            reaches = top >= floor
+            reaches = reaches_floor(bound_even, bound_odd, floor)
         else:
-            top = floor
             reaches = floor == floor
         if reaches:
             lo_even, hi_even = screen_bounds(l_even, screen_noise(w0, w1), scale)

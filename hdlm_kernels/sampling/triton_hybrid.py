@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .triton_gumbel import INTERPRETER_BLOCK_PAIRS, MAX_VOCAB, MAX_WARPS, max_tiles, row_winner, take_if_better
 from .triton_hybrid_screen import float_at_most, hybrid_screen_bounds, hybrid_screen_row
-from .triton_screen import largest_bound, raised_floor, screen_noise, screen_noise_bound
+from .triton_screen import largest_bound, raised_floor, reaches_floor, screen_noise, screen_noise_bound
 from .triton_stream import (
     check_triton_device,
     interpreted,
@@ -252,13 +252,12 @@ def _screened_race(row_ptr, stride_col, vocab, mask_id, x, element_base, m, c1, 
         col_even, col_odd, read_even, read_odd, s_even, s_odd = _tile_scores(row_ptr, stride_col, vocab, mask_id, x,
                                                                              j, parity)
         w0, w1, w2, w3 = stream_block(pair_base + j, k0, k1, 0, step_word)
+        top = tl.full([], float("-inf"), tl.float32)  # a skipped tile's: below the final floor
         if PREFILTER:
             lo_bound_even, bound_even = hybrid_screen_bounds(s_even, screen_noise_bound(w0), shift, log_c1, 0.0, True)
             lo_bound_odd, bound_odd = hybrid_screen_bounds(s_odd, screen_noise_bound(w2), shift, log_c1, 0.0, True)
-            top = largest_bound(bound_even, bound_odd)
-            reaches = top >= floor
+            reaches = reaches_floor(bound_even, bound_odd, floor)
         else:
-            top = floor
             reaches = floor == floor
         if reaches:
             lo_even, hi_even = hybrid_screen_bounds(s_even, screen_noise(w0, w1), shift, log_c1, log_k, k_zero)

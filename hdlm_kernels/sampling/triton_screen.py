@@ -21,7 +21,7 @@ import triton.language as tl
 from .constants import SCREEN_ABSOLUTE, SCREEN_RELATIVE
 from .triton_stream import GPU_BLOCK, INTERPRETER_BLOCK, check_triton_device, launch_block, launch_options, on_device
 
-__all__ = ["largest_bound", "raised_floor", "screen_bounds", "screen_noise", "screen_noise_bound", "screen_noise_bound_triton", "screen_noise_triton",
+__all__ = ["largest_bound", "raised_floor", "reaches_floor", "screen_bounds", "screen_noise", "screen_noise_bound", "screen_noise_bound_triton", "screen_noise_triton",
            "screen_scale_bits"]
 
 # The float32 constants of csrc/screen.h (every one exact in float32, so that Triton's narrowing of a Python
@@ -130,6 +130,14 @@ def largest_bound(hi_even, hi_odd):
     top = tl.maximum(tl.where(hi_even != hi_even, float("inf"), hi_even),
                      tl.where(hi_odd != hi_odd, float("inf"), hi_odd))
     return tl.max(top, axis=0)
+
+
+@triton.jit
+def reaches_floor(hi_even, hi_odd, floor):
+    """Whether some upper bound of a tile reaches the running floor (a scalar: True when one is >= floor or
+    NaN). One integer reduction, cheaper than the largest bound with its NaN handling."""
+    reach = ~(hi_even < floor) | ~(hi_odd < floor)
+    return tl.max(reach.to(tl.int32), axis=0) != 0
 
 
 @triton.jit
