@@ -181,11 +181,13 @@ def _gumbel_argmax_screened_kernel(
     # _gumbel_argmax_kernel, in two passes over the row's tiles of BLOCK_P Philox pairs:
     #   1. float32 and integer work only. The running floor (a scalar: the largest lo so far) and per tile
     #      the prefilter: each token's upper bound from its logit and its first Philox word alone
-    #      (screen_noise_bound). A tile whose largest such bound reaches the floor (a NaN reaches) gets the
+    #      (screen_noise_bound). A tile where some such bound reaches the floor (a NaN reaches) gets the
     #      cheap noise and every column's [lo, hi]: the floor rises to its largest lo, and the tile's top is
-    #      its largest hi (NaN counted as +inf). Any other tile holds no token whose exact score or lo
-    #      reaches the floor: its top is the largest prefilter bound, below the floor. The tops are kept in
-    #      registers (MAX_TILES >= the tile count). PREFILTER=False (tests) gives every tile the cheap noise.
+    #      its largest hi (NaN counted as +inf). Any other tile holds no token whose exact score, lo or hi
+    #      reaches the floor (lo <= score <= bound, and hi <= bound: the cheap noise stays below the noise
+    #      bound): its top is -inf, below the final floor (finite, since a -inf floor skips nothing). The
+    #      tops are kept in registers (MAX_TILES >= the tile count). PREFILTER=False (tests) gives every
+    #      tile the cheap noise: the same floor, the same candidates.
     #   2. the tiles whose top reaches the final floor L (a branch on one scalar, so the others cost a
     #      reduction: every skipped tile is one) recompute their Philox words and intervals, and their
     #      candidates (hi >= L or NaN) get the exact FP64 score and today's winner rule, lanes in

@@ -224,9 +224,10 @@ def _screened_race(row_ptr, stride_col, vocab, mask_id, x, element_base, m, c1, 
     #   1. float32 and integer work only: the running floor (a scalar) and per tile the prefilter, each read
     #      token's upper bound from the K = 0 form of its interval (φ = 0, an upper bound of φ for every K)
     #      with the first Philox word's noise bound (screen_noise_bound) in place of the cheap noise. A tile
-    #      whose largest such bound reaches the floor gets the cheap noise and every read column's [lo, hi]:
-    #      the floor rises to its largest lo, the tile's top is its largest hi; any other tile's top is its
-    #      largest prefilter bound, below the floor. Tops kept in registers (MAX_TILES >= the tile count).
+    #      where some such bound reaches the floor gets the cheap noise and every read column's [lo, hi]:
+    #      the floor rises to its largest lo, the tile's top is its largest hi; any other tile's top is -inf
+    #      (none of its tokens can raise the floor or win, and the final floor is finite when a tile is
+    #      skipped). Tops kept in registers (MAX_TILES >= the tile count).
     #      A row without read weight (c1 = 0) has no tile to walk; PREFILTER=False (tests) gives every tile
     #      the cheap noise;
     #   2. the tiles whose top reaches the final floor L (a branch on one scalar) recompute their words and
