@@ -8,6 +8,10 @@ exact FP64 pass, so the float32 products and sums that can be fused are written 
 more rounding in each logarithm, within the margin of the bound (the "GPU kernels" section of the page). Only float32 and integer operations:
 the screening loops of the kernels that use these functions hold no FP64 instruction
 (``scripts/screen_sass_counts.py`` counts them in the sm_90 machine code).
+
+``screen_noise_bound`` is the prefilter's bound of the noise from a token's first Philox word alone, and
+``reaches_floor`` / ``raised_floor`` / ``largest_bound`` the per-tile steps of the screen pass against a
+running floor (docs/sampling-screen.md, "The prefilter" and "GPU kernels").
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import triton.language as tl
 from .constants import SCREEN_ABSOLUTE, SCREEN_RELATIVE
 from .triton_stream import GPU_BLOCK, INTERPRETER_BLOCK, check_triton_device, launch_block, launch_options, on_device
 
-__all__ = ["largest_bound", "raised_floor", "reaches_floor", "screen_bounds", "screen_noise", "screen_noise_bound", "screen_noise_bound_triton", "screen_noise_triton",
-           "screen_scale_bits"]
+__all__ = ["largest_bound", "raised_floor", "reaches_floor", "screen_bounds", "screen_noise", "screen_noise_bound",
+           "screen_noise_bound_triton", "screen_noise_triton", "screen_scale_bits"]
 
 # The float32 constants of csrc/screen.h (every one exact in float32, so that Triton's narrowing of a Python
 # float to float32 keeps its value).

@@ -6,6 +6,8 @@ element-wise kernels that expose them (the twins of ``csrc/philox.h``, ``csrc/un
   each product, the wrapping uint32 product for the low half, and the Weyl key bump between rounds.
   Our counter layout is (n & 0xffffffff, n >> 32, stream, step & 0xffffffff) under the key
   (seed & 0xffffffff, seed >> 32); ``tl.randint4x`` cannot give it (its counter words 2 and 3 are 0).
+* ``row_stream``: the prologue of every sampling kernel's row (its Philox pairs, their parity against the
+  columns, the key and step words), so that the Gumbel-max and γ kernels walk a row's stream alike.
 * ``uniform53_of_words``: k = (w_a >> 6) * 2^26 + (w_b >> 6), u = (2k + 1) * 2^-53, exact in float64.
 * ``log64`` and ``exp64``: the functions of :mod:`hdlm_kernels.sampling.log64`, operation by
   operation (docs/log64.md); ``gumbel_noise`` = -log64(-log64 u).
