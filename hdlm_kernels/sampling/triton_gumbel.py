@@ -231,13 +231,15 @@ def _gumbel_argmax_screened_kernel(
         tile_top = tl.where(tiles == tile, top, tile_top)
     row_floor = floor
 
-    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
-    temperature = temperature_bits.to(tl.int64).to(tl.float64, bitcast=True)
     best_val = tl.full([BLOCK_P], float("-inf"), tl.float64)
     best_idx = tl.full([BLOCK_P], SENTINEL, tl.int32)
     candidates = tl.zeros([BLOCK_P], tl.int32)
     for tile in range(0, num_tiles):
         if tl.max(tl.where(tiles == tile, tile_top, float("-inf")), axis=0) >= row_floor:
+            # The exact pass's FP64 constants are loaded here, in the rare tiles with a candidate, rather than
+            # held in registers through the loop (26 of them: it kept the kernel at 2 CTAs per SM on sm_90).
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
+            temperature = temperature_bits.to(tl.int64).to(tl.float64, bitcast=True)
             j = tile * BLOCK_P + lanes
             (col_even, col_odd, valid_even, valid_odd, x_even, x_odd,
              l_even, l_odd) = _tile_logits(row_ptr, EXCLUDE, stride_col, vocab, j, parity, HAS_EXCLUDE)
