@@ -13,6 +13,7 @@ import torch
 import hdlm_kernels as hk
 from hdlm_kernels import _extension
 from hdlm_kernels.sampling.gumbel import _gumbel_argmax_reference
+from hdlm_kernels.sampling.log64 import gumbel_noise
 from tests.sampling_checks import assert_same_draw, cpu_isas
 
 pytestmark = pytest.mark.skipif(bool(_extension.missing_reason), reason="needs the compiled extension")
@@ -253,8 +254,8 @@ signature = {"LOGITS": "*bf16", "TAKE": "*i64", "ROW_IDS": "*i64", "EXCLUDE": "*
              "TOKENS": "*i64", "BEST": "*fp64", "COUNTS": "*i64", "stride_row": "i32", "stride_col": "i32",
              "vocab": "i32", "key0": "i64", "key1": "i64", "step_lo": "i64", "temperature_bits": "i64",
              "scale_bits": "i32", "HAS_TAKE": "constexpr", "HAS_EXCLUDE": "constexpr", "DIVIDE": "constexpr",
-             "BLOCK_P": "constexpr", "MAX_TILES": "constexpr"}
-constexprs = {"HAS_TAKE": True, "HAS_EXCLUDE": True, "DIVIDE": True, "BLOCK_P": 512, "MAX_TILES": 64}
+             "BLOCK_P": "constexpr", "MAX_TILES": "constexpr", "PREFILTER": "constexpr"}
+constexprs = {"HAS_TAKE": True, "HAS_EXCLUDE": True, "DIVIDE": True, "BLOCK_P": 512, "MAX_TILES": 64, "PREFILTER": True}
 source = ASTSource(fn=triton_gumbel._gumbel_argmax_screened_kernel, signature=signature, constexprs=constexprs)
 kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=triton_stream.launch_options(8))
 ptx = kernel.asm["ptx"]
@@ -340,3 +341,160 @@ def test_gpu_near_ties_exactly_at_the_bound(backend, dtype):
         expected = _gumbel_argmax_reference(logits, None, row_ids, seed, step, temperature, None, 16)
         assert_same_draw(implementation(logits.cuda(), None, row_ids.cuda(), seed, step, temperature, None, 4),
                          expected)
+
+
+# ---------------------------------------------------------------- the prefilter of the Triton screen
+
+PREFILTER_VOCAB = 1501  # 6 tiles of 128 Philox pairs (small_triton_tiles)
+HUGE = 2.0 ** 70  # the noise vanishes in fl64(l + g): equal huge logits tie exactly
+
+
+def prefilter_rows(dtype: torch.dtype, vocab: int = PREFILTER_VOCAB) -> torch.Tensor:
+    """Rows where the prefilter (docs/sampling-screen.md, "The prefilter") decides which tiles get the cheap
+    noise: normal × 3 logits with
+    0. a huge logit early: the floor is high after the first tile, and every later tile is skipped;
+    1. the winner in the last tile, the floor already high from the first;
+    2. two equal huge logits in the first and the last tile, skipped tiles between: an exact tie of the
+       scores, the lower column wins (fp16 cannot hold 2^70: +inf, a tie too);
+    3. a NaN logit in a middle tile that the floor of an early huge logit would skip: the NaN wins;
+    4. +inf twice, far apart, and a huge finite logit: the lower +inf wins;
+    5. every logit -inf but two, far apart;
+    6. runner-ups 0.1 below an early leader in a middle tile (their tile reaches the floor, the leader wins);
+    7. plain normal × 3 (the tiles after the first few are skipped)."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(8, vocab, generator=g, dtype=torch.float64) * 3
+    x[0, 3] = 60.0
+    x[1, 5] = 45.0
+    x[1, vocab - 2] = 60.0
+    x[2, [7, vocab - 3]] = HUGE
+    x[3, 9] = 60.0
+    x[3, vocab // 2] = math.nan
+    x[4, [11, vocab - 1]] = INF
+    x[4, 20] = 60.0
+    x[5] = -INF
+    x[5, [2, vocab - 1]] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    x[6, 1] = 60.0
+    x[6, vocab // 2: vocab // 2 + 10] = 59.9
+    return x.to(dtype)
+
+
+def skipped_tiles(row: torch.Tensor, row_id: int, seed: int, step: int, temperature: float,
+                  tile_pairs: int = 128) -> int:
+    """How many tiles of a row (float32 logits) a prefiltered screen skips, replayed on the CPU with the C++
+    rule (screen_noise_bound_cpu, screen_scores_cpu with the atanh form): a check that a test row exercises
+    the prefilter (the Triton kernel's float32 bits may differ in the last place, not the count on these rows)."""
+    from tests.test_screen_math import words_of
+
+    vocab = row.numel()
+    parity = (row_id * vocab) & 1
+    word_a, word_b = words_of(seed, step, row_id * vocab + torch.arange(vocab))
+    scale = 1.0 if temperature == 1.0 else float(torch.tensor(1.0 / temperature, dtype=torch.float32))
+    a = row.float() * scale
+    bound = (a + C().screen_noise_bound_cpu(word_a)) + (a.abs() * 2.0 ** -20 + 2.0 ** -13)
+    bound = torch.where(row.float() == -INF, -INF, bound)
+    floor, skipped = -INF, 0
+    for start in range(-parity, vocab, 2 * tile_pairs):
+        tile = slice(max(start, 0), start + 2 * tile_pairs)
+        if not bool((~(bound[tile] < floor)).any()):
+            skipped += 1
+            continue
+        _, lo, _ = C().screen_scores_cpu(word_a[tile], word_b[tile], row[tile].float(), scale, True)
+        lo = lo[~lo.isnan()]
+        floor = max(floor, lo.max().item()) if lo.numel() else floor
+    return skipped
+
+
+def assert_prefilter_changes_nothing(logits, take, row_ids, temperature, exclude, seed=SEED, step=STEP):
+    """The prefiltered Triton draw equals the reference's, and the unfiltered screen's draw and candidate
+    counts (docs/sampling-screen.md, "GPU kernels": same floor, same candidates). Returns the counts."""
+    from hdlm_kernels.sampling import triton_gumbel
+
+    expected = _gumbel_argmax_reference(logits, take, row_ids, seed, step, temperature, exclude, 4)
+    tokens, best, counts = triton_gumbel._draw(logits, take, row_ids, seed, step, temperature, exclude)
+    assert_same_draw((tokens, best), expected)
+    tokens_all, best_all, counts_all = triton_gumbel._draw(logits, take, row_ids, seed, step, temperature, exclude,
+                                                           prefilter=False)
+    assert_same_draw((tokens_all, best_all), expected)
+    assert torch.equal(counts, counts_all), (counts, counts_all)
+    return counts
+
+
+def test_triton_prefilter_rows(small_triton_tiles):
+    logits = prefilter_rows(torch.float32)
+    row_ids = torch.arange(8) * 5 + 2  # odd and even row_id · V
+    counts = assert_prefilter_changes_nothing(logits, None, row_ids, 1.0, None)
+    # Both tied tokens are candidates; in row 4 also the huge finite logit, whose lo is the floor (+inf's is NaN).
+    assert counts.tolist()[2] == 2 and counts.tolist()[4] == 3, counts
+    # The rows do skip tiles: all after the first in row 0, most of them in row 7.
+    assert skipped_tiles(logits[0], 2, SEED, STEP, 1.0) == 5
+    assert skipped_tiles(logits[7], 37, SEED, STEP, 1.0) >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, t) for t in (1e-3, 1e-25, 1e20)]
+                         + [(torch.bfloat16, 0.3), (torch.float16, 1.0)])
+def test_triton_prefilter_rows_across_temperatures_and_dtypes(dtype, temperature, small_triton_tiles):
+    logits = prefilter_rows(dtype)
+    assert_prefilter_changes_nothing(logits, None, torch.arange(8) * 5 + 2, temperature, None)
+
+
+@pytest.mark.slow
+def test_triton_prefilter_with_exclude_take_and_strides(small_triton_tiles):
+    # Excluded: row 0's early leader (the floor then comes from the normal logits), row 1's last-tile winner,
+    # and columns of the tiles the prefilter skips.
+    base = prefilter_rows(torch.float32, vocab=2 * PREFILTER_VOCAB)
+    logits = base[:, ::2]  # column stride 2
+    exclude = torch.tensor([0, 3, 700, 701, 1400, PREFILTER_VOCAB - 2])
+    take = torch.tensor([0, 1, 3, 6, 7, 0])
+    row_ids = torch.tensor([7, 2**40, 3, 4, 123456789, 8])
+    assert_prefilter_changes_nothing(logits, take, row_ids, 1.0, exclude)
+    transposed = prefilter_rows(torch.bfloat16).t().contiguous().t()  # column stride 8
+    assert_prefilter_changes_nothing(transposed, None, torch.arange(8), 0.5, None)
+
+
+def prefilter_near_tie_rows(vocab: int, offsets=range(-2, 3)):
+    """A leader (logit 0) in the first tile and a challenger in the last tile whose exact score is within a
+    few float32 steps of the leader's: its logit is fl32(g_leader - g_challenger) moved by `offsets` steps, so
+    that the challenger wins some rows and loses others by a hair. Its prefilter bound is then as close to the
+    floor as a winner's can be (its exact score plus the bound's slack), and a tile skipped by mistake would
+    lose the row. The challenger is the last-tile token whose noise bound is tightest (u just below 1/2 or
+    the words nearest the bound). Every other token is -inf. Returns (logits [len(offsets), V] fp32,
+    row ids, seed, step)."""
+    from tests.test_screen_math import words_of
+
+    seed, step, row_id = 5, 8, 4
+    elements = row_id * vocab + torch.arange(vocab)
+    noise = gumbel_noise(hk.sampling.uniform53_ref(seed, step, 0, elements))
+    word_a, _ = words_of(seed, step, elements)
+    slack = C().screen_noise_bound_cpu(word_a).to(torch.float64) - noise
+    leader = 1
+    last = torch.arange(vocab - 128, vocab)
+    challenger = int(last[slack[last].argmin()])
+    at = torch.tensor([noise[leader] - noise[challenger]], dtype=torch.float32)
+    rows = []
+    for offset in offsets:
+        logits = torch.full((vocab,), -INF)
+        logits[leader] = 0.0
+        logits[challenger] = step_float32(at, offset)[0]
+        rows.append(logits)
+    return torch.stack(rows), torch.full((len(rows),), row_id), seed, step
+
+
+def step_float32(value: torch.Tensor, steps: int) -> torch.Tensor:
+    direction = 1 if value.item() >= 0 else -1
+    return (value.view(torch.int32) + direction * steps).view(torch.float32)
+
+
+def test_triton_prefilter_near_tie_across_tiles(small_triton_tiles):
+    logits, row_ids, seed, step = prefilter_near_tie_rows(PREFILTER_VOCAB)
+    expected = _gumbel_argmax_reference(logits, None, row_ids, seed, step, 1.0, None, 4)
+    assert len(set(expected[0].tolist())) == 2, expected  # the challenger wins some rows, the leader others
+    assert_prefilter_changes_nothing(logits, None, row_ids, 1.0, None, seed, step)
+
+
+@pytest.mark.slow
+def test_triton_prefilter_full_vocabulary_row():
+    # V = 50258 with the interpreter's own tiles: a huge logit early and a NaN-free normal row, odd row_id · V.
+    logits = prefilter_rows(torch.float32, vocab=VOCAB)[[0, 7]]
+    counts = assert_prefilter_changes_nothing(logits, None, torch.tensor([3, 2**33 + 1]), 1.0, None)
+    assert counts.tolist()[0] == 1, counts

@@ -10,6 +10,7 @@ spread over the rows); the GPU run of the same rows is marked ``cuda``. The kern
 the exact decision free of fused multiply-adds."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -133,8 +134,9 @@ def test_screened_kernel_decides_without_fma(tmp_path):
     signatures = [{"LOG_SCORE": "*" + dtype, "X": "*i64", "COEFFICIENTS": "*fp64", "ROW_IDS": "*i64",
                    "CONSTS": "*fp64", "TOKENS": "*i64", "BEST": "*fp64", "COUNTS": "*i64", "stride_row": "i32",
                    "stride_col": "i32", "vocab": "i32", "mask_id": "i32", "key0": "i64", "key1": "i64",
-                   "step_lo": "i64", "BLOCK_P": "constexpr", "MAX_TILES": "constexpr"} for dtype in ("bf16",)]
-    constexprs = {"BLOCK_P": pairs, "MAX_TILES": module.max_tiles(VOCAB, pairs)}
+                   "step_lo": "i64", "BLOCK_P": "constexpr", "MAX_TILES": "constexpr", "PREFILTER": "constexpr"}
+                  for dtype in ("bf16",)]
+    constexprs = {"BLOCK_P": pairs, "MAX_TILES": module.max_tiles(VOCAB, pairs), "PREFILTER": True}
     found = compiled_ptx_ops(ptx_ops_script("triton_hybrid", "_hybrid_step_screened_kernel", signatures,
                                             constexprs, warps), tmp_path)
     assert_exact_float64_path(found, extra_literals={"0d39B0000000000000", "0d4630000000000000",  # 2^-100, 2^100
@@ -179,3 +181,88 @@ def test_gpu_screened_race_matches_the_reference(dtype):
             ours = module.hybrid_step_triton(log_score.cuda(), x.cuda(), coefficients.cuda(), ROW_IDS.cuda(),
                                              VOCAB - 1, SEED, STEP)
             assert_same_draw(ours, expected)
+
+
+# ---------------------------------------------------------------- the prefilter
+
+PREFILTER_VOCAB = 1001  # 8 tiles of 64 Philox pairs (small tiles below)
+
+
+def prefilter_rows(vocab: int = PREFILTER_VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-scores [6, vocab] float64 (normal × 3 - 10) and current tokens where the γ step's prefilter
+    (docs/sampling-screen.md, "The γ step") decides which tiles get the cheap noise; MASK is vocab - 1:
+    0. a MASK row with a huge read log-score early: the floor is high after the first tile, later tiles skipped;
+    1. a MASK row whose winner sits in the last tile, the floor already high from the first;
+    2. a real row (x = 5) whose current cell outweighs every read token: its exact score is the first floor,
+       and every tile is skipped from the start;
+    3. a real row with a read token in the last tile far above the current cell;
+    4. a MASK row with runner-ups 0.01 below an early leader in a middle tile;
+    5. a MASK row with every log-score -inf but two, far apart."""
+    mask_id = vocab - 1
+    g = torch.Generator().manual_seed(31)
+    s = torch.randn(NUM_ROWS, vocab, generator=g, dtype=torch.float64) * 3 - 10
+    x = torch.tensor([mask_id, mask_id, 5, 17, mask_id, mask_id])
+    s[0, 3] = 30.0
+    s[1, 5] = 25.0
+    s[1, vocab - 5] = 30.0
+    s[2, 5] = 30.0  # the current token's own log-score is not read (its weight is the current cell's)
+    s[3, vocab - 3] = 40.0
+    s[4, 2] = 20.0
+    s[4, vocab // 2: vocab // 2 + 8] = 19.99
+    s[5] = -math.inf
+    s[5, [1, vocab - 2]] = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    return s, x
+
+
+def prefilter_coefficients(x, method, gamma, final_row=False):
+    """step_coefficients of the rows at Δ = 0.05 (sigma 2 -> 1.95), so that every row has read weight (γ < 1
+    on MASK rows); final_row makes row 4 the final step."""
+    now = torch.full((NUM_ROWS,), 2.0, dtype=torch.float64)
+    nxt = torch.full((NUM_ROWS,), 1.95, dtype=torch.float64)
+    final = torch.tensor([False, False, False, False, final_row, False])
+    return step_coefficients(x, now, nxt, gamma, PREFILTER_VOCAB - 1, PREFILTER_VOCAB, method, final)
+
+
+def check_prefilter(log_score, x, coefficients, row_ids=ROW_IDS):
+    """The prefiltered draw is the reference's (check), and the unfiltered screen gives the same draw and
+    the same exact-score counts. Returns the counts."""
+    counts = check(log_score, x, coefficients, row_ids)
+    mask_id = log_score.shape[1] - 1
+    tokens, best, counts_all = triton_hybrid()._draw(log_score, x, coefficients, row_ids, mask_id, SEED, STEP,
+                                                      prefilter=False)
+    assert_same_draw((tokens, best), _hybrid_step_reference(log_score, x, coefficients, row_ids, mask_id, SEED,
+                                                            STEP, 2))
+    assert torch.equal(counts, counts_all), (counts, counts_all)
+    return counts
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(triton_hybrid(), "INTERPRETER_BLOCK_PAIRS", 64)
+
+
+@pytest.mark.parametrize("method, gamma", [("analytic", 0.05), ("euler", 0.5)])
+def test_prefilter_rows(method, gamma, small_tiles):
+    s, x = prefilter_rows()
+    counts = check_prefilter(s.float(), x, prefilter_coefficients(x, method, gamma))
+    # The current cell plus a handful of candidates per row (the 8 runner-ups of row 4 among them at most).
+    assert int(counts.min()) >= 1 and int(counts.max()) <= 12, counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, method, gamma, final_row", [(torch.float32, "analytic", 0.5, True),
+                                                             (torch.float32, "analytic", 0.0, False),
+                                                             (torch.bfloat16, "analytic", 0.95, False),
+                                                             (torch.float16, "euler", 0.05, True)])
+def test_prefilter_rows_across_steps_and_dtypes(dtype, method, gamma, final_row, small_tiles):
+    s, x = prefilter_rows()
+    check_prefilter(s.to(dtype), x, prefilter_coefficients(x, method, gamma, final_row))
+
+
+@pytest.mark.slow
+def test_prefilter_strided_rows_and_near_ties(small_tiles):
+    s, x = prefilter_rows()
+    strided = s.float().t().contiguous().t()  # column stride R
+    check_prefilter(strided, x, prefilter_coefficients(x, "analytic", 0.05))
+    s, x = rows("ties", PREFILTER_VOCAB)  # near-ties at the width of the bound, spread over every tile
+    check_prefilter(s.float(), x, coefficients_for(x, PREFILTER_VOCAB, "analytic", 0.05, 1))

@@ -23,10 +23,19 @@ from .triton_stream import (
     launch_options,
     load_log64_constants,
     on_device,
+    row_stream,
     stream_block,
     uniform53_of_words,
 )
-from .triton_screen import screen_bounds, screen_noise, screen_scale_bits
+from .triton_screen import (
+    largest_bound,
+    raised_floor,
+    reaches_floor,
+    screen_bounds,
+    screen_noise,
+    screen_noise_bound,
+    screen_scale_bits,
+)
 
 __all__ = ["gumbel_argmax_triton", "gumbel_candidates_triton", "interpreted", "row_winner", "screened",
            "take_if_better"]
@@ -101,14 +110,7 @@ def _gumbel_argmax_kernel(
         row = i.to(tl.int64)
     row_id = tl.load(ROW_IDS + i)
     row_ptr = LOGITS + row * stride_row
-    element_base = row_id * vocab
-    parity = (element_base & 1).to(tl.int32)
-    pair_base = element_base >> 1
-    num_pairs = (vocab + parity + 1) // 2
-
-    k0 = key0.to(tl.uint32)
-    k1 = key1.to(tl.uint32)
-    step_word = step_lo.to(tl.uint32)
+    element_base, parity, pair_base, num_pairs, k0, k1, step_word = row_stream(row_id, vocab, key0, key1, step_lo)
     c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
     temperature = temperature_bits.to(tl.int64).to(tl.float64, bitcast=True)
 
@@ -149,29 +151,22 @@ def _gumbel_argmax_kernel(
 
 
 @triton.jit
-def _tile_bounds(row_ptr, EXCLUDE, stride_col, vocab, j, parity, pair_base, k0, k1, step_word, scale,
-                 HAS_EXCLUDE: tl.constexpr):
-    # The screen of one tile of Philox pairs (float32 and integer work only): the logits, the Philox
-    # words, and the cheap intervals of the even and odd columns; absent and excluded columns get
-    # [-inf, -inf] (an excluded token's exact score is -inf).
+def _tile_logits(row_ptr, EXCLUDE, stride_col, vocab, j, parity, HAS_EXCLUDE: tl.constexpr):
+    # The columns of a tile of Philox pairs j and their logits: as loaded (x, for the exact score) and as
+    # float32 for the screen (l), where absent and excluded columns are -inf (an excluded token's exact
+    # score is -inf, and screen_bounds gives a -inf logit the interval [-inf, -inf]).
     col_even = 2 * j - parity
     col_odd = col_even + 1
     valid_even = (col_even >= 0) & (col_even < vocab)
     valid_odd = col_odd < vocab
     x_even = tl.load(row_ptr + col_even.to(tl.int64) * stride_col, mask=valid_even, other=float("-inf"))
     x_odd = tl.load(row_ptr + col_odd.to(tl.int64) * stride_col, mask=valid_odd, other=float("-inf"))
-    w0, w1, w2, w3 = stream_block(pair_base + j, k0, k1, 0, step_word)
-    lo_even, hi_even = screen_bounds(x_even.to(tl.float32), screen_noise(w0, w1), scale)
-    lo_odd, hi_odd = screen_bounds(x_odd.to(tl.float32), screen_noise(w2, w3), scale)
+    l_even = x_even.to(tl.float32)
+    l_odd = x_odd.to(tl.float32)
     if HAS_EXCLUDE:
-        excluded_even = tl.load(EXCLUDE + col_even, mask=valid_even, other=0) != 0
-        excluded_odd = tl.load(EXCLUDE + col_odd, mask=valid_odd, other=0) != 0
-        lo_even = tl.where(excluded_even, float("-inf"), lo_even)
-        hi_even = tl.where(excluded_even, float("-inf"), hi_even)
-        lo_odd = tl.where(excluded_odd, float("-inf"), lo_odd)
-        hi_odd = tl.where(excluded_odd, float("-inf"), hi_odd)
-    return (col_even, col_odd, valid_even, valid_odd, x_even, x_odd, w0, w1, w2, w3,
-            lo_even, hi_even, lo_odd, hi_odd)
+        l_even = tl.where(tl.load(EXCLUDE + col_even, mask=valid_even, other=0) != 0, float("-inf"), l_even)
+        l_odd = tl.where(tl.load(EXCLUDE + col_odd, mask=valid_odd, other=0) != 0, float("-inf"), l_odd)
+    return col_even, col_odd, valid_even, valid_odd, x_even, x_odd, l_even, l_odd
 
 
 @triton.jit(do_not_specialize=["key0", "key1", "step_lo", "temperature_bits", "scale_bits"])
@@ -180,15 +175,23 @@ def _gumbel_argmax_screened_kernel(
         stride_row, stride_col, vocab,
         key0: tl.int64, key1: tl.int64, step_lo: tl.int64, temperature_bits: tl.int64, scale_bits: tl.int32,
         HAS_TAKE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, DIVIDE: tl.constexpr,
-        BLOCK_P: tl.constexpr, MAX_TILES: tl.constexpr):
+        BLOCK_P: tl.constexpr, MAX_TILES: tl.constexpr, PREFILTER: tl.constexpr = True):
     # Screen, then decide (docs/sampling-screen.md), for bf16 / fp16 / fp32 logits and a temperature
     # whose float32 1/T is normal. Program i samples row i, with the pairs and columns of
     # _gumbel_argmax_kernel, in two passes over the row's tiles of BLOCK_P Philox pairs:
-    #   1. float32 only: each column's cheap interval [lo, hi]; the row floor L = max lo, and each
-    #      tile's largest hi (NaN counted as +inf), kept in registers (MAX_TILES >= the tile count);
-    #   2. the tiles whose largest hi reaches L (a branch on one scalar, so the others cost a reduction)
-    #      recompute their Philox words and intervals, and their candidates (hi >= L or NaN) get the
-    #      exact FP64 score and today's winner rule, lanes in increasing column order.
+    #   1. float32 and integer work only. The running floor (a scalar: the largest lo so far) and per tile
+    #      the prefilter: each token's upper bound from its logit and its first Philox word alone
+    #      (screen_noise_bound). A tile where some such bound reaches the floor (a NaN reaches) gets the
+    #      cheap noise and every column's [lo, hi]: the floor rises to its largest lo, and the tile's top is
+    #      its largest hi (NaN counted as +inf). Any other tile holds no token whose exact score, lo or hi
+    #      reaches the floor (lo <= score <= bound, and hi <= bound: the cheap noise stays below the noise
+    #      bound): its top is -inf, below the final floor (finite, since a -inf floor skips nothing). The
+    #      tops are kept in registers (MAX_TILES >= the tile count). PREFILTER=False (tests) gives every
+    #      tile the cheap noise: the same floor, the same candidates.
+    #   2. the tiles whose top reaches the final floor L (a branch on one scalar, so the others cost a
+    #      reduction: every skipped tile is one) recompute their Philox words and intervals, and their
+    #      candidates (hi >= L or NaN) get the exact FP64 score and today's winner rule, lanes in
+    #      increasing column order.
     SENTINEL: tl.constexpr = 2147483647
     i = tl.program_id(0)
     if HAS_TAKE:
@@ -197,43 +200,52 @@ def _gumbel_argmax_screened_kernel(
         row = i.to(tl.int64)
     row_id = tl.load(ROW_IDS + i)
     row_ptr = LOGITS + row * stride_row
-    element_base = row_id * vocab
-    parity = (element_base & 1).to(tl.int32)
-    pair_base = element_base >> 1
-    num_pairs = (vocab + parity + 1) // 2
+    element_base, parity, pair_base, num_pairs, k0, k1, step_word = row_stream(row_id, vocab, key0, key1, step_lo)
     num_tiles = (num_pairs + BLOCK_P - 1) // BLOCK_P
-
-    k0 = key0.to(tl.uint32)
-    k1 = key1.to(tl.uint32)
-    step_word = step_lo.to(tl.uint32)
-    scale = scale_bits.to(tl.int32).to(tl.float32, bitcast=True)
+    if DIVIDE:
+        scale = scale_bits.to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        scale = 1.0  # T = 1: a constant, so that the screen's logit * scale folds away
     lanes = tl.arange(0, BLOCK_P)
     tiles = tl.arange(0, MAX_TILES)
 
-    floor = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    floor = tl.full([], float("-inf"), tl.float32)
     tile_top = tl.full([MAX_TILES], float("-inf"), tl.float32)
     for tile in range(0, num_tiles):
-        (col_even, col_odd, valid_even, valid_odd, x_even, x_odd, w0, w1, w2, w3,
-         lo_even, hi_even, lo_odd, hi_odd) = _tile_bounds(row_ptr, EXCLUDE, stride_col, vocab, tile * BLOCK_P + lanes,
-                                                          parity, pair_base, k0, k1, step_word, scale, HAS_EXCLUDE)
-        floor = tl.where(lo_even > floor, lo_even, floor)  # a NaN lower bound is ignored
-        floor = tl.where(lo_odd > floor, lo_odd, floor)
-        top = tl.maximum(tl.where(hi_even != hi_even, float("inf"), hi_even),
-                         tl.where(hi_odd != hi_odd, float("inf"), hi_odd))
-        tile_top = tl.where(tiles == tile, tl.max(top, axis=0), tile_top)
-    row_floor = tl.max(floor, axis=0)
+        j = tile * BLOCK_P + lanes
+        (col_even, col_odd, valid_even, valid_odd, x_even, x_odd,
+         l_even, l_odd) = _tile_logits(row_ptr, EXCLUDE, stride_col, vocab, j, parity, HAS_EXCLUDE)
+        w0, w1, w2, w3 = stream_block(pair_base + j, k0, k1, 0, step_word)
+        top = tl.full([], float("-inf"), tl.float32)  # a skipped tile's: below the final floor (see above)
+        if PREFILTER:
+            lo_bound_even, bound_even = screen_bounds(l_even, screen_noise_bound(w0), scale)
+            lo_bound_odd, bound_odd = screen_bounds(l_odd, screen_noise_bound(w2), scale)
+            reaches = reaches_floor(bound_even, bound_odd, floor)
+        else:
+            reaches = floor == floor
+        if reaches:
+            lo_even, hi_even = screen_bounds(l_even, screen_noise(w0, w1), scale)
+            lo_odd, hi_odd = screen_bounds(l_odd, screen_noise(w2, w3), scale)
+            floor = raised_floor(floor, lo_even, lo_odd)
+            top = largest_bound(hi_even, hi_odd)
+        tile_top = tl.where(tiles == tile, top, tile_top)
+    row_floor = floor
 
-    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
-    temperature = temperature_bits.to(tl.int64).to(tl.float64, bitcast=True)
     best_val = tl.full([BLOCK_P], float("-inf"), tl.float64)
     best_idx = tl.full([BLOCK_P], SENTINEL, tl.int32)
     candidates = tl.zeros([BLOCK_P], tl.int32)
     for tile in range(0, num_tiles):
         if tl.max(tl.where(tiles == tile, tile_top, float("-inf")), axis=0) >= row_floor:
-            (col_even, col_odd, valid_even, valid_odd, x_even, x_odd, w0, w1, w2, w3,
-             lo_even, hi_even, lo_odd, hi_odd) = _tile_bounds(row_ptr, EXCLUDE, stride_col, vocab,
-                                                              tile * BLOCK_P + lanes, parity, pair_base, k0, k1,
-                                                              step_word, scale, HAS_EXCLUDE)
+            # The exact pass's FP64 constants are loaded here, in the rare tiles with a candidate, rather than
+            # held in registers through the loop (26 of them: it kept the kernel at 2 CTAs per SM on sm_90).
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
+            temperature = temperature_bits.to(tl.int64).to(tl.float64, bitcast=True)
+            j = tile * BLOCK_P + lanes
+            (col_even, col_odd, valid_even, valid_odd, x_even, x_odd,
+             l_even, l_odd) = _tile_logits(row_ptr, EXCLUDE, stride_col, vocab, j, parity, HAS_EXCLUDE)
+            w0, w1, w2, w3 = stream_block(pair_base + j, k0, k1, 0, step_word)
+            lo_even, hi_even = screen_bounds(l_even, screen_noise(w0, w1), scale)
+            lo_odd, hi_odd = screen_bounds(l_odd, screen_noise(w2, w3), scale)
             keep_even = valid_even & ~(hi_even < row_floor)  # a NaN hi is a candidate
             keep_odd = valid_odd & ~(hi_odd < row_floor)
             s_even = exact_score(x_even, w0, w1, temperature, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10,
@@ -286,7 +298,9 @@ def screened(logits: torch.Tensor, temperature: float) -> bool:
     return logits.dtype != torch.float64 and screen_scale_bits(temperature) is not None
 
 
-def _draw(logits, take, row_ids, seed, step, temperature, exclude):
+def _draw(logits, take, row_ids, seed, step, temperature, exclude, prefilter=True):
+    # prefilter=False: the screened kernel without its prefilter (every tile gets the cheap noise), for the
+    # tests that compare the two (same tokens, same candidates).
     check_triton_device(logits, "gumbel_argmax")
     device = logits.device
     vocab = logits.shape[1]
@@ -320,7 +334,7 @@ def _draw(logits, take, row_ids, seed, step, temperature, exclude):
             _gumbel_argmax_screened_kernel[(num_rows,)](
                 *arguments, counts, *scalars, screen_scale_bits(temperature),
                 HAS_TAKE=take is not None, HAS_EXCLUDE=exclude is not None, DIVIDE=temperature != 1.0,
-                BLOCK_P=block_pairs, MAX_TILES=max_tiles(vocab, block_pairs), **options)
+                BLOCK_P=block_pairs, MAX_TILES=max_tiles(vocab, block_pairs), PREFILTER=prefilter, **options)
         else:
             counts = torch.full((num_rows,), vocab, dtype=torch.int64, device=device)
             _gumbel_argmax_kernel[(num_rows,)](

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .triton_gumbel import INTERPRETER_BLOCK_PAIRS, MAX_VOCAB, MAX_WARPS, max_tiles, row_winner, take_if_better
 from .triton_hybrid_screen import float_at_most, hybrid_screen_bounds, hybrid_screen_row
-from .triton_screen import screen_noise
+from .triton_screen import largest_bound, raised_floor, reaches_floor, screen_noise, screen_noise_bound
 from .triton_stream import (
     check_triton_device,
     interpreted,
@@ -31,6 +31,7 @@ from .triton_stream import (
     load_log64_constants,
     log64,
     on_device,
+    row_stream,
     stream_block,
     uniform53_of_words,
     widen,
@@ -184,85 +185,92 @@ def _hybrid_step_kernel(
     row_id = tl.load(ROW_IDS + i)
     good, bad, m, c1, c2_total, current = _row_sums(row_ptr, stride_col, vocab, mask_id, x,
                                                     COEFFICIENTS + i.to(tl.int64) * 6, CONSTS, BLOCK_P)
-    element_base = row_id * vocab
-    parity = (element_base & 1).to(tl.int32)
-    num_pairs = (vocab + parity + 1) // 2
+    element_base, parity, pair_base, num_pairs, k0, k1, step_word = row_stream(row_id, vocab, key0, key1, step_lo)
     token, best = _exact_race(row_ptr, stride_col, vocab, mask_id, x, good, m, c1, c2_total, current, CONSTS,
-                              element_base >> 1, parity, num_pairs, key0.to(tl.uint32), key1.to(tl.uint32),
-                              step_lo.to(tl.uint32), BLOCK_P)
+                              pair_base, parity, num_pairs, k0, k1, step_word, BLOCK_P)
     best = tl.where(bad, float("nan"), best)
     tl.store(TOKENS + i, token.to(tl.int64))
     tl.store(BEST + i, best.to(tl.float64))
 
 
 @triton.jit
-def _tile_bounds(row_ptr, stride_col, vocab, mask_id, x, j, parity, pair_base, k0, k1, step_word, shift, log_c1,
-                 log_k, k_zero):
-    # The screen of one tile of Philox pairs (float32 and integer work only): the read log-scores (float32,
-    # -inf where not read), the Philox words, and the intervals of the even and odd columns.
+def _tile_scores(row_ptr, stride_col, vocab, mask_id, x, j, parity):
+    # The columns of a tile of Philox pairs j and their read log-scores as float32 (-inf where not read:
+    # absent columns, MASK and the current cell, whose interval is then [-inf, -inf]).
     col_even = 2 * j - parity
     col_odd = col_even + 1
     read_even = (col_even >= 0) & (col_even < vocab) & (col_even != mask_id) & (col_even != x)
     read_odd = (col_odd < vocab) & (col_odd != mask_id) & (col_odd != x)
     s_even = tl.load(row_ptr + col_even.to(tl.int64) * stride_col, mask=read_even, other=float("-inf"))
     s_odd = tl.load(row_ptr + col_odd.to(tl.int64) * stride_col, mask=read_odd, other=float("-inf"))
-    s_even = s_even.to(tl.float32)
-    s_odd = s_odd.to(tl.float32)
-    w0, w1, w2, w3 = stream_block(pair_base + j, k0, k1, 0, step_word)
-    lo_even, hi_even = hybrid_screen_bounds(s_even, screen_noise(w0, w1), shift, log_c1, log_k, k_zero)
-    lo_odd, hi_odd = hybrid_screen_bounds(s_odd, screen_noise(w2, w3), shift, log_c1, log_k, k_zero)
-    return (col_even, col_odd, read_even, read_odd, s_even, s_odd, w0, w1, w2, w3,
-            lo_even, hi_even, lo_odd, hi_odd)
+    return col_even, col_odd, read_even, read_odd, s_even.to(tl.float32), s_odd.to(tl.float32)
 
 
 @triton.jit
-def _screened_race(row_ptr, stride_col, vocab, mask_id, x, row_id, m, c1, c2_total, current, no_read, shift,
+def _screened_race(row_ptr, stride_col, vocab, mask_id, x, element_base, m, c1, c2_total, current, no_read, shift,
                    log_c1, log_k, k_zero, CONSTS, pair_base, parity, num_pairs, k0, k1, step_word,
-                   BLOCK_P: tl.constexpr, MAX_TILES: tl.constexpr):
+                   BLOCK_P: tl.constexpr, MAX_TILES: tl.constexpr, PREFILTER: tl.constexpr):
     # Screen, then decide (docs/sampling-screen.md, "The γ step") on a good row: returns (token, score,
     # number of exact scores). The current cell is scored exactly first; its score rounded down to float32
     # is the first floor. Then, in two walks over the row's tiles of BLOCK_P Philox pairs:
-    #   1. float32 only: each read column's interval [lo, hi]; the row floor L = max lo, and each tile's
-    #      largest hi kept in registers (MAX_TILES >= the tile count). A row without read weight (c1 = 0)
-    #      has no tile to walk;
-    #   2. the tiles whose largest hi reaches L (a branch on one scalar) recompute their words and intervals,
-    #      and their candidates (hi >= L) get the exact score and today's winner rule.
+    #   1. float32 and integer work only: the running floor (a scalar) and per tile the prefilter, each read
+    #      token's upper bound from the K = 0 form of its interval (φ = 0, an upper bound of φ for every K)
+    #      with the first Philox word's noise bound (screen_noise_bound) in place of the cheap noise. A tile
+    #      where some such bound reaches the floor gets the cheap noise and every read column's [lo, hi]:
+    #      the floor rises to its largest lo, the tile's top is its largest hi; any other tile's top is -inf
+    #      (none of its tokens can raise the floor or win, and the final floor is finite when a tile is
+    #      skipped). Tops kept in registers (MAX_TILES >= the tile count).
+    #      A row without read weight (c1 = 0) has no tile to walk; PREFILTER=False (tests) gives every tile
+    #      the cheap noise;
+    #   2. the tiles whose top reaches the final floor L (a branch on one scalar) recompute their words and
+    #      intervals, and their candidates (hi >= L) get the exact score and today's winner rule.
     SENTINEL: tl.constexpr = 2147483647
     l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
     smallest_weight = tl.load(CONSTS + 25)
     # The current cell (element row_id * V + x: words (w0, w1) of its Philox block when even, (w2, w3) when odd).
-    element = row_id * vocab + x
+    element = element_base + x
     c_w0, c_w1, c_w2, c_w3 = stream_block(element >> 1, k0, k1, 0, step_word)
     odd = (element & 1) != 0
     current_offered = current >= smallest_weight  # else its score is -inf: not offered
     current_score = _score_of_weight(current, tl.where(odd, c_w2, c_w0), tl.where(odd, c_w3, c_w1),
                                      smallest_weight, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo)
-    first_floor = tl.where(current_offered, float_at_most(current_score), float("-inf"))
+    floor = tl.where(current_offered, float_at_most(current_score), float("-inf"))
 
     lanes = tl.arange(0, BLOCK_P)
     tiles = tl.arange(0, MAX_TILES)
     num_tiles = tl.where(no_read, 0, (num_pairs + BLOCK_P - 1) // BLOCK_P)
-    floor = tl.zeros([BLOCK_P], tl.float32) + first_floor
     tile_top = tl.full([MAX_TILES], float("-inf"), tl.float32)
     for tile in range(0, num_tiles):
-        (col_even, col_odd, read_even, read_odd, s_even, s_odd, w0, w1, w2, w3,
-         lo_even, hi_even, lo_odd, hi_odd) = _tile_bounds(row_ptr, stride_col, vocab, mask_id, x,
-                                                          tile * BLOCK_P + lanes, parity, pair_base, k0, k1,
-                                                          step_word, shift, log_c1, log_k, k_zero)
-        floor = tl.where(lo_even > floor, lo_even, floor)
-        floor = tl.where(lo_odd > floor, lo_odd, floor)
-        tile_top = tl.where(tiles == tile, tl.max(tl.maximum(hi_even, hi_odd), axis=0), tile_top)
-    row_floor = tl.max(floor, axis=0)
+        j = tile * BLOCK_P + lanes
+        col_even, col_odd, read_even, read_odd, s_even, s_odd = _tile_scores(row_ptr, stride_col, vocab, mask_id, x,
+                                                                             j, parity)
+        w0, w1, w2, w3 = stream_block(pair_base + j, k0, k1, 0, step_word)
+        top = tl.full([], float("-inf"), tl.float32)  # a skipped tile's: below the final floor
+        if PREFILTER:
+            lo_bound_even, bound_even = hybrid_screen_bounds(s_even, screen_noise_bound(w0), shift, log_c1, 0.0, True)
+            lo_bound_odd, bound_odd = hybrid_screen_bounds(s_odd, screen_noise_bound(w2), shift, log_c1, 0.0, True)
+            reaches = reaches_floor(bound_even, bound_odd, floor)
+        else:
+            reaches = floor == floor
+        if reaches:
+            lo_even, hi_even = hybrid_screen_bounds(s_even, screen_noise(w0, w1), shift, log_c1, log_k, k_zero)
+            lo_odd, hi_odd = hybrid_screen_bounds(s_odd, screen_noise(w2, w3), shift, log_c1, log_k, k_zero)
+            floor = raised_floor(floor, lo_even, lo_odd)
+            top = largest_bound(hi_even, hi_odd)
+        tile_top = tl.where(tiles == tile, top, tile_top)
+    row_floor = floor
 
     best_val = tl.full([BLOCK_P], float("-inf"), tl.float64)
     best_idx = tl.full([BLOCK_P], SENTINEL, tl.int32)
     candidates = tl.zeros([BLOCK_P], tl.int32)
     for tile in range(0, num_tiles):
         if tl.max(tl.where(tiles == tile, tile_top, float("-inf")), axis=0) >= row_floor:
-            (col_even, col_odd, read_even, read_odd, s_even, s_odd, w0, w1, w2, w3,
-             lo_even, hi_even, lo_odd, hi_odd) = _tile_bounds(row_ptr, stride_col, vocab, mask_id, x,
-                                                              tile * BLOCK_P + lanes, parity, pair_base, k0, k1,
-                                                              step_word, shift, log_c1, log_k, k_zero)
+            j = tile * BLOCK_P + lanes
+            col_even, col_odd, read_even, read_odd, s_even, s_odd = _tile_scores(row_ptr, stride_col, vocab,
+                                                                                 mask_id, x, j, parity)
+            w0, w1, w2, w3 = stream_block(pair_base + j, k0, k1, 0, step_word)
+            lo_even, hi_even = hybrid_screen_bounds(s_even, screen_noise(w0, w1), shift, log_c1, log_k, k_zero)
+            lo_odd, hi_odd = hybrid_screen_bounds(s_odd, screen_noise(w2, w3), shift, log_c1, log_k, k_zero)
             keep_even = read_even & ~(hi_even < row_floor)
             keep_odd = read_odd & ~(hi_odd < row_floor)
             score_even = _read_score(s_even.to(tl.float64), w0, w1, m, c1, c2_total, CONSTS)
@@ -289,7 +297,7 @@ def _hybrid_step_screened_kernel(
         LOG_SCORE, X, COEFFICIENTS, ROW_IDS, CONSTS, TOKENS, BEST, COUNTS,
         stride_row, stride_col, vocab, mask_id,
         key0: tl.int64, key1: tl.int64, step_lo: tl.int64,
-        BLOCK_P: tl.constexpr, MAX_TILES: tl.constexpr):
+        BLOCK_P: tl.constexpr, MAX_TILES: tl.constexpr, PREFILTER: tl.constexpr = True):
     # The γ step for bf16 / fp16 / fp32 log-scores: passes 1 and 2 as _hybrid_step_kernel, then the race
     # screened (_screened_race) when the row is good and its constants are in the screen's range
     # (c1 and K = c2·S in [2^-100, 2^100], K = 0 allowed, or c1 = 0: no read weight at all), else the exact
@@ -301,21 +309,16 @@ def _hybrid_step_screened_kernel(
     row_id = tl.load(ROW_IDS + i)
     good, bad, m, c1, c2_total, current = _row_sums(row_ptr, stride_col, vocab, mask_id, x,
                                                     COEFFICIENTS + i.to(tl.int64) * 6, CONSTS, BLOCK_P)
-    element_base = row_id * vocab
-    parity = (element_base & 1).to(tl.int32)
-    pair_base = element_base >> 1
-    num_pairs = (vocab + parity + 1) // 2
-    k0 = key0.to(tl.uint32)
-    k1 = key1.to(tl.uint32)
-    step_word = step_lo.to(tl.uint32)
+    element_base, parity, pair_base, num_pairs, k0, k1, step_word = row_stream(row_id, vocab, key0, key1, step_lo)
     l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, ln2_hi, ln2_lo = load_log64_constants(CONSTS)
     applies, shift, log_c1, log_k, k_zero = hybrid_screen_row(m, c1, c2_total, l0, l1, l2, l3, l4, l5, l6, l7, l8,
                                                               l9, l10, ln2_hi, ln2_lo)
     no_read = (c1 == 0.0) & (tl.abs(c2_total) < float("inf"))  # 0 times a finite r' - K: no read weight
     if good & (no_read | applies):
-        token, best, exact = _screened_race(row_ptr, stride_col, vocab, mask_id, x, row_id, m, c1, c2_total,
+        token, best, exact = _screened_race(row_ptr, stride_col, vocab, mask_id, x, element_base, m, c1, c2_total,
                                             current, no_read, shift, log_c1, log_k, k_zero, CONSTS, pair_base,
-                                            parity, num_pairs, k0, k1, step_word, BLOCK_P, MAX_TILES)
+                                            parity, num_pairs, k0, k1, step_word, BLOCK_P, MAX_TILES,
+                                            PREFILTER)
     else:
         token, best = _exact_race(row_ptr, stride_col, vocab, mask_id, x, good, m, c1, c2_total, current, CONSTS,
                                   pair_base, parity, num_pairs, k0, k1, step_word, BLOCK_P)
@@ -358,7 +361,8 @@ def hybrid_candidates_triton(log_score: torch.Tensor, x: torch.Tensor, coefficie
     return _draw(log_score, x, coefficients, row_ids, mask_id, seed, step)[2]
 
 
-def _draw(log_score, x, coefficients, row_ids, mask_id, seed, step):
+def _draw(log_score, x, coefficients, row_ids, mask_id, seed, step, prefilter=True):
+    # prefilter=False: the screened race without its prefilter (tests compare the two).
     check_triton_device(log_score, "hybrid_step")
     device = log_score.device
     num_rows, vocab = log_score.shape
@@ -383,7 +387,7 @@ def _draw(log_score, x, coefficients, row_ids, mask_id, seed, step):
             counts = torch.empty(num_rows, dtype=torch.int64, device=device)
             _hybrid_step_screened_kernel[(num_rows,)](
                 *arguments, counts, *scalars, BLOCK_P=block_pairs, MAX_TILES=max_tiles(vocab, block_pairs),
-                **options)
+                PREFILTER=prefilter, **options)
         else:
             counts = torch.full((num_rows,), vocab, dtype=torch.int64, device=device)
             _hybrid_step_kernel[(num_rows,)](*arguments, *scalars, BLOCK_P=block_pairs, **options)

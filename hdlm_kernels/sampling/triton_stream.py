@@ -6,6 +6,8 @@ element-wise kernels that expose them (the twins of ``csrc/philox.h``, ``csrc/un
   each product, the wrapping uint32 product for the low half, and the Weyl key bump between rounds.
   Our counter layout is (n & 0xffffffff, n >> 32, stream, step & 0xffffffff) under the key
   (seed & 0xffffffff, seed >> 32); ``tl.randint4x`` cannot give it (its counter words 2 and 3 are 0).
+* ``row_stream``: the prologue of every sampling kernel's row (its Philox pairs, their parity against the
+  columns, the key and step words), so that the Gumbel-max and γ kernels walk a row's stream alike.
 * ``uniform53_of_words``: k = (w_a >> 6) * 2^26 + (w_b >> 6), u = (2k + 1) * 2^-53, exact in float64.
 * ``log64`` and ``exp64``: the functions of :mod:`hdlm_kernels.sampling.log64`, operation by
   operation (docs/log64.md); ``gumbel_noise`` = -log64(-log64 u).
@@ -94,6 +96,20 @@ def stream_block(n, k0, k1, stream, step_lo):
     c2 = tl.zeros_like(c0) + stream
     c3 = tl.zeros_like(c0) + step_lo
     return philox4x32_10(c0, c1, c2, c3, k0, k1)
+
+
+@triton.jit
+def row_stream(row_id, vocab, key0, key1, step_lo):
+    """The stream of a sampled row as the sampling kernels walk it (docs/sampling-stream.md): element
+    e = row_id·V + v of stream 0 uses Philox block n = e >> 1, words (w0, w1) when e is even and (w2, w3)
+    when odd, so lane j of a walk owns block pair_base + j, whose even element is column 2j - parity and
+    odd element the next column. Returns (element_base = row_id·V, parity = element_base & 1 (int32),
+    pair_base, num_pairs (the blocks that cover columns 0..V-1), and the uint32 key and step words)."""
+    element_base = row_id * vocab
+    parity = (element_base & 1).to(tl.int32)
+    num_pairs = (vocab + parity + 1) // 2
+    return (element_base, parity, element_base >> 1, num_pairs, key0.to(tl.uint32), key1.to(tl.uint32),
+            step_lo.to(tl.uint32))
 
 
 @triton.jit
