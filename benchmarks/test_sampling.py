@@ -34,8 +34,8 @@ cost proportional to the changing rows shows next to the full draw of the gumbel
 of ``R`` rows of log-scores (about half the rows MASK, Δσ̄ = 0.05 at σ̄ = 2, γ = 0.01): ``ours_*`` call
 ``hk.sampling.hybrid_step`` (the fused form: a max pass, an exact fixed-point sum of ``exp64`` ratios,
 and a race pass with ``log64`` weights and FP64 Gumbel noise, bit-identical across backends; the C++
-race is screened in float32, its record carries the exact scores per row as ``candidates_mean`` /
-``candidates_max``);
+race is screened in float32; the records of the C++, CUDA and Triton rows carry the exact scores per row
+as ``candidates_mean`` / ``candidates_max``, as the ``gumbel_argmax`` rows do);
 ``official_analytic`` is the official ``AnalyticPredictor`` recipe (docs/official-code.md §6): ``exp`` of the
 log-scores, the interpolated staggered score and the transition row as fp32 ``[R, V]`` tensors, then
 ``argmax(probs / (-log(u_fp64 + 1e-10)))`` with float64 ``torch.rand`` of ``[R, V]``, the baseline.
@@ -143,20 +143,30 @@ def gumbel_ours(logits: torch.Tensor, backend: str, rounds: int = ROUNDS) -> Cas
                                                   backend=backend), rounds)
 
 
+def with_candidates(case: Case, counts: torch.Tensor) -> Case:
+    """The case, its record carrying the screen's exact scores per row (docs/sampling-screen.md, "Cost and
+    candidates"): mean and max over the rows."""
+    counts = counts.double()
+    return Case(case.run, case.rounds, dict(candidates_mean=round(counts.mean().item(), 4),
+                                            candidates_max=int(counts.max())))
+
+
+def gumbel_ours_counted(logits: torch.Tensor, backend: str) -> Case:
+    case = gumbel_ours(logits, backend)
+    return with_candidates(case, hk.sampling.gumbel_candidates(logits, SEED, STEP, temperature=TEMPERATURE,
+                                                               backend=backend))
+
+
 def ours_cuda(logits: torch.Tensor) -> Case:
-    return gumbel_ours(logits, "cuda")
+    return gumbel_ours_counted(logits, "cuda")
 
 
 def ours_triton(logits: torch.Tensor) -> Case:
-    return gumbel_ours(logits, "triton")
+    return gumbel_ours_counted(logits, "triton")
 
 
 def ours_cpp(logits: torch.Tensor) -> Case:
-    case = gumbel_ours(logits, "cpp")
-    # The screen's candidates per row (docs/sampling-screen.md): tokens whose exact FP64 score was computed.
-    counts = hk.sampling.gumbel_candidates(logits, SEED, STEP, temperature=TEMPERATURE).double()
-    return Case(case.run, case.rounds, dict(candidates_mean=round(counts.mean().item(), 4),
-                                            candidates_max=int(counts.max())))
+    return gumbel_ours_counted(logits, "cpp")
 
 
 def ours_reference(logits: torch.Tensor) -> Case:
@@ -264,21 +274,22 @@ def hybrid_ours(p: HybridProblem, backend: str, rounds: int = ROUNDS) -> Case:
                                                 STEP, backend=backend), rounds)
 
 
+def hybrid_ours_counted(p: HybridProblem, backend: str) -> Case:
+    # The race's exact scores per row (docs/sampling-screen.md, "The γ step"): the current cell plus candidates.
+    return with_candidates(hybrid_ours(p, backend), hk.sampling.hybrid_candidates(
+        p.x, p.log_score, SIGMA_NOW, SIGMA_NEXT, GAMMA, MASK_ID, SEED, STEP, backend=backend))
+
+
 def hybrid_ours_cuda(p: HybridProblem) -> Case:
-    return hybrid_ours(p, "cuda")
+    return hybrid_ours_counted(p, "cuda")
 
 
 def hybrid_ours_triton(p: HybridProblem) -> Case:
-    return hybrid_ours(p, "triton")
+    return hybrid_ours_counted(p, "triton")
 
 
 def hybrid_ours_cpp(p: HybridProblem) -> Case:
-    case = hybrid_ours(p, "cpp")
-    # The race's exact scores per row (docs/sampling-screen.md, "The γ step"): the current cell plus candidates.
-    counts = hk.sampling.hybrid_candidates(p.x, p.log_score, SIGMA_NOW, SIGMA_NEXT, GAMMA, MASK_ID, SEED,
-                                           STEP).double()
-    return Case(case.run, case.rounds, dict(candidates_mean=round(counts.mean().item(), 4),
-                                            candidates_max=int(counts.max())))
+    return hybrid_ours_counted(p, "cpp")
 
 
 def hybrid_ours_reference(p: HybridProblem) -> Case:
